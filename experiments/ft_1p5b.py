@@ -1,0 +1,32 @@
+"""The paper's 1.5B-class Free Transformer (Llama-3-style shape; PAPER_NUMBERS.md)."""
+
+from ftjax.configs import default_config
+
+
+def get_config():
+  c = default_config()
+  c.data.name = "shakespeare"  # placeholder corpus until a large tokenised corpus is configured
+  c.model.num_layers = 24
+  c.model.d_model = 2048
+  c.model.num_heads = 16
+  c.model.num_kv_heads = 8
+  c.model.mlp_dim = 5632
+  c.model.vocab_size = 128_256
+  c.model.seq_len = 4096
+  c.model.rope_theta = 500_000.0
+  c.model.dtype = "bfloat16"
+  c.model.remat_policy = "dots_no_batch"
+  c.model.ce_chunk_tokens = 1024
+  c.model.latent.num_bits = 16
+  c.model.latent.kappa_bits = 0.5
+  c.model.latent.chunk_tokens = 512
+  c.train.lr = 4e-4
+  c.train.warmup_steps = 2000
+  c.train.steps = 11_200  # 47B tokens at 4M tokens per step
+  c.train.batch_size = 1024  # x 4096 tokens = 4M tokens per step
+  c.train.log_every = 10
+  c.train.eval_every = 1000
+  c.checkpoint.every_steps = 500
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  return c

@@ -1,0 +1,1 @@
+"""ftjax: a JAX/Flax framework for training Free Transformers (Fleuret, arXiv 2510.17558)."""

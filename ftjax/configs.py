@@ -1,0 +1,229 @@
+"""Config schema: the defaults every experiment starts from, validation and derived fields.
+
+An experiment file (`experiments/<name>.py`) calls `default_config()`, changes fields and returns
+it from `get_config()`. `resolve(cfg)` validates a config against the schema and fills derived
+fields; any problem raises `ConfigError`, which the launchers turn into a one-line message and
+exit status 2.
+"""
+
+import math
+
+import ml_collections
+from ml_collections import config_dict
+
+REMAT_POLICIES = (
+    "none",  # no rematerialisation: keep every activation
+    "full",  # recompute the whole block in the backward pass
+    "dots",  # save the outputs of matmuls (jax.checkpoint_policies.checkpoint_dots)
+    "dots_no_batch",  # save matmuls without batch dims (checkpoint_dots_with_no_batch_dims)
+    "nothing",  # save nothing (nothing_saveable), like "full"
+)
+DATASETS = ("synthetic", "shakespeare")
+DTYPES = ("float32", "bfloat16")
+POST_SAMPLERS = ("onehot", "bits")
+
+
+class ConfigError(ValueError):
+  """A config value that cannot run; the message names the key."""
+
+  def __init__(self, key, message):
+    super().__init__(f"config error: {key}: {message}")
+    self.key = key
+
+
+def default_config():
+  """The schema: every valid key with its default. Experiments override fields of this."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.num_layers = 4
+  c.model.d_model = 128
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 2
+  c.model.head_dim = 0  # 0: d_model // num_heads
+  c.model.mlp_dim = 512
+  c.model.vocab_size = 32
+  c.model.seq_len = 64
+  c.model.rope_theta = 10_000.0
+  c.model.norm_eps = 1e-5
+  c.model.dtype = "float32"  # compute dtype; parameters stay float32
+  c.model.remat_policy = "none"
+  c.model.ce_chunk_tokens = 0  # 0: plain CE; else CE over chunks of this many tokens
+
+  c.model.latent = ml_collections.ConfigDict()
+  c.model.latent.enabled = True  # False: the plain baseline decoder
+  c.model.latent.num_bits = 16  # H; 2^H codes
+  c.model.latent.kappa = config_dict.placeholder(float)  # free bits, nats per token
+  c.model.latent.kappa_bits = config_dict.placeholder(float)  # the same in bits (set one of the two)
+  c.model.latent.inject_layer = config_dict.placeholder(int)  # blocks before the latent; None: L/2
+  c.model.latent.post_sampler = "onehot"  # "onehot": 2^H x D table (paper); "bits": H x D map
+  c.model.latent.chunk_tokens = 256  # tokens per chunk in the mapper's backward pass
+  c.model.latent.add_before_norm = True  # R enters the key/value input before its RMSNorm
+  c.model.latent.encoder_rope = True  # RoPE in the encoder block's attention
+  c.model.latent.zero_init_post_sampler = True  # at step 0 the FT computes the baseline
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000
+  c.train.batch_size = 32
+  c.train.lr = 1e-3
+  c.train.warmup_steps = 100
+  c.train.lr_final_fraction = 0.1  # cosine decays to lr * this
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.weight_decay = 0.1
+  c.train.grad_clip = 1.0
+  c.train.log_every = 50
+  c.train.eval_every = 250
+  c.train.eval_batches = 4
+  c.train.num_samples = 8  # samples printed at the end of a run
+  c.train.peak_flops = 0.0  # FLOP/s used for MFU; 0: measure a matmul peak at start-up
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 0  # 0: only at the end of the run
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: all devices not used by the other axes
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "synthetic"
+  c.data.noise_prob = 1 / 16  # synthetic: probability that a character is replaced by '!'
+  c.data.block_len = 8  # synthetic: length of the repeated-letter block
+  c.data.eval_fraction = 0.05  # text: share of the corpus held out for validation
+  return c
+
+
+def _flat_keys(cfg, prefix=""):
+  out = {}
+  for k, v in cfg.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, (ml_collections.ConfigDict, dict)):
+      out.update(_flat_keys(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def _require(cond, key, message):
+  if not cond:
+    raise ConfigError(key, message)
+
+
+def _check_keys(cfg):
+  known = _flat_keys(default_config())
+  for key in _flat_keys(cfg):
+    _require(key in known, key, "unknown key (see ftjax/configs.py for the schema)")
+
+
+def _check_model(m):
+  for key in ("num_layers", "d_model", "num_heads", "num_kv_heads", "mlp_dim", "vocab_size",
+              "seq_len"):
+    _require(isinstance(m[key], int) and m[key] > 0, f"model.{key}",
+             f"must be a positive integer, got {m[key]!r}")
+  _require(m.num_layers % 2 == 0, "model.num_layers", f"must be even, got {m.num_layers}")
+  _require(m.d_model % m.num_heads == 0, "model.num_heads",
+           f"must divide model.d_model={m.d_model}, got {m.num_heads}")
+  _require(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
+           f"must divide model.num_heads={m.num_heads}, got {m.num_kv_heads}")
+  _require(m.head_dim >= 0, "model.head_dim", f"must be >= 0 (0: d_model/num_heads), got {m.head_dim}")
+  _require(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {m.dtype!r}")
+  _require(m.remat_policy in REMAT_POLICIES, "model.remat_policy",
+           f"must be one of {REMAT_POLICIES}, got {m.remat_policy!r}")
+  _require(m.ce_chunk_tokens >= 0, "model.ce_chunk_tokens", f"must be >= 0, got {m.ce_chunk_tokens}")
+  _require(m.rope_theta > 0, "model.rope_theta", f"must be > 0, got {m.rope_theta}")
+
+
+def _check_latent(m):
+  lat = m.latent
+  _require(isinstance(lat.num_bits, int) and 1 <= lat.num_bits <= 24, "model.latent.num_bits",
+           f"must be an integer in 1..24, got {lat.num_bits!r}")
+  if lat.inject_layer is not None:
+    _require(0 <= lat.inject_layer < m.num_layers, "model.latent.inject_layer",
+             f"must be in 0..{m.num_layers - 1} (model.num_layers={m.num_layers}), "
+             f"got {lat.inject_layer}")
+  _require(lat.post_sampler in POST_SAMPLERS, "model.latent.post_sampler",
+           f"must be one of {POST_SAMPLERS}, got {lat.post_sampler!r}")
+  _require(lat.chunk_tokens > 0, "model.latent.chunk_tokens", f"must be > 0, got {lat.chunk_tokens}")
+  if not lat.enabled:
+    return
+  _require((lat.kappa is None) != (lat.kappa_bits is None), "model.latent.kappa",
+           "set exactly one of model.latent.kappa (nats) and model.latent.kappa_bits (bits), got "
+           f"kappa={lat.kappa}, kappa_bits={lat.kappa_bits}")
+  kappa = lat.kappa if lat.kappa is not None else lat.kappa_bits
+  key = "model.latent.kappa" if lat.kappa is not None else "model.latent.kappa_bits"
+  _require(kappa >= 0, key, f"must be >= 0, got {kappa}")
+
+
+def _check_train(t):
+  for key in ("steps", "batch_size", "log_every", "eval_every", "eval_batches"):
+    _require(isinstance(t[key], int) and t[key] > 0, f"train.{key}",
+             f"must be a positive integer, got {t[key]!r}")
+  _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+  _require(0 <= t.warmup_steps <= t.steps, "train.warmup_steps",
+           f"must be in 0..train.steps={t.steps}, got {t.warmup_steps}")
+  _require(0 <= t.lr_final_fraction <= 1, "train.lr_final_fraction",
+           f"must be in [0, 1], got {t.lr_final_fraction}")
+  _require(0 <= t.b1 < 1 and 0 <= t.b2 < 1, "train.b1", f"b1, b2 must be in [0, 1), got {t.b1}, {t.b2}")
+  _require(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+  _require(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0: off), got {t.grad_clip}")
+  _require(t.num_samples >= 0, "train.num_samples", f"must be >= 0, got {t.num_samples}")
+
+
+def _check_mesh(mesh):
+  for key in ("data", "fsdp", "tensor"):
+    _require(mesh[key] == -1 or mesh[key] >= 1, f"mesh.{key}", f"must be -1 or >= 1, got {mesh[key]}")
+  _require([mesh.data, mesh.fsdp, mesh.tensor].count(-1) <= 1, "mesh",
+           "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+
+
+def _check_data(cfg):
+  d = cfg.data
+  _require(d.name in DATASETS, "data.name", f"must be one of {DATASETS}, got {d.name!r}")
+  _require(0 <= d.noise_prob < 1, "data.noise_prob", f"must be in [0, 1), got {d.noise_prob}")
+  _require(0 < d.eval_fraction < 1, "data.eval_fraction", f"must be in (0, 1), got {d.eval_fraction}")
+  if d.name == "synthetic":
+    from ftjax.data import synthetic  # local import: configs stay importable without data deps
+    need = synthetic.sequence_length(cfg) - 1
+    _require(cfg.model.seq_len == need, "model.seq_len",
+             f"the synthetic task needs seq_len={need} (data.block_len={d.block_len}), "
+             f"got {cfg.model.seq_len}")
+    _require(0 < d.block_len <= synthetic.BODY_LEN, "data.block_len",
+             f"must be in 1..{synthetic.BODY_LEN}, got {d.block_len}")
+    vocab = synthetic.VOCAB_SIZE
+  else:
+    from ftjax.data import text
+    vocab = text.VOCAB_SIZE
+  _require(cfg.model.vocab_size >= vocab, "model.vocab_size",
+           f"data.name={d.name!r} needs at least {vocab}, got {cfg.model.vocab_size}")
+
+
+def resolve(cfg):
+  """Validates `cfg` and returns a locked copy with derived fields filled in.
+
+  Derived: `model.head_dim` (when 0), `model.latent.inject_layer` (when None: L/2) and
+  `model.latent.kappa` in nats (from `kappa_bits` when that is the one given).
+  """
+  _check_keys(cfg)
+  cfg = ml_collections.ConfigDict(cfg.to_dict())  # an unlocked copy; placeholders become values
+  _check_model(cfg.model)
+  _check_latent(cfg.model)
+  _check_train(cfg.train)
+  _check_mesh(cfg.mesh)
+  _check_data(cfg)
+  m = cfg.model
+  if m.head_dim == 0:
+    m.head_dim = m.d_model // m.num_heads
+  lat = m.latent
+  if lat.inject_layer is None:
+    lat.inject_layer = m.num_layers // 2
+  if lat.kappa is None:  # resolved configs carry kappa in nats only, so resolve() is idempotent
+    lat.kappa = 0.0 if lat.kappa_bits is None else bits_to_nats(lat.kappa_bits)
+    lat.kappa_bits = None
+  cfg.lock()
+  return cfg
+
+
+def bits_to_nats(bits):
+  return bits * math.log(2)

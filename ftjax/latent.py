@@ -1,0 +1,127 @@
+"""The Free Transformer's binary mapper, KL and post-samplers.
+
+Shape letters: N tokens (B*T flattened), H latent bits, C = 2^H codes, D model width.
+
+The mapper samples H independent bits per token, B_h ~ Bernoulli(sigmoid(logit_h)), and the code
+z = Σ_h B_h 2^h. The paper's one-hot post-sampler computes R = Y_st W with
+Y_st = Y + G − stop_gradient(G), Y the one-hot of z and G_k = Π_h p_h^{b_kh} (1 − p_h)^{1 − b_kh}
+the posterior probability of every code. Its value is the row gather W[z]; its gradient needs
+dR Wᵀ against all C codes for every token. `onehot_post_sampler` computes exactly that gradient
+with a custom VJP that walks over chunks of tokens, so that no more than chunk × C values of G
+exist at once (the dense form holds N × C).
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def sample_bits(key, logits_NH):
+  """Bernoulli(sigmoid(logits)) bits as int32."""
+  return jax.random.bernoulli(key, jax.nn.sigmoid(logits_NH.astype(jnp.float32))).astype(jnp.int32)
+
+
+def bits_to_codes(bits_NH):
+  """Code index Σ_h bits_h 2^h (bit 0 is the least significant)."""
+  h = bits_NH.shape[-1]
+  return jnp.sum(bits_NH.astype(jnp.int32) << jnp.arange(h, dtype=jnp.int32), axis=-1)
+
+
+def codes_to_bits(codes_N, num_bits):
+  return (codes_N[..., None] >> jnp.arange(num_bits, dtype=jnp.int32)) & 1
+
+
+def uniform_codes(key, shape, num_bits):
+  """Codes drawn uniformly from the 2^H codes (the prior used at generation)."""
+  return jax.random.randint(key, shape, 0, 2**num_bits, dtype=jnp.int32)
+
+
+def kl_from_logits(logits_NH):
+  """KL(Q(z | logits) ‖ uniform over 2^H codes) per token, in nats, from log-sigmoids.
+
+  KL = H log 2 + Σ_h [p log p + (1 − p) log(1 − p)], p = sigmoid(logit).
+  """
+  l = logits_NH.astype(jnp.float32)
+  log_p, log_q = jax.nn.log_sigmoid(l), jax.nn.log_sigmoid(-l)
+  neg_entropy = jnp.exp(log_p) * log_p + jnp.exp(log_q) * log_q
+  return logits_NH.shape[-1] * math.log(2) + jnp.sum(neg_entropy, axis=-1)
+
+
+def code_probs(logits_nH):
+  """G (n, C): the probability of every code under the H independent Bernoullis.
+
+  Built as an outer product bit by bit, so code k = Σ_h b_h 2^h sits at column k.
+  """
+  p = jax.nn.sigmoid(logits_nH.astype(jnp.float32))
+  g = jnp.ones((logits_nH.shape[0], 1), jnp.float32)
+  for h in range(logits_nH.shape[-1]):
+    pair_n2 = jnp.stack([1 - p[:, h], p[:, h]], axis=-1)
+    g = (pair_n2[:, :, None] * g[:, None, :]).reshape(g.shape[0], -1)
+  return g
+
+
+def _bit_sums(a_nC, num_bits):
+  """S (n, H): S_h = Σ_k a_k b_kh, the sum of a over the codes whose bit h is set."""
+  n = a_nC.shape[0]
+  sums = []
+  for h in range(num_bits):
+    a = a_nC.reshape(n, 2 ** (num_bits - 1 - h), 2, 2**h)
+    sums.append(jnp.sum(a[:, :, 1, :], axis=(1, 2)))
+  return jnp.stack(sums, axis=-1)
+
+
+def _logits_grad_chunk(logits_nH, dr_nD, w_CD):
+  """d loss / d logits for one chunk: Σ_k dG_k ∂G_k/∂l_h = Σ_k dG_k G_k (b_kh − p_h)."""
+  dg_nC = jnp.einsum("nd,cd->nc", dr_nD, w_CD, preferred_element_type=jnp.float32)
+  a_nC = dg_nC * code_probs(logits_nH)
+  p_nH = jax.nn.sigmoid(logits_nH.astype(jnp.float32))
+  return _bit_sums(a_nC, logits_nH.shape[-1]) - p_nH * jnp.sum(a_nC, axis=-1, keepdims=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def onehot_post_sampler(logits_NH, codes_N, w_CD, chunk_tokens):
+  """R = W[codes] with the straight-through gradient of (Y + G − sg(G)) W, memory-bounded.
+
+  Gradients: dW = Yᵀ dR (a scatter-add of dR into the sampled rows) and d logits through G,
+  computed `chunk_tokens` tokens at a time. `codes_N` gets no gradient.
+  """
+  del logits_NH, chunk_tokens
+  return jnp.take(w_CD, codes_N, axis=0)
+
+
+def _onehot_fwd(logits_NH, codes_N, w_CD, chunk_tokens):
+  return jnp.take(w_CD, codes_N, axis=0), (logits_NH, codes_N, w_CD)
+
+
+def _onehot_bwd(chunk_tokens, res, dr_ND):
+  logits_NH, codes_N, w_CD = res
+  n, h = logits_NH.shape
+  dw_CD = jnp.zeros(w_CD.shape, jnp.float32).at[codes_N].add(dr_ND.astype(jnp.float32))
+  chunk = min(chunk_tokens, n)
+  num_chunks = -(-n // chunk)
+  pad = num_chunks * chunk - n
+  logits_kcH = jnp.pad(logits_NH, ((0, pad), (0, 0))).reshape(num_chunks, chunk, h)
+  dr_kcD = jnp.pad(dr_ND, ((0, pad), (0, 0))).reshape(num_chunks, chunk, -1)
+  body = lambda _, xs: (None, _logits_grad_chunk(xs[0], xs[1], w_CD))
+  _, dlogits_kcH = jax.lax.scan(body, None, (logits_kcH, dr_kcD))
+  dlogits_NH = dlogits_kcH.reshape(-1, h)[:n].astype(logits_NH.dtype)
+  return dlogits_NH, None, dw_CD.astype(w_CD.dtype)
+
+
+onehot_post_sampler.defvjp(_onehot_fwd, _onehot_bwd)
+
+
+def onehot_post_sampler_dense(logits_NH, codes_N, w_CD):
+  """The reference formulation (N × C memory): (Y + (G − sg(G))) W. For tests only."""
+  y_NC = jax.nn.one_hot(codes_N, w_CD.shape[0], dtype=jnp.float32)
+  g_NC = code_probs(logits_NH)
+  return (y_NC + (g_NC - jax.lax.stop_gradient(g_NC))) @ w_CD
+
+
+def bits_post_sampler(logits_NH, bits_NH, w_HD):
+  """The factored map R = (2B − 1) W with a per-bit straight-through gradient B + p − sg(p)."""
+  p_NH = jax.nn.sigmoid(logits_NH.astype(jnp.float32))
+  b_NH = bits_NH.astype(jnp.float32) + (p_NH - jax.lax.stop_gradient(p_NH))
+  return (2 * b_NH - 1).astype(w_HD.dtype) @ w_HD

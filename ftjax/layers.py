@@ -1,0 +1,149 @@
+"""Decoder building blocks: RMSNorm, RoPE, einsum dense, grouped-query attention, SwiGLU MLP.
+
+Shape letters: B batch, T query positions, S key positions, D model width, N query heads,
+K key/value heads, G = N // K query heads per key/value head, E head dim, F MLP hidden.
+Every parameter carries logical axis names (`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`,
+`vocab`); `ftjax.sharding` maps them to mesh axes. Layers never mention mesh axes.
+"""
+
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def fan_in_init(num_in_axes: int) -> Callable:
+  """Normal init with std 1/sqrt(fan_in), fan_in = product of the first `num_in_axes` dims."""
+
+  def init(key, shape, dtype=jnp.float32):
+    fan_in = 1
+    for d in shape[:num_in_axes]:
+      fan_in *= d
+    return jax.random.normal(key, shape, dtype) * fan_in**-0.5
+
+  return init
+
+
+class Einsum(nn.Module):
+  """A dense layer as one einsum against a full-shape kernel with logical axis names."""
+  equation: str
+  shape: Sequence[int]
+  axes: Sequence[str]
+  num_in_axes: int = 1
+  dtype: Dtype = jnp.float32
+  kernel_init: Optional[Callable] = None
+
+  @nn.compact
+  def __call__(self, x):
+    init = self.kernel_init or fan_in_init(self.num_in_axes)
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.axes)),
+                        tuple(self.shape), jnp.float32)
+    return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class RMSNorm(nn.Module):
+  eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    scale_D = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                         (x_BTD.shape[-1],), jnp.float32)
+    x = x_BTD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return (x * scale_D).astype(self.dtype)
+
+
+def rope(x_BTNE, positions_BT, theta):
+  """Rotary position embedding (rotate-half convention), computed in float32."""
+  half = x_BTNE.shape[-1] // 2
+  freq_E = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle_BTE = positions_BT[..., None].astype(jnp.float32) * freq_E
+  sin, cos = jnp.sin(angle_BTE)[:, :, None, :], jnp.cos(angle_BTE)[:, :, None, :]
+  x = x_BTNE.astype(jnp.float32)
+  x1, x2 = x[..., :half], x[..., half:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_BTNE.dtype)
+
+
+class Attention(nn.Module):
+  """Grouped-query attention; queries from `xq_BTD`, keys and values from `xkv_BSD`.
+
+  Three uses: causal self-attention (decoder blocks), full attention with queries from the
+  learned constant ζ (the encoder block), and causal attention whose keys/values see X + R
+  (the block after the latent).
+  """
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float
+  use_rope: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, xq_BTD, xkv_BSD, positions_BT, *, causal):
+    d, n, k, e = xq_BTD.shape[-1], self.num_heads, self.num_kv_heads, self.head_dim
+    dense = lambda name, eq, shape, axes, n_in=1: Einsum(eq, shape, axes, n_in, self.dtype, name=name)
+    q_BTNE = dense("query", "btd,dne->btne", (d, n, e), ("embed", "heads", "head_dim"))(xq_BTD)
+    k_BSKE = dense("key", "bsd,dke->bske", (d, k, e), ("embed", "kv_heads", "head_dim"))(xkv_BSD)
+    v_BSKE = dense("value", "bsd,dke->bske", (d, k, e), ("embed", "kv_heads", "head_dim"))(xkv_BSD)
+    if self.use_rope:
+      q_BTNE = rope(q_BTNE, positions_BT, self.rope_theta)
+      k_BSKE = rope(k_BSKE, positions_BT, self.rope_theta)
+    b, t = q_BTNE.shape[:2]
+    q_BTKGE = q_BTNE.reshape(b, t, k, n // k, e)
+    logits_BKGTS = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE,
+                              preferred_element_type=jnp.float32) * e**-0.5
+    if causal:
+      s = k_BSKE.shape[1]
+      mask_TS = jnp.arange(t)[:, None] >= jnp.arange(s)[None, :]
+      logits_BKGTS = jnp.where(mask_TS, logits_BKGTS, jnp.finfo(jnp.float32).min)
+    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(self.dtype)
+    out_BTKGE = jnp.einsum("bkgts,bske->btkge", probs_BKGTS, v_BSKE)
+    out_BTNE = out_BTKGE.reshape(b, t, n, e)
+    return dense("out", "btne,ned->btd", (n, e, d), ("heads", "head_dim", "embed"), 2)(out_BTNE)
+
+
+class SwiGLU(nn.Module):
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    d, f = x_BTD.shape[-1], self.mlp_dim
+    gate_BTF = Einsum("btd,df->btf", (d, f), ("embed", "mlp"), 1, self.dtype, name="gate")(x_BTD)
+    up_BTF = Einsum("btd,df->btf", (d, f), ("embed", "mlp"), 1, self.dtype, name="up")(x_BTD)
+    return Einsum("btf,fd->btd", (f, d), ("mlp", "embed"), 1, self.dtype, name="down")(
+        nn.silu(gate_BTF) * up_BTF)
+
+
+class Block(nn.Module):
+  """Pre-norm block: x + attn(norm(x) | norm(kv)), then x + mlp(norm(x)).
+
+  `kv_extra_BTD` (the latent's R) is added to the key/value input, before the attention norm
+  when `add_before_norm`, after it otherwise; the residual stream itself is unchanged.
+  `kv_BSD`, when given, replaces x as the key/value source (the encoder block: x is ζ).
+  """
+  cfg: Any  # the resolved model config
+  causal: bool = True
+  use_rope: bool = True
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, kv_BSD=None, kv_extra_BTD=None):
+    m = self.cfg
+    dtype = jnp.dtype(m.dtype)
+    norm = RMSNorm(m.norm_eps, dtype, name="attn_norm")
+    kv_in = x_BTD if kv_BSD is None else kv_BSD
+    add_before = m.latent.add_before_norm
+    if kv_extra_BTD is not None and add_before:
+      kv_in = kv_in + kv_extra_BTD
+    h_BTD, hkv_BSD = norm(x_BTD), norm(kv_in)
+    if kv_extra_BTD is not None and not add_before:
+      hkv_BSD = hkv_BSD + kv_extra_BTD.astype(dtype)
+    attn = Attention(m.num_heads, m.num_kv_heads, m.head_dim, m.rope_theta, self.use_rope, dtype,
+                     name="attn")
+    x_BTD = x_BTD + attn(h_BTD, hkv_BSD, positions_BT, causal=self.causal).astype(x_BTD.dtype)
+    mlp_in = RMSNorm(m.norm_eps, dtype, name="mlp_norm")(x_BTD)
+    return x_BTD + SwiGLU(m.mlp_dim, dtype, name="mlp")(mlp_in).astype(x_BTD.dtype)

@@ -1,0 +1,44 @@
+"""Losses: token cross-entropy (plain or chunked over tokens) and the free-bits KL.
+
+Shape letters: B batch, T tokens, N = B*T, D model width, V vocabulary.
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def _nll(logits_nV, targets_n):
+  logits = logits_nV.astype(jnp.float32)
+  target_logit = jnp.take_along_axis(logits, targets_n[:, None], axis=-1)[:, 0]
+  return jax.nn.logsumexp(logits, axis=-1) - target_logit
+
+
+def cross_entropy(x_BTD, unembed_DV, targets_BT, *, chunk_tokens=0, dtype=jnp.float32):
+  """Per-token negative log-likelihood (B, T) in float32 of logits = x @ unembed.
+
+  With `chunk_tokens` > 0 the logits are made and consumed `chunk_tokens` tokens at a time under
+  `jax.checkpoint`, so that neither pass holds more than chunk × V logits (not N × V).
+  """
+  b, t, d = x_BTD.shape
+  x_ND = x_BTD.reshape(b * t, d).astype(dtype)
+  w_DV = unembed_DV.astype(dtype)
+  targets_N = targets_BT.reshape(b * t)
+  if chunk_tokens <= 0 or chunk_tokens >= b * t:
+    return _nll(x_ND @ w_DV, targets_N).reshape(b, t)
+  n = b * t
+  num_chunks = -(-n // chunk_tokens)
+  pad = num_chunks * chunk_tokens - n
+  x_kcD = jnp.pad(x_ND, ((0, pad), (0, 0))).reshape(num_chunks, chunk_tokens, d)
+  targets_kc = jnp.pad(targets_N, (0, pad)).reshape(num_chunks, chunk_tokens)
+
+  @jax.checkpoint
+  def chunk_nll(x_cD, targets_c):
+    return _nll(x_cD @ w_DV, targets_c)
+
+  _, nll_kc = jax.lax.scan(lambda _, xs: (None, chunk_nll(*xs)), None, (x_kcD, targets_kc))
+  return nll_kc.reshape(-1)[:n].reshape(b, t)
+
+
+def free_bits_kl(kl_BT, kappa):
+  """(1/T) Σ_t max(0, KL_t − κ), averaged over the batch: the KL term of the loss."""
+  return jnp.mean(jnp.maximum(kl_BT - kappa, 0.0))

@@ -1,0 +1,150 @@
+"""One Transformer module for the Free Transformer and its baseline.
+
+Shape letters: B batch, T tokens, D model width, V vocabulary, H latent bits, C = 2^H codes.
+
+Layout of the L blocks (`inject_layer` = I, default L/2):
+
+    embed → scan(I causal blocks) → [latent] → inject block → scan(L − I − 1 causal blocks)
+          → final norm → unembed
+
+The inject block is the (I+1)-th decoder block; with the latent enabled its keys/values see
+X_I + R. The latent path (module `latent`) holds the encoder block (non-causal, queries from the
+learned constant ζ, keys/values from X_I), the readout D → H and the post-sampler. With
+`model.latent.enabled=False` it is absent and the same parameters, created from the same PRNG
+paths, form the baseline.
+"""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ftjax import latent as latent_lib
+from ftjax.layers import Block, Einsum, RMSNorm
+
+Z_MODES = ("encoder", "uniform", "given", "zero")
+
+_REMAT_POLICIES = {
+    "full": None,
+    "nothing": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class _ScannedBlock(nn.Module):
+  """A causal block with the (carry, out) signature that nn.scan expects."""
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT):
+    return Block(self.cfg, name="block")(x_BTD, positions_BT), None
+
+
+def block_stack(cfg, length, name):
+  """`length` causal blocks with stacked parameters (leading `layers` axis), run by nn.scan."""
+  block = _ScannedBlock
+  if cfg.remat_policy != "none":
+    block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+  return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                 in_axes=nn.broadcast, length=length,
+                 metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name=name)
+
+
+class LatentPath(nn.Module):
+  """Encoder block + readout + binary mapper + post-sampler: X_I ↦ (R, aux)."""
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, z_mode, key, codes_BT):
+    m, lat = self.cfg, self.cfg.latent
+    b, t, d = x_BTD.shape
+    h = lat.num_bits
+    if lat.post_sampler == "onehot":
+      init = nn.initializers.zeros if lat.zero_init_post_sampler else nn.initializers.normal(1.0)
+      w = self.param("post_sampler", nn.with_logical_partitioning(init, ("codes", "embed")),
+                     (2**h, d), jnp.float32)
+    else:
+      init = nn.initializers.zeros if lat.zero_init_post_sampler else nn.initializers.normal(h**-0.5)
+      w = self.param("post_sampler", nn.with_logical_partitioning(init, ("latent_bits", "embed")),
+                     (h, d), jnp.float32)
+    if self.is_initializing() or z_mode == "encoder":
+      zeta_D = self.param("zeta", nn.with_logical_partitioning(nn.initializers.normal(1.0),
+                                                               ("embed",)), (d,), jnp.float32)
+      zeta_BTD = jnp.broadcast_to(zeta_D, (b, t, d))
+      enc_BTD = Block(m, causal=False, use_rope=lat.encoder_rope, name="encoder_block")(
+          zeta_BTD, positions_BT, kv_BSD=x_BTD)
+      enc_BTD = RMSNorm(m.norm_eps, jnp.float32, name="encoder_norm")(enc_BTD)
+      logits_BTH = Einsum("btd,dh->bth", (d, h), ("embed", "latent_bits"), 1, jnp.float32,
+                          name="readout")(enc_BTD)
+      logits_NH = logits_BTH.reshape(b * t, h)
+      bits_NH = latent_lib.sample_bits(key, logits_NH)
+      codes_N = latent_lib.bits_to_codes(bits_NH)
+      aux = {"kl_BT": latent_lib.kl_from_logits(logits_BTH), "latent_logits_BTH": logits_BTH}
+    else:
+      if z_mode == "uniform":
+        codes_BT = latent_lib.uniform_codes(key, (b, t), h)
+      elif z_mode == "zero":
+        return jnp.zeros_like(x_BTD), {}
+      codes_N = codes_BT.reshape(b * t)
+      bits_NH = latent_lib.codes_to_bits(codes_N, h)
+      logits_NH = jnp.zeros((b * t, h), jnp.float32)  # no gradient path without the encoder
+      aux = {}
+    dtype = jnp.dtype(m.dtype)
+    if lat.post_sampler == "onehot":
+      r_ND = latent_lib.onehot_post_sampler(logits_NH, codes_N, w.astype(dtype), lat.chunk_tokens)
+    else:
+      r_ND = latent_lib.bits_post_sampler(logits_NH, bits_NH, w.astype(dtype))
+    aux["codes_BT"] = codes_N.reshape(b, t)
+    return r_ND.reshape(b, t, d).astype(x_BTD.dtype), aux
+
+
+class Transformer(nn.Module):
+  """Llama-style decoder; a Free Transformer when `cfg.latent.enabled`.
+
+  `cfg` is the resolved `model` config. Call with `z_mode`:
+    "encoder": Z sampled from the encoder's posterior (training; needs `latent_key`),
+    "uniform": Z uniform over the 2^H codes per token (generation; needs `latent_key`),
+    "given":   Z = `codes_BT`,
+    "zero":    R = 0 (the FT then computes the baseline function of its shared weights).
+  Returns (logits_BTV, aux), or (x_BTD after the final norm, aux) with `return_hidden=True`.
+  aux holds `kl_BT`, `latent_logits_BTH` (encoder mode) and `codes_BT` when the latent runs.
+  """
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, tokens_BT, *, z_mode="encoder", latent_key=None,
+               codes_BT: Optional[jax.Array] = None, return_hidden=False):
+    m = self.cfg
+    if z_mode not in Z_MODES:
+      raise ValueError(f"z_mode must be one of {Z_MODES}, got {z_mode!r}")
+    b, t = tokens_BT.shape
+    positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    embed_VD = self.param("embed", nn.with_logical_partitioning(nn.initializers.normal(1.0),
+                                                                ("vocab", "embed")),
+                          (m.vocab_size, m.d_model), jnp.float32)
+    x_BTD = jnp.take(embed_VD, tokens_BT, axis=0)
+    inject = m.latent.inject_layer
+    if inject > 0:
+      x_BTD, _ = block_stack(m, inject, "layers_lo")(x_BTD, positions_BT)
+    r_BTD, aux = None, {}
+    if m.latent.enabled:
+      r_BTD, aux = LatentPath(m, name="latent")(x_BTD, positions_BT, z_mode, latent_key, codes_BT)
+    x_BTD = Block(m, name="inject_block")(x_BTD, positions_BT, kv_extra_BTD=r_BTD)
+    if m.num_layers - inject - 1 > 0:
+      x_BTD, _ = block_stack(m, m.num_layers - inject - 1, "layers_hi")(x_BTD, positions_BT)
+    x_BTD = RMSNorm(m.norm_eps, jnp.dtype(m.dtype), name="final_norm")(x_BTD)
+    unembed = Einsum("btd,dv->btv", (m.d_model, m.vocab_size), ("embed", "vocab"), 1,
+                     jnp.dtype(m.dtype), name="unembed")
+    if return_hidden:
+      if self.is_initializing():
+        unembed(x_BTD[:, :1])
+      return x_BTD, aux
+    return unembed(x_BTD).astype(jnp.float32), aux
+
+
+def make_model(model_cfg):
+  """The Transformer for a resolved `model` config (frozen, so the module is hashable)."""
+  return Transformer(ml_collections.FrozenConfigDict(model_cfg))

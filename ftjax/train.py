@@ -1,0 +1,261 @@
+"""Train state, jitted train and eval steps, and the training loop, as plain functions.
+
+Randomness: the key of step s is fold_in(key(seed), s), split into the latent's key and
+nothing else, so Z differs per step, runs are reproducible, and a resumed run draws the same Z.
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ftjax import data as data_lib
+from ftjax import losses, metrics as metrics_lib, sampling
+from ftjax.model import Transformer, make_model
+
+LOG2 = math.log(2)
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def lr_schedule(t):
+  """Linear warm-up to `t.lr`, then cosine decay to `t.lr * t.lr_final_fraction`."""
+  return optax.warmup_cosine_decay_schedule(
+      0.0, t.lr, max(t.warmup_steps, 1), max(t.steps, t.warmup_steps + 1),
+      end_value=t.lr * t.lr_final_fraction)
+
+
+def _decay_mask(params):
+  """Weight decay on matmul kernels and the embedding; not on norms, ζ or the post-sampler
+  (whose rows only move when their code is sampled)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: path[-1].key in ("kernel", "embed"), params)
+
+
+def make_optimizer(t):
+  chain = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip > 0 else []
+  chain.append(optax.adamw(lr_schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
+                           mask=_decay_mask))
+  return optax.chain(*chain)
+
+
+def step_key(seed, step):
+  return jax.random.fold_in(jax.random.key(seed), step)
+
+
+def init_params(model, seed, batch_size=1):
+  """Parameters (unboxed from their logical-axis metadata) for `model`."""
+  m = model.cfg
+  tokens = jnp.zeros((batch_size, m.seq_len), jnp.int32)
+  variables = model.init(jax.random.key(seed), tokens, z_mode="encoder",
+                         latent_key=jax.random.key(0))
+  return nn.meta.unbox(variables["params"])
+
+
+def init_train_state(cfg, model):
+  params = init_params(model, cfg.seed)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=make_optimizer(cfg.train).init(params))
+
+
+def _nll(model, params, batch, z_mode, key):
+  """Per-token NLL (B, T) and the model's aux for one z_mode."""
+  m = model.cfg
+  x_BTD, aux = model.apply({"params": params}, batch["inputs"], z_mode=z_mode, latent_key=key,
+                           return_hidden=True)
+  nll_BT = losses.cross_entropy(x_BTD, params["unembed"]["kernel"], batch["targets"],
+                                chunk_tokens=m.ce_chunk_tokens, dtype=jnp.dtype(m.dtype))
+  return nll_BT, aux
+
+
+def loss_fn(params, batch, key, model):
+  """CE + (1/T) Σ_t max(0, KL_t − κ); returns (loss, metrics)."""
+  lat = model.cfg.latent
+  nll_BT, aux = _nll(model, params, batch, "encoder", key)
+  ce = jnp.mean(nll_BT)
+  if not lat.enabled:
+    return ce, {"loss": ce, "ce": ce}
+  kl_BT = aux["kl_BT"]
+  kl_clipped = losses.free_bits_kl(kl_BT, lat.kappa)
+  loss = ce + kl_clipped
+  return loss, {"loss": loss, "ce": ce, "kl": jnp.mean(kl_BT), "kl_clipped": kl_clipped,
+                "kl_frac_above_kappa": jnp.mean((kl_BT > lat.kappa).astype(jnp.float32))}
+
+
+def train_step(state, batch, *, model, optimizer, schedule, seed):
+  """One optimizer step. Jit it with `donate_argnums=0`."""
+  grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch,
+                                                    step_key(seed, state.step), model)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, batch, key, *, model, bytes_per_token=0.0):
+  """Held-out metrics. For the FT, `eval_ce` uses Z uniform (what generation sees; comparable to
+  the baseline) and `eval_elbo` is CE with encoder-sampled Z plus the unclipped KL, a bound on
+  the NLL. CE with encoder-inferred Z alone sees the targets through the non-causal encoder and
+  is deliberately not reported. For the baseline, eval_elbo = eval_ce (the exact NLL)."""
+  if model.cfg.latent.enabled:
+    uniform_key, encoder_key = jax.random.split(key)
+    ce = jnp.mean(_nll(model, params, batch, "uniform", uniform_key)[0])
+    nll_BT, aux = _nll(model, params, batch, "encoder", encoder_key)
+    out = {"eval_ce": ce, "eval_elbo": jnp.mean(nll_BT + aux["kl_BT"]),
+           "eval_kl": jnp.mean(aux["kl_BT"])}
+  else:
+    ce = jnp.mean(_nll(model, params, batch, "zero", None)[0])
+    out = {"eval_ce": ce, "eval_elbo": ce}
+  if bytes_per_token:
+    out["eval_bpb"] = out["eval_ce"] / (LOG2 * bytes_per_token)
+    out["eval_elbo_bpb"] = out["eval_elbo"] / (LOG2 * bytes_per_token)
+  return out
+
+
+@dataclasses.dataclass
+class Trainer:
+  """Everything a training loop needs, built once from a resolved config."""
+  cfg: Any
+  model: Transformer
+  source: data_lib.Source
+  train_step: Any  # jitted, donates the state
+  eval_step: Any  # jitted
+
+  @classmethod
+  def create(cls, cfg):
+    model = make_model(cfg.model)
+    optimizer = make_optimizer(cfg.train)
+    step = functools.partial(train_step, model=model, optimizer=optimizer,
+                             schedule=lr_schedule(cfg.train), seed=cfg.seed)
+    source = data_lib.make_source(cfg)
+    evaluate = functools.partial(eval_step, model=model, bytes_per_token=source.bytes_per_token)
+    return cls(cfg, model, source, jax.jit(step, donate_argnums=0), jax.jit(evaluate))
+
+  def batch(self, step, split="train"):
+    return jax.tree_util.tree_map(jnp.asarray, self.source.batch(step, self.cfg.train.batch_size,
+                                                                 split))
+
+  def evaluate(self, params):
+    """Mean of the eval metrics over `train.eval_batches` validation batches (fixed keys)."""
+    rows = [self.eval_step(params, self.batch(i, "validation"),
+                           jax.random.fold_in(jax.random.key(self.cfg.seed + 1), i))
+            for i in range(self.cfg.train.eval_batches)]
+    return {k: float(np.mean([jax.device_get(r[k]) for r in rows])) for k in rows[0]}
+
+
+def format_progress(step, total, m, tokens_per_step):
+  """One readable line: step, loss, ce, kl in bits, tokens/s, MFU, ETA."""
+  parts = [f"step {step}/{total}", f"loss {m['loss']:.4f}", f"ce {m['ce']:.4f}"]
+  if "kl" in m:
+    parts.append(f"kl {m['kl'] / LOG2:.3f} bits")
+  if "tokens_per_sec" in m:
+    eta_s = int((total - step) * tokens_per_step / max(m["tokens_per_sec"], 1e-9))
+    parts += [f"{m['tokens_per_sec']:,.0f} tok/s", f"MFU {100 * m['mfu']:.1f}%",
+              f"ETA {eta_s // 60}m{eta_s % 60:02d}s"]
+  return " | ".join(parts)
+
+
+def train_and_evaluate(cfg, workdir, log=print):
+  """Trains a resolved config in `workdir`; resumes from its newest checkpoint. Returns the
+  final TrainState."""
+  from ftjax import checkpoint as ckpt_lib  # orbax is heavy to import; only the loop needs it
+
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+  trainer = Trainer.create(cfg)
+  t = cfg.train
+  manager = ckpt_lib.Manager(os.path.join(workdir, "checkpoints"), cfg)
+  state = manager.restore_or(lambda: init_train_state(cfg, trainer.model))
+  start = int(state.step)
+  if start:
+    log(f"resumed from step {start}")
+  log(f"model: {metrics_lib.count_params(state.params):,} parameters; "
+      f"latent {'on (H=%d, kappa=%.4f nats)' % (cfg.model.latent.num_bits, cfg.model.latent.kappa) if cfg.model.latent.enabled else 'off (baseline)'}")
+  peak = t.peak_flops or metrics_lib.measure_matmul_peak(jnp.dtype(cfg.model.dtype))
+  flops_per_token = metrics_lib.flops_per_token(cfg.model)
+  tokens_per_step = t.batch_size * cfg.model.seq_len
+  writer = metrics_lib.MetricWriter(workdir)
+
+  pending = None  # (step, device metrics) fetched one step late, so the step never syncs
+  clock = None  # (time, step) throughput is measured from
+
+  def flush(pending, clock):
+    """Fetches and logs a step's metrics; throughput is measured since `clock`."""
+    step, device_metrics = pending
+    row = jax.device_get(device_metrics)
+    now = time.perf_counter()
+    if step > clock[1]:
+      rate = (step - clock[1]) * tokens_per_step / max(now - clock[0], 1e-9)
+      row.update(tokens_per_sec=rate, mfu=rate * flops_per_token / peak)
+    writer.write(step, row)
+    log(format_progress(step, t.steps, row, tokens_per_step))
+    return (now, step)
+
+  for step in range(start, t.steps):
+    state, device_metrics = trainer.train_step(state, trainer.batch(step))
+    done = step + 1
+    if pending is not None:
+      clock, pending = flush(pending, clock), None
+    if clock is None:  # after compilation, evaluation or a save: sync once, restart the clock
+      jax.block_until_ready(state)
+      clock = (time.perf_counter(), done)
+    if done % t.log_every == 0 or done == t.steps:
+      pending = (done, device_metrics)
+    is_eval = done % t.eval_every == 0 or done == t.steps
+    is_save = bool(cfg.checkpoint.every_steps) and done % cfg.checkpoint.every_steps == 0
+    if (is_eval or is_save) and pending is not None:
+      clock, pending = flush(pending, clock), None
+    if is_eval:
+      ev = trainer.evaluate(state.params)
+      writer.write(done, ev)
+      log(f"eval step {done} | " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+      clock = None
+    if is_save:
+      manager.save(done, state)
+      clock = None
+  if pending is not None:
+    flush(pending, clock)
+  manager.save(int(state.step), state)
+  manager.close()
+  if t.num_samples:
+    text = show_samples(trainer, state.params, t.num_samples, log)
+    writer.write_text(int(state.step), "samples", text)
+  writer.close()
+  return state
+
+
+def show_samples(trainer, params, num_samples, log=print, temperature=1.0):
+  """Samples with Z uniform per token; for the synthetic task also the share well-formed."""
+  from ftjax.data import synthetic
+  cfg, source = trainer.cfg, trainer.source
+  prompts_BP = source.prompts(num_samples)
+  length = cfg.model.seq_len + 1
+  buffer_BT = np.zeros((num_samples, length), np.int32)
+  buffer_BT[:, :prompts_BP.shape[1]] = prompts_BP
+  tokens_BT, _ = sampling.sample_full_forward(trainer.model, params, jnp.asarray(buffer_BT),
+                                              jax.random.key(cfg.seed + 2),
+                                              prompt_len=prompts_BP.shape[1],
+                                              temperature=temperature)
+  texts = [source.decode(row) for row in np.asarray(tokens_BT)]
+  log(f"samples (Z uniform per token, temperature {temperature}):")
+  for s in texts:
+    log("  " + s.replace("\n", "\\n"))
+  if source.name == "synthetic":
+    ok = [synthetic.is_well_formed(s[2:], s[0], cfg.data.block_len) for s in texts]
+    log(f"well-formed: {sum(ok)}/{len(ok)}")
+  return "\n".join(texts)

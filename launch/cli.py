@@ -1,0 +1,38 @@
+"""Shared command-line plumbing: flag parsing and config resolution with one-line errors."""
+
+import sys
+
+from absl import flags
+
+from ftjax.configs import ConfigError, resolve
+
+
+def fail(message, status=2):
+  """Prints one line to stderr and exits (status 2: bad flags or config)."""
+  print(message, file=sys.stderr)
+  sys.exit(status)
+
+
+def parse_flags(argv):
+  """absl flag parser for `app.run(..., flags_parser=parse_flags)`: a bad flag or config
+  override exits 2 with one line instead of absl's usage dump."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(f"flag error: {e}".splitlines()[0])
+  except (AttributeError, KeyError, TypeError, ValueError) as e:  # raised by config overrides
+    fail(f"config error: {str(e).strip(chr(34) + chr(39))}".splitlines()[0])
+
+
+def resolved_config(config_flag):
+  """The validated config from a `config_flags` flag; exits 2 on any config error."""
+  try:
+    cfg = config_flag.value
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    fail(f"config error: {e}".splitlines()[0])
+  if cfg is None:
+    fail("flag error: --config=experiments/<name>.py is required")
+  try:
+    return resolve(cfg)
+  except ConfigError as e:
+    fail(str(e))

@@ -1,0 +1,33 @@
+"""Train a Free Transformer (or its baseline).
+
+  python -m launch.train --config=experiments/synthetic.py --workdir=runs/synthetic \
+      [--config.model.latent.kappa_bits=0.5 ...]
+
+Writes DIR/config.json, DIR/metrics.jsonl, TensorBoard files under DIR/tb and orbax checkpoints
+under DIR/checkpoints; resumes from the newest checkpoint in DIR.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from launch import cli
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it holds a "
+                               "checkpoint).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    cli.fail(f"flag error: unexpected arguments {argv[1:]}")
+  if not _WORKDIR.value:
+    cli.fail("flag error: --workdir is required")
+  cfg = cli.resolved_config(_CONFIG)
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it touches at INFO
+  from ftjax import train  # after flag parsing, so that `--help` and errors are fast
+  train.train_and_evaluate(cfg, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags)

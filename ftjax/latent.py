@@ -49,35 +49,50 @@ def kl_from_logits(logits_NH):
   return logits_NH.shape[-1] * math.log(2) + jnp.sum(neg_entropy, axis=-1)
 
 
-def code_probs(logits_nH):
-  """G (n, C): the probability of every code under the H independent Bernoullis.
+def code_bits(num_bits):
+  """The (2^num_bits, num_bits) float32 matrix of every code's bits: row k holds the bits of k."""
+  codes = jnp.arange(2**num_bits, dtype=jnp.int32)
+  return codes_to_bits(codes, num_bits).astype(jnp.float32)
 
-  Built as an outer product bit by bit, so code k = Σ_h b_h 2^h sits at column k.
+
+def _partial_code_probs(logits_nh):
+  """(n, 2^h) probabilities of every code of these h bits: log G_k = Σ log(1 − p) + Σ b_k l."""
+  return jnp.exp(jnp.sum(jax.nn.log_sigmoid(-logits_nh), axis=-1, keepdims=True)
+                 + logits_nh @ code_bits(logits_nh.shape[-1]).T)
+
+
+def split_code_probs(logits_nH):
+  """G as two factors: (g_hi (n, A), g_lo (n, B)) with G[n, a·B + b] = g_hi[n, a] · g_lo[n, b].
+
+  The low H//2 bits index b, the high bits index a. Only O(n·2^(H/2)) values are computed; the
+  n × C product is formed where it is consumed, with one multiply per element and no exp.
   """
-  p = jax.nn.sigmoid(logits_nH.astype(jnp.float32))
-  g = jnp.ones((logits_nH.shape[0], 1), jnp.float32)
-  for h in range(logits_nH.shape[-1]):
-    pair_n2 = jnp.stack([1 - p[:, h], p[:, h]], axis=-1)
-    g = (pair_n2[:, :, None] * g[:, None, :]).reshape(g.shape[0], -1)
-  return g
+  l = logits_nH.astype(jnp.float32)
+  low = l.shape[-1] // 2
+  return _partial_code_probs(l[:, low:]), _partial_code_probs(l[:, :low])
 
 
-def _bit_sums(a_nC, num_bits):
-  """S (n, H): S_h = Σ_k a_k b_kh, the sum of a over the codes whose bit h is set."""
-  n = a_nC.shape[0]
-  sums = []
-  for h in range(num_bits):
-    a = a_nC.reshape(n, 2 ** (num_bits - 1 - h), 2, 2**h)
-    sums.append(jnp.sum(a[:, :, 1, :], axis=(1, 2)))
-  return jnp.stack(sums, axis=-1)
+def code_probs(logits_nH):
+  """G (n, C): the probability of every code under the H independent Bernoullis."""
+  g_hi_nA, g_lo_nB = split_code_probs(logits_nH)
+  return (g_hi_nA[:, :, None] * g_lo_nB[:, None, :]).reshape(logits_nH.shape[0], -1)
 
 
 def _logits_grad_chunk(logits_nH, dr_nD, w_CD):
-  """d loss / d logits for one chunk: Σ_k dG_k ∂G_k/∂l_h = Σ_k dG_k G_k (b_kh − p_h)."""
+  """d loss / d logits for one chunk: Σ_k dG_k ∂G_k/∂l_h = Σ_k dG_k G_k (b_kh − p_h).
+
+  With a_k = dG_k G_k: the sums of a over the codes whose bit h is set are sums over one axis
+  of the (n, A, B) view of a, followed by small matmuls with the bit tables.
+  """
+  n, h = logits_nH.shape
+  g_hi_nA, g_lo_nB = split_code_probs(logits_nH)
   dg_nC = jnp.einsum("nd,cd->nc", dr_nD, w_CD, preferred_element_type=jnp.float32)
-  a_nC = dg_nC * code_probs(logits_nH)
+  a_nAB = dg_nC.reshape(n, g_hi_nA.shape[1], g_lo_nB.shape[1]) * g_hi_nA[:, :, None] * g_lo_nB[:, None, :]
+  sum_lo_nB, sum_hi_nA = jnp.sum(a_nAB, axis=1), jnp.sum(a_nAB, axis=2)
+  low = h // 2
+  bit_sums_nH = jnp.concatenate([sum_lo_nB @ code_bits(low), sum_hi_nA @ code_bits(h - low)], -1)
   p_nH = jax.nn.sigmoid(logits_nH.astype(jnp.float32))
-  return _bit_sums(a_nC, logits_nH.shape[-1]) - p_nH * jnp.sum(a_nC, axis=-1, keepdims=True)
+  return bit_sums_nH - p_nH * jnp.sum(sum_hi_nA, axis=-1, keepdims=True)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

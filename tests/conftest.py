@@ -1,0 +1,38 @@
+"""Test set-up: 8 fake CPU devices and the persistent compilation cache (before jax imports)."""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+import pytest  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", os.path.join(REPO, ".jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@pytest.fixture
+def tiny_cfg():
+  """The resolved `tiny` experiment config (unlocked copy, so tests can change fields)."""
+  from experiments import tiny
+  from ftjax.configs import resolve
+  cfg = resolve(tiny.get_config())
+  cfg.unlock()
+  return cfg
+
+
+def resolved(cfg, **overrides):
+  """`cfg` with dotted-key overrides, validated again."""
+  from ftjax.configs import resolve
+  cfg = cfg.copy_and_resolve_references()
+  for key, value in overrides.items():
+    node = cfg
+    *path, leaf = key.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return resolve(cfg)

@@ -18,12 +18,12 @@ def get_config():
   c.model.seq_len = 66  # BOS + letter + '>' + 64 characters, minus one for the shift
   c.model.latent.num_bits = 16
   c.model.latent.kappa_bits = 0.25
-  c.train.steps = 1500
+  c.train.steps = 400
   c.train.batch_size = 32
   c.train.lr = 2e-3
   c.train.warmup_steps = 100
-  c.train.log_every = 100
-  c.train.eval_every = 500
+  c.train.log_every = 50
+  c.train.eval_every = 200
   c.train.eval_batches = 4
   c.train.num_samples = 12
   return c

@@ -102,7 +102,7 @@ def train_step(state, batch, *, model, optimizer, schedule, seed):
                                                     step_key(seed, state.step), model)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+  metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -169,9 +169,10 @@ def format_progress(step, total, m, tokens_per_step):
   return " | ".join(parts)
 
 
-def train_and_evaluate(cfg, workdir, log=print):
+def train_and_evaluate(cfg, workdir, log=print, stop_at=None):
   """Trains a resolved config in `workdir`; resumes from its newest checkpoint. Returns the
-  final TrainState."""
+  final TrainState. `stop_at` ends the run early (with a checkpoint) at that step, as a
+  preemption would; the schedule is still that of `train.steps`."""
   from ftjax import checkpoint as ckpt_lib  # orbax is heavy to import; only the loop needs it
 
   os.makedirs(workdir, exist_ok=True)
@@ -206,7 +207,8 @@ def train_and_evaluate(cfg, workdir, log=print):
     log(format_progress(step, t.steps, row, tokens_per_step))
     return (now, step)
 
-  for step in range(start, t.steps):
+  end = t.steps if stop_at is None else min(stop_at, t.steps)
+  for step in range(start, end):
     state, device_metrics = trainer.train_step(state, trainer.batch(step))
     done = step + 1
     if pending is not None:
@@ -214,9 +216,9 @@ def train_and_evaluate(cfg, workdir, log=print):
     if clock is None:  # after compilation, evaluation or a save: sync once, restart the clock
       jax.block_until_ready(state)
       clock = (time.perf_counter(), done)
-    if done % t.log_every == 0 or done == t.steps:
+    if done % t.log_every == 0 or done == end:
       pending = (done, device_metrics)
-    is_eval = done % t.eval_every == 0 or done == t.steps
+    is_eval = done % t.eval_every == 0 or done == end
     is_save = bool(cfg.checkpoint.every_steps) and done % cfg.checkpoint.every_steps == 0
     if (is_eval or is_save) and pending is not None:
       clock, pending = flush(pending, clock), None

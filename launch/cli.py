@@ -26,13 +26,12 @@ def parse_flags(argv):
 
 def resolved_config(config_flag):
   """The validated config from a `config_flags` flag; exits 2 on any config error."""
-  try:
-    cfg = config_flag.value
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    fail(f"config error: {e}".splitlines()[0])
-  if cfg is None:
+  if config_flag.value is None:
     fail("flag error: --config=experiments/<name>.py is required")
   try:
-    return resolve(cfg)
+    return resolve(config_flag.value)
   except ConfigError as e:
     fail(str(e))
+  except OSError as e:  # config_flags defers a failed load of the file to the first access
+    reason = str(e).strip().splitlines()[-1].strip()
+    fail(f"config error: cannot load the --config file: {reason}")

@@ -1,0 +1,81 @@
+"""Config schema: experiment files resolve; every bad value exits 2 with one line naming the key."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ftjax.configs import ConfigError, default_config, resolve
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS = ["tiny", "synthetic", "shakespeare", "ft_1p5b", "ft_8b"]
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_configs_resolve(name):
+  import importlib
+  cfg = resolve(importlib.import_module(f"experiments.{name}").get_config())
+  assert cfg.model.latent.inject_layer == cfg.model.num_layers // 2
+  assert cfg.model.head_dim * cfg.model.num_heads == cfg.model.d_model
+  assert resolve(cfg).to_dict() == cfg.to_dict()  # idempotent: saved configs load again
+
+
+def test_kappa_bits_become_nats():
+  cfg = default_config()
+  cfg.model.latent.kappa_bits = 0.5
+  cfg.model.seq_len = 66
+  resolved = resolve(cfg)
+  assert abs(resolved.model.latent.kappa - 0.34657359) < 1e-7
+  assert resolved.model.latent.kappa_bits is None
+
+
+def _run_train(*flags):
+  return subprocess.run([sys.executable, "-m", "launch.train", *flags], cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+
+
+BAD_OVERRIDES = [
+    ("--config.model.no_such_key=1", "no_such_key"),
+    ("--config.model.num_layers=3", "model.num_layers: must be even"),
+    ("--config.model.latent.inject_layer=2", "model.latent.inject_layer"),
+    ("--config.model.latent.kappa_bits=-0.5", "model.latent.kappa_bits: must be >= 0"),
+    ("--config.model.latent.num_bits=0", "model.latent.num_bits"),
+    ("--config.model.latent.num_bits=25", "model.latent.num_bits"),
+    ("--config.model.num_heads=5", "model.num_heads: must divide model.d_model"),
+    ("--config.model.num_kv_heads=3", "model.num_kv_heads: must divide model.num_heads"),
+    ("--config.model.latent.kappa=0.1", "set exactly one of model.latent.kappa"),
+    ("--config.model.remat_policy=sometimes", "model.remat_policy"),
+    ("--config.model.dtype=float8", "model.dtype"),
+    ("--config.model.seq_len=100", "model.seq_len"),
+    ("--config.train.warmup_steps=100000", "train.warmup_steps"),
+    ("--config.mesh.data=0", "mesh.data"),
+    ("--config.data.name=imagenet", "data.name"),
+    ("--config.model.num_layers=two", "num_layers"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_OVERRIDES)
+def test_config_errors_exit_2_with_one_line(override, message, tmp_path):
+  result = _run_train("--config=experiments/tiny.py", f"--workdir={tmp_path}", override)
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+  assert not os.listdir(tmp_path)  # nothing was written
+
+
+def test_missing_config_file_and_workdir(tmp_path):
+  result = _run_train("--config=experiments/nope.py", f"--workdir={tmp_path}")
+  assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+  result = _run_train("--config=experiments/tiny.py")
+  assert result.returncode == 2 and "--workdir" in result.stderr
+
+
+def test_config_error_names_the_key():
+  cfg = default_config()
+  cfg.model.latent.kappa_bits = 0.5
+  cfg.model.seq_len = 66
+  cfg.model.d_model = 130
+  with pytest.raises(ConfigError) as e:
+    resolve(cfg)
+  assert e.value.key == "model.num_heads"

@@ -6,8 +6,6 @@ MFU is measured against the best matmul FLOP/s of this device in the same run; t
 time ratio is printed beside the analytic FLOP ratio (ftjax.metrics.flops_per_token).
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from absl import app, flags
@@ -15,7 +13,6 @@ from absl import app, flags
 from benchmarks import common
 from ftjax import metrics, train
 from ftjax.configs import default_config, resolve
-from ftjax.model import make_model
 
 SIZES = {  # name: (num_layers, d_model, heads, kv heads, mlp, batch, seq_len)
     "small": (4, 256, 4, 2, 768, 8, 256),
@@ -41,21 +38,17 @@ def make_config(size, latent, num_bits, dtype):
 
 def time_step(cfg, repeats):
   """(median, min, max) seconds of one jitted, donated train step on random tokens."""
-  model = make_model(cfg.model)
-  optimizer = train.make_optimizer(cfg.train)
-  step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer,
-                                   schedule=train.lr_schedule(cfg.train), seed=0),
-                 donate_argnums=0)
-  state = train.init_train_state(cfg, model)
+  trainer = train.Trainer.create(cfg)
+  state = trainer.init_state()
   tokens = jax.random.randint(jax.random.key(1), (cfg.train.batch_size, cfg.model.seq_len + 1),
                               3, cfg.model.vocab_size)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-  state, m = step(state, batch)
+  state, m = trainer.train_step(state, batch)
   jax.block_until_ready(m)
 
   def run():
     nonlocal state
-    state, m = step(state, batch)
+    state, m = trainer.train_step(state, batch)
     jax.block_until_ready(m)
 
   return common.time_calls(run, repeats)

@@ -23,4 +23,5 @@ def get_config():
   c.train.eval_every = 10
   c.train.eval_batches = 1
   c.train.num_samples = 2
+  c.mesh.data = 1  # one device; the sharding tests set their own meshes
   return c

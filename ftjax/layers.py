@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 Dtype = Any
+ACTIVATION_AXES = ("batch", "length", "embed")  # logical axes of the residual stream
 
 
 def fan_in_init(num_in_axes: int) -> Callable:
@@ -146,4 +147,5 @@ class Block(nn.Module):
                      name="attn")
     x_BTD = x_BTD + attn(h_BTD, hkv_BSD, positions_BT, causal=self.causal).astype(x_BTD.dtype)
     mlp_in = RMSNorm(m.norm_eps, dtype, name="mlp_norm")(x_BTD)
-    return x_BTD + SwiGLU(m.mlp_dim, dtype, name="mlp")(mlp_in).astype(x_BTD.dtype)
+    x_BTD = x_BTD + SwiGLU(m.mlp_dim, dtype, name="mlp")(mlp_in).astype(x_BTD.dtype)
+    return nn.with_logical_constraint(x_BTD, ACTIVATION_AXES)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ftjax import latent as latent_lib
-from ftjax.layers import Block, Einsum, RMSNorm
+from ftjax.layers import ACTIVATION_AXES, Block, Einsum, RMSNorm
 
 Z_MODES = ("encoder", "uniform", "given", "zero")
 
@@ -125,7 +125,7 @@ class Transformer(nn.Module):
     embed_VD = self.param("embed", nn.with_logical_partitioning(nn.initializers.normal(1.0),
                                                                 ("vocab", "embed")),
                           (m.vocab_size, m.d_model), jnp.float32)
-    x_BTD = jnp.take(embed_VD, tokens_BT, axis=0)
+    x_BTD = nn.with_logical_constraint(jnp.take(embed_VD, tokens_BT, axis=0), ACTIVATION_AXES)
     inject = m.latent.inject_layer
     if inject > 0:
       x_BTD, _ = block_stack(m, inject, "layers_lo")(x_BTD, positions_BT)

@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ftjax import data as data_lib
-from ftjax import losses, metrics as metrics_lib, sampling
+from ftjax import losses, metrics as metrics_lib, sampling, sharding
 from ftjax.model import Transformer, make_model
 
 LOG2 = math.log(2)
@@ -57,13 +58,15 @@ def step_key(seed, step):
   return jax.random.fold_in(jax.random.key(seed), step)
 
 
-def init_params(model, seed, batch_size=1):
-  """Parameters (unboxed from their logical-axis metadata) for `model`."""
-  m = model.cfg
-  tokens = jnp.zeros((batch_size, m.seq_len), jnp.int32)
-  variables = model.init(jax.random.key(seed), tokens, z_mode="encoder",
-                         latent_key=jax.random.key(0))
-  return nn.meta.unbox(variables["params"])
+def init_variables(model, seed):
+  """Variables with their logical-axis metadata (nn.Partitioned boxes)."""
+  tokens = jnp.zeros((1, model.cfg.seq_len), jnp.int32)
+  return model.init(jax.random.key(seed), tokens, z_mode="encoder", latent_key=jax.random.key(0))
+
+
+def init_params(model, seed):
+  """Parameters for `model`, unboxed from their logical-axis metadata."""
+  return nn.meta.unbox(init_variables(model, seed)["params"])
 
 
 def init_train_state(cfg, model):
@@ -128,26 +131,59 @@ def eval_step(params, batch, key, *, model, bytes_per_token=0.0):
 
 @dataclasses.dataclass
 class Trainer:
-  """Everything a training loop needs, built once from a resolved config."""
+  """Everything a training loop needs, built once from a resolved config and a mesh.
+
+  The train state lives sharded by `ftjax.sharding.LOGICAL_RULES`; batches are split over the
+  `data` and `fsdp` axes. Call the steps through `init_state`, `train_step`, `eval_step` (they
+  enter the mesh and the logical-axis rules).
+  """
   cfg: Any
   model: Transformer
   source: data_lib.Source
-  train_step: Any  # jitted, donates the state
-  eval_step: Any  # jitted
+  mesh: jax.sharding.Mesh
+  state_sharding: Any
+  _init: Any
+  _train_step: Any
+  _eval_step: Any
 
   @classmethod
-  def create(cls, cfg):
+  def create(cls, cfg, devices=None):
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    sharding.check_divisible(cfg, tuple(mesh.shape.values()))
     model = make_model(cfg.model)
     optimizer = make_optimizer(cfg.train)
+    params_sh = sharding.param_shardings(model, mesh, lambda: init_variables(model, cfg.seed))
+    abstract_params = jax.eval_shape(lambda: init_params(model, cfg.seed))
+    state_sh = TrainState(
+        step=NamedSharding(mesh, P()), params=params_sh,
+        opt_state=sharding.opt_state_shardings(optimizer, abstract_params, params_sh, mesh))
+    batch_sh = sharding.batch_sharding(mesh)
+    init = jax.jit(lambda: init_train_state(cfg, model), out_shardings=state_sh)
     step = functools.partial(train_step, model=model, optimizer=optimizer,
                              schedule=lr_schedule(cfg.train), seed=cfg.seed)
+    step = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+                   donate_argnums=0)
     source = data_lib.make_source(cfg)
     evaluate = functools.partial(eval_step, model=model, bytes_per_token=source.bytes_per_token)
-    return cls(cfg, model, source, jax.jit(step, donate_argnums=0), jax.jit(evaluate))
+    evaluate = jax.jit(evaluate, in_shardings=(params_sh, batch_sh, None))
+    return cls(cfg, model, source, mesh, state_sh, init, step, evaluate)
+
+  def _in_mesh(self, fn, *args):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+      return fn(*args)
+
+  def init_state(self):
+    return self._in_mesh(self._init)
+
+  def train_step(self, state, batch):
+    return self._in_mesh(self._train_step, state, batch)
+
+  def eval_step(self, params, batch, key):
+    return self._in_mesh(self._eval_step, params, batch, key)
 
   def batch(self, step, split="train"):
-    return jax.tree_util.tree_map(jnp.asarray, self.source.batch(step, self.cfg.train.batch_size,
-                                                                 split))
+    batch = self.source.batch(step, self.cfg.train.batch_size, split)
+    return jax.device_put(batch, sharding.batch_sharding(self.mesh))
 
   def evaluate(self, params):
     """Mean of the eval metrics over `train.eval_batches` validation batches (fixed keys)."""
@@ -181,7 +217,7 @@ def train_and_evaluate(cfg, workdir, log=print, stop_at=None):
   trainer = Trainer.create(cfg)
   t = cfg.train
   manager = ckpt_lib.Manager(os.path.join(workdir, "checkpoints"), cfg)
-  state = manager.restore_or(lambda: init_train_state(cfg, trainer.model))
+  state = manager.restore_or(trainer.init_state, trainer.state_sharding)
   start = int(state.step)
   if start:
     log(f"resumed from step {start}")

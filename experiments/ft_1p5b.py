@@ -15,8 +15,9 @@ def get_config():
   c.model.seq_len = 4096
   c.model.rope_theta = 500_000.0
   c.model.dtype = "bfloat16"
-  c.model.remat_policy = "dots_no_batch"
+  c.model.remat_policy = "full"  # dry run: dots_no_batch needs 112 GB per device at 8B/256
   c.model.ce_chunk_tokens = 1024
+  c.model.attention_q_chunk = 512
   c.model.latent.num_bits = 16
   c.model.latent.kappa_bits = 0.5
   c.model.latent.chunk_tokens = 512

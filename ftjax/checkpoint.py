@@ -4,6 +4,8 @@ The data streams are pure functions of (seed, step), so the step in the train st
 data position a resumed run needs.
 """
 
+import os
+
 import jax
 import orbax.checkpoint as ocp
 
@@ -14,7 +16,7 @@ class Manager:
   def __init__(self, directory, cfg, max_to_keep=3):
     self._cfg = cfg
     self._manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+        os.path.abspath(directory), options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
   def latest_step(self):
     return self._manager.latest_step()

@@ -50,6 +50,7 @@ def default_config():
   c.model.dtype = "float32"  # compute dtype; parameters stay float32
   c.model.remat_policy = "none"
   c.model.ce_chunk_tokens = 0  # 0: plain CE; else CE over chunks of this many tokens
+  c.model.attention_q_chunk = 0  # 0: dense attention; else queries in chunks of this many
 
   c.model.latent = ml_collections.ConfigDict()
   c.model.latent.enabled = True  # False: the plain baseline decoder
@@ -132,6 +133,8 @@ def _check_model(m):
   _require(m.remat_policy in REMAT_POLICIES, "model.remat_policy",
            f"must be one of {REMAT_POLICIES}, got {m.remat_policy!r}")
   _require(m.ce_chunk_tokens >= 0, "model.ce_chunk_tokens", f"must be >= 0, got {m.ce_chunk_tokens}")
+  _require(m.attention_q_chunk >= 0, "model.attention_q_chunk",
+           f"must be >= 0, got {m.attention_q_chunk}")
   _require(m.rope_theta > 0, "model.rope_theta", f"must be > 0, got {m.rope_theta}")
 
 

@@ -69,6 +69,41 @@ def rope(x_BTNE, positions_BT, theta):
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_BTNE.dtype)
 
 
+def _attend_block(q_BTKGE, k_BSKE, v_BSKE, q_offset, causal):
+  """Softmax attention of a block of queries (starting at position q_offset) over all keys."""
+  e = q_BTKGE.shape[-1]
+  logits_BKGTS = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE,
+                            preferred_element_type=jnp.float32) * e**-0.5
+  if causal:
+    q_pos_T = q_offset + jnp.arange(q_BTKGE.shape[1])
+    mask_TS = q_pos_T[:, None] >= jnp.arange(k_BSKE.shape[1])[None, :]
+    logits_BKGTS = jnp.where(mask_TS, logits_BKGTS, jnp.finfo(jnp.float32).min)
+  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKE.dtype)
+  return jnp.einsum("bkgts,bske->btkge", probs_BKGTS, v_BSKE)
+
+
+def attend(q_BTKGE, k_BSKE, v_BSKE, *, causal, q_chunk=0):
+  """Grouped-query attention; G query heads share each of the K key/value heads.
+
+  With `q_chunk` > 0 the queries are processed `q_chunk` at a time under jax.checkpoint, so the
+  score matrix held in either pass is q_chunk × S instead of T × S (the memory that decides
+  whether long contexts fit). Same result as the dense form.
+  """
+  t = q_BTKGE.shape[1]
+  if q_chunk <= 0 or q_chunk >= t:
+    return _attend_block(q_BTKGE, k_BSKE, v_BSKE, 0, causal)
+  num_chunks = -(-t // q_chunk)
+  pad = num_chunks * q_chunk - t
+  q_BTKGE = jnp.pad(q_BTKGE, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+  q_cBtKGE = jnp.moveaxis(q_BTKGE.reshape(q_BTKGE.shape[0], num_chunks, q_chunk,
+                                          *q_BTKGE.shape[2:]), 1, 0)
+  block = jax.checkpoint(lambda q, offset: _attend_block(q, k_BSKE, v_BSKE, offset, causal))
+  offsets = jnp.arange(num_chunks) * q_chunk
+  _, out_cBtKGE = jax.lax.scan(lambda _, xs: (None, block(*xs)), None, (q_cBtKGE, offsets))
+  out_BTKGE = jnp.moveaxis(out_cBtKGE, 0, 1).reshape(q_BTKGE.shape[0], -1, *q_BTKGE.shape[2:])
+  return out_BTKGE[:, :t]
+
+
 class Attention(nn.Module):
   """Grouped-query attention; queries from `xq_BTD`, keys and values from `xkv_BSD`.
 
@@ -82,6 +117,7 @@ class Attention(nn.Module):
   rope_theta: float
   use_rope: bool = True
   dtype: Dtype = jnp.float32
+  q_chunk: int = 0  # > 0: attend this many queries at a time (see `attend`)
 
   @nn.compact
   def __call__(self, xq_BTD, xkv_BSD, positions_BT, *, causal):
@@ -95,15 +131,8 @@ class Attention(nn.Module):
       k_BSKE = rope(k_BSKE, positions_BT, self.rope_theta)
     b, t = q_BTNE.shape[:2]
     q_BTKGE = q_BTNE.reshape(b, t, k, n // k, e)
-    logits_BKGTS = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE,
-                              preferred_element_type=jnp.float32) * e**-0.5
-    if causal:
-      s = k_BSKE.shape[1]
-      mask_TS = jnp.arange(t)[:, None] >= jnp.arange(s)[None, :]
-      logits_BKGTS = jnp.where(mask_TS, logits_BKGTS, jnp.finfo(jnp.float32).min)
-    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(self.dtype)
-    out_BTKGE = jnp.einsum("bkgts,bske->btkge", probs_BKGTS, v_BSKE)
-    out_BTNE = out_BTKGE.reshape(b, t, n, e)
+    out_BTKGE = attend(q_BTKGE, k_BSKE, v_BSKE, causal=causal, q_chunk=self.q_chunk)
+    out_BTNE = out_BTKGE.reshape(b, t, n, e).astype(self.dtype)
     return dense("out", "btne,ned->btd", (n, e, d), ("heads", "head_dim", "embed"), 2)(out_BTNE)
 
 
@@ -144,7 +173,7 @@ class Block(nn.Module):
     if kv_extra_BTD is not None and not add_before:
       hkv_BSD = hkv_BSD + kv_extra_BTD.astype(dtype)
     attn = Attention(m.num_heads, m.num_kv_heads, m.head_dim, m.rope_theta, self.use_rope, dtype,
-                     name="attn")
+                     m.attention_q_chunk, name="attn")
     x_BTD = x_BTD + attn(h_BTD, hkv_BSD, positions_BT, causal=self.causal).astype(x_BTD.dtype)
     mlp_in = RMSNorm(m.norm_eps, dtype, name="mlp_norm")(x_BTD)
     x_BTD = x_BTD + SwiGLU(m.mlp_dim, dtype, name="mlp")(mlp_in).astype(x_BTD.dtype)

@@ -5,6 +5,7 @@ activations to the mesh axes `data`, `fsdp` and `tensor`. Layers never name mesh
 the mesh (config `mesh.*`) moves the same model from one device to a pod.
 """
 
+import contextlib
 import math
 
 import flax.linen as nn
@@ -30,6 +31,13 @@ LOGICAL_RULES = (
     ("latent_bits", None),
     ("layers", None),
 )
+
+
+@contextlib.contextmanager
+def in_mesh(mesh):
+  """The context sharded steps are traced and run in: the mesh and the logical-axis rules."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    yield
 
 
 def mesh_shape(mesh_cfg, num_devices):

@@ -129,6 +129,28 @@ def eval_step(params, batch, key, *, model, bytes_per_token=0.0):
   return out
 
 
+def compile_ready_steps(cfg, mesh):
+  """(model, state shardings, jitted init, jitted train step) for `cfg` on `mesh`.
+
+  Nothing is allocated: `jax.eval_shape` gives the shapes, the logical-axis rules the
+  shardings. The step donates the state and splits batches over `data` and `fsdp`.
+  """
+  sharding.check_divisible(cfg, tuple(mesh.shape.values()))
+  model = make_model(cfg.model)
+  optimizer = make_optimizer(cfg.train)
+  params_sh = sharding.param_shardings(model, mesh, lambda: init_variables(model, cfg.seed))
+  abstract_params = jax.eval_shape(lambda: init_params(model, cfg.seed))
+  state_sh = TrainState(
+      step=NamedSharding(mesh, P()), params=params_sh,
+      opt_state=sharding.opt_state_shardings(optimizer, abstract_params, params_sh, mesh))
+  init = jax.jit(lambda: init_train_state(cfg, model), out_shardings=state_sh)
+  step = functools.partial(train_step, model=model, optimizer=optimizer,
+                           schedule=lr_schedule(cfg.train), seed=cfg.seed)
+  step = jax.jit(step, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_sh, None), donate_argnums=0)
+  return model, state_sh, init, step
+
+
 @dataclasses.dataclass
 class Trainer:
   """Everything a training loop needs, built once from a resolved config and a mesh.
@@ -149,27 +171,14 @@ class Trainer:
   @classmethod
   def create(cls, cfg, devices=None):
     mesh = sharding.make_mesh(cfg.mesh, devices)
-    sharding.check_divisible(cfg, tuple(mesh.shape.values()))
-    model = make_model(cfg.model)
-    optimizer = make_optimizer(cfg.train)
-    params_sh = sharding.param_shardings(model, mesh, lambda: init_variables(model, cfg.seed))
-    abstract_params = jax.eval_shape(lambda: init_params(model, cfg.seed))
-    state_sh = TrainState(
-        step=NamedSharding(mesh, P()), params=params_sh,
-        opt_state=sharding.opt_state_shardings(optimizer, abstract_params, params_sh, mesh))
-    batch_sh = sharding.batch_sharding(mesh)
-    init = jax.jit(lambda: init_train_state(cfg, model), out_shardings=state_sh)
-    step = functools.partial(train_step, model=model, optimizer=optimizer,
-                             schedule=lr_schedule(cfg.train), seed=cfg.seed)
-    step = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
-                   donate_argnums=0)
+    model, state_sh, init, step = compile_ready_steps(cfg, mesh)
     source = data_lib.make_source(cfg)
     evaluate = functools.partial(eval_step, model=model, bytes_per_token=source.bytes_per_token)
-    evaluate = jax.jit(evaluate, in_shardings=(params_sh, batch_sh, None))
+    evaluate = jax.jit(evaluate, in_shardings=(state_sh.params, sharding.batch_sharding(mesh), None))
     return cls(cfg, model, source, mesh, state_sh, init, step, evaluate)
 
   def _in_mesh(self, fn, *args):
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    with sharding.in_mesh(self.mesh):
       return fn(*args)
 
   def init_state(self):

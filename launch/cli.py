@@ -29,9 +29,15 @@ def resolved_config(config_flag):
   if config_flag.value is None:
     fail("flag error: --config=experiments/<name>.py is required")
   try:
-    return resolve(config_flag.value)
-  except ConfigError as e:
-    fail(str(e))
+    return resolve_or_fail(config_flag.value)
   except OSError as e:  # config_flags defers a failed load of the file to the first access
     reason = str(e).strip().splitlines()[-1].strip()
     fail(f"config error: cannot load the --config file: {reason}")
+
+
+def resolve_or_fail(cfg):
+  """`resolve(cfg)`, exiting 2 with the one-line message on a config error."""
+  try:
+    return resolve(cfg)
+  except ConfigError as e:
+    fail(str(e))

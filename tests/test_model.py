@@ -167,3 +167,20 @@ def test_bfloat16_compute_keeps_float32_params(tiny_cfg):
   assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))
   logits, aux = model.apply({"params": params}, _tokens(cfg), latent_key=jax.random.key(0))
   assert bool(jnp.all(jnp.isfinite(logits))) and bool(jnp.all(jnp.isfinite(aux["kl_BT"])))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("q_chunk", [8, 13])
+def test_chunked_attention_matches_dense(causal, q_chunk):
+  from ftjax.layers import attend
+  k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(k1, (2, 40, 2, 3, 8))  # B T K G E
+  k = jax.random.normal(k2, (2, 40, 2, 8))
+  v = jax.random.normal(k3, (2, 40, 2, 8))
+  cot = jax.random.normal(k4, q.shape)
+  dense = lambda q, k, v: jnp.sum(attend(q, k, v, causal=causal) * cot)
+  chunked = lambda q, k, v: jnp.sum(attend(q, k, v, causal=causal, q_chunk=q_chunk) * cot)
+  np.testing.assert_allclose(attend(q, k, v, causal=causal, q_chunk=q_chunk),
+                             attend(q, k, v, causal=causal), rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.grad(chunked, (0, 1, 2))(q, k, v), jax.grad(dense, (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -88,8 +88,8 @@ def test_eval_step_reports_uniform_z_ce_and_elbo(tiny_cfg):
 def test_launcher_writes_run_files_and_samples(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "launch.train", "--config=experiments/tiny.py",
-       f"--workdir={tmp_path}", "--config.train.peak_flops=1e9"],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
+       f"--workdir={os.path.relpath(tmp_path, REPO)}", "--config.train.peak_flops=1e9"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)  # a relative workdir, as users write
   assert result.returncode == 0, result.stderr[-3000:]
   assert "samples (Z uniform per token" in result.stdout and "well-formed:" in result.stdout
   assert "MFU" in result.stdout and "ETA" in result.stdout and "kl " in result.stdout

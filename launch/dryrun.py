@@ -1,0 +1,139 @@
+"""Compile the real train step ahead of time on simulated devices and report memory and FLOPs.
+
+  python -m launch.dryrun --config=experiments/ft_8b.py --num_devices=256 \
+      [--mesh=data=1,fsdp=256,tensor=1] [--hbm_gb=80] [--config.model.remat_policy=full]
+
+No parameter is allocated: shapes come from jax.eval_shape and the step is lowered and compiled
+for a mesh of `num_devices` fake CPU devices. Prints a table (and --json a JSON line) with the
+per-device bytes of arguments, outputs and temporaries, and exits 1 when the total per device
+exceeds --hbm_gb.
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from launch import cli
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_NUM_DEVICES = flags.DEFINE_integer("num_devices", 8, "Simulated devices.")
+_MESH = flags.DEFINE_string("mesh", "", "Mesh sizes, e.g. data=2,fsdp=64,tensor=2 (overrides "
+                            "the config's mesh.*).")
+_HBM_GB = flags.DEFINE_float("hbm_gb", 80.0, "Memory per device to check the total against.")
+_JSON = flags.DEFINE_bool("json", False, "Also print the report as one JSON line.")
+
+GB = 1e9
+
+
+def _apply_mesh(cfg, text):
+  if not text:
+    return cfg
+  cfg = cfg.copy_and_resolve_references()
+  cfg.unlock()
+  for item in text.split(","):
+    axis, _, size = item.partition("=")
+    if axis not in ("data", "fsdp", "tensor") or not size.lstrip("-").isdigit():
+      cli.fail(f"flag error: --mesh item {item!r}: expected data|fsdp|tensor=<int>")
+    cfg.mesh[axis] = int(size)
+  return cfg
+
+
+def dry_run(cfg, num_devices):
+  """The report dict for `cfg` compiled on `num_devices` devices (jax must see that many)."""
+  import jax
+  import jax.numpy as jnp
+
+  from ftjax import metrics, sharding, train
+
+  devices = jax.devices()[:num_devices]
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  _, state_sh, init, step = train.compile_ready_steps(cfg, mesh)
+  with sharding.in_mesh(mesh):
+    abstract_state = jax.eval_shape(init)
+    abstract_state = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
+    shape = (cfg.train.batch_size, cfg.model.seq_len)
+    batch_sh = sharding.batch_sharding(mesh)
+    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh)
+             for k in ("inputs", "targets")}
+    compiled = step.lower(abstract_state, batch).compile()
+  mem = compiled.memory_analysis()
+  args, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
+  temp, alias = mem.temp_size_in_bytes, mem.alias_size_in_bytes
+  total = args + out + temp - alias
+  tokens = shape[0] * shape[1]
+  fpt = metrics.flops_per_token(cfg.model)
+  params = metrics.count_params(abstract_state.params)
+  return {
+      "config_params": params, "num_devices": num_devices,
+      "mesh": dict(zip(sharding.MESH_AXES, sharding.mesh_shape(cfg.mesh, num_devices))),
+      "remat_policy": cfg.model.remat_policy, "dtype": cfg.model.dtype,
+      "global_batch_tokens": tokens,
+      "replicated_param_fraction": sharding.replicated_fraction(abstract_state.params,
+                                                                state_sh.params),
+      "per_device_gb": {"arguments": args / GB, "outputs": out / GB, "temporaries": temp / GB,
+                        "aliased": alias / GB, "total": total / GB},
+      "flops_per_token": fpt, "flops_per_step": fpt * tokens,
+      "flops_per_step_per_device": fpt * tokens / num_devices,
+  }
+
+
+def format_report(r, hbm_gb):
+  gb = r["per_device_gb"]
+  fits = gb["total"] <= hbm_gb
+  lines = [
+      f"parameters            {r['config_params']:,}",
+      f"devices / mesh        {r['num_devices']} / {r['mesh']}",
+      f"remat / dtype         {r['remat_policy']} / {r['dtype']}",
+      f"global batch          {r['global_batch_tokens']:,} tokens",
+      f"replicated params     {100 * r['replicated_param_fraction']:.2f}% of bytes",
+      f"per device: args      {gb['arguments']:.2f} GB",
+      f"per device: outputs   {gb['outputs']:.2f} GB (aliased with args: {gb['aliased']:.2f} GB)",
+      f"per device: temps     {gb['temporaries']:.2f} GB",
+      f"per device: total     {gb['total']:.2f} GB of {hbm_gb:g} GB -> "
+      f"{'fits' if fits else 'DOES NOT FIT'}",
+      f"FLOPs per token       {r['flops_per_token'] / 1e9:.2f} GFLOP",
+      f"FLOPs per step        {r['flops_per_step'] / 1e15:.2f} PFLOP "
+      f"({r['flops_per_step_per_device'] / 1e12:.1f} TFLOP per device)",
+  ]
+  return "\n".join(lines), fits
+
+
+def main(argv):
+  if len(argv) > 1:
+    cli.fail(f"flag error: unexpected arguments {argv[1:]}")
+  cfg = cli.resolved_config(_CONFIG)
+  cfg = cli.resolve_or_fail(_apply_mesh(cfg, _MESH.value))
+  logging.set_verbosity(logging.WARNING)
+  import jax
+  if len(jax.devices()) < _NUM_DEVICES.value:
+    cli.fail(f"flag error: jax sees {len(jax.devices())} devices, fewer than --num_devices")
+  from ftjax.configs import ConfigError
+  try:
+    report = dry_run(cfg, _NUM_DEVICES.value)
+  except ConfigError as e:
+    cli.fail(str(e))
+  text, fits = format_report(report, _HBM_GB.value)
+  print(text)
+  if _JSON.value:
+    print(json.dumps({**report, "hbm_gb": _HBM_GB.value, "fits": fits}))
+  sys.exit(0 if fits else 1)
+
+
+def _simulate_devices(argv):
+  """Sets the fake CPU device count before jax is imported (the flag is read from argv)."""
+  for arg in argv:
+    if arg.startswith("--num_devices="):
+      count = arg.split("=", 1)[1]
+      os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                 f" --xla_force_host_platform_device_count={count}").strip()
+      os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+if __name__ == "__main__":
+  _simulate_devices(sys.argv)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -21,7 +21,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ftjax import data as data_lib
-from ftjax import losses, metrics as metrics_lib, sampling, sharding
+from ftjax import distributed, losses, metrics as metrics_lib, sampling, sharding
 from ftjax.model import Transformer, make_model
 
 LOG2 = math.log(2)
@@ -191,15 +191,19 @@ class Trainer:
     return self._in_mesh(self._eval_step, params, batch, key)
 
   def batch(self, step, split="train"):
-    batch = self.source.batch(step, self.cfg.train.batch_size, split)
-    return jax.device_put(batch, sharding.batch_sharding(self.mesh))
+    """The global batch of `step`, each process reading only the rows its devices hold."""
+    size = self.cfg.train.batch_size
+    batch_sh = sharding.batch_sharding(self.mesh)
+    rows = distributed.process_rows(batch_sh, (size, self.cfg.model.seq_len))
+    return distributed.global_batch(self.source.batch(step, size, split, rows), batch_sh, size)
 
   def evaluate(self, params):
     """Mean of the eval metrics over `train.eval_batches` validation batches (fixed keys)."""
     rows = [self.eval_step(params, self.batch(i, "validation"),
                            jax.random.fold_in(jax.random.key(self.cfg.seed + 1), i))
             for i in range(self.cfg.train.eval_batches)]
-    return {k: float(np.mean([jax.device_get(r[k]) for r in rows])) for k in rows[0]}
+    rows = distributed.fetch(rows)
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
 def format_progress(step, total, m, tokens_per_step):
@@ -220,9 +224,12 @@ def train_and_evaluate(cfg, workdir, log=print, stop_at=None):
   preemption would; the schedule is still that of `train.steps`."""
   from ftjax import checkpoint as ckpt_lib  # orbax is heavy to import; only the loop needs it
 
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+  if jax.process_index() != 0:  # one process logs and writes files; all of them compute
+    log = lambda *_: None
+  else:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
   trainer = Trainer.create(cfg)
   t = cfg.train
   manager = ckpt_lib.Manager(os.path.join(workdir, "checkpoints"), cfg)
@@ -243,7 +250,7 @@ def train_and_evaluate(cfg, workdir, log=print, stop_at=None):
   def flush(pending, clock):
     """Fetches and logs a step's metrics; throughput is measured since `clock`."""
     step, device_metrics = pending
-    row = jax.device_get(device_metrics)
+    row = distributed.fetch(device_metrics)
     now = time.perf_counter()
     if step > clock[1]:
       rate = (step - clock[1]) * tokens_per_step / max(now - clock[0], 1e-9)
@@ -279,7 +286,9 @@ def train_and_evaluate(cfg, workdir, log=print, stop_at=None):
     flush(pending, clock)
   manager.save(int(state.step), state)
   manager.close()
-  if t.num_samples:
+  if t.num_samples and jax.process_count() > 1:
+    log("samples are printed by single-process runs only")
+  elif t.num_samples:
     text = show_samples(trainer, state.params, t.num_samples, log)
     writer.write_text(int(state.step), "samples", text)
   writer.close()

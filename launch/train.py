@@ -16,6 +16,12 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it holds a "
                                "checkpoint).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for "
+                                   "multi-process runs outside SLURM/TPU VMs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_MULTIPROCESS = flags.DEFINE_bool("multiprocess", False, "Start jax.distributed and let jax "
+                                  "detect the cluster (TPU VM slices); SLURM is detected anyway.")
 
 
 def main(argv):
@@ -25,7 +31,9 @@ def main(argv):
     cli.fail("flag error: --workdir is required")
   cfg = cli.resolved_config(_CONFIG)
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it touches at INFO
-  from ftjax import train  # after flag parsing, so that `--help` and errors are fast
+  from ftjax import distributed, train  # after flag parsing: `--help` and errors stay fast
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                         auto=_MULTIPROCESS.value)
   train.train_and_evaluate(cfg, _WORKDIR.value)
 
 

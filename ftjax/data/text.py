@@ -59,8 +59,9 @@ def load_corpus(name, eval_fraction):
   return {"train": np.concatenate(train), "validation": np.concatenate(val)}
 
 
-def generate(tokens, seed, step, batch_size, length, split="train"):
-  """(B, length) random crops of a token array, keyed by (seed, split, step)."""
+def generate(tokens, seed, step, batch_size, length, split="train", rows=slice(None)):
+  """Rows `rows` of (B, length) random crops of a token array, keyed by (seed, split, step);
+  only those rows are read."""
   rng = np.random.default_rng([seed, SPLITS[split], step])
-  starts = rng.integers(0, len(tokens) - length, size=batch_size)
+  starts = rng.integers(0, len(tokens) - length, size=batch_size)[rows]
   return np.stack([tokens[s:s + length] for s in starts]).astype(np.int32)

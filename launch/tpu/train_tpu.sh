@@ -1,0 +1,18 @@
+#!/bin/bash
+# Multi-host TPU VM training: runs the same command on every worker of a TPU VM slice;
+# jax.distributed detects the TPU topology and the coordinator itself.
+#
+#   launch/tpu/train_tpu.sh TPU_NAME ZONE experiments/ft_8b.py gs://bucket/runs/ft_8b \
+#       [--config.x=y ...]
+#
+# The repository must be at ~/ftjax on every worker with requirements installed
+# (pip install -r requirements.txt "jax[tpu]==0.10.2"). Check the fit first with
+# python -m launch.dryrun --config=... --num_devices=<chips>.
+set -euo pipefail
+TPU_NAME=${1:?usage: train_tpu.sh TPU_NAME ZONE CONFIG WORKDIR [--config.x=y ...]}
+ZONE=${2:?}
+CONFIG=${3:?}
+WORKDIR=${4:?}
+shift 4
+gcloud compute tpus tpu-vm ssh "${TPU_NAME}" --zone="${ZONE}" --worker=all --command="
+  cd ~/ftjax && python -m launch.train --config=${CONFIG} --workdir=${WORKDIR} --multiprocess $*"

@@ -1,0 +1,59 @@
+"""Two processes on localhost (CPU, gloo collectives) train like one process with both devices."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+FLAGS = ["--config=experiments/tiny.py", "--config.mesh.data=2", "--config.train.steps=6",
+         "--config.train.log_every=1", "--config.train.eval_every=6",
+         "--config.train.peak_flops=1e9", "--config.train.num_samples=0"]
+
+
+def _env(devices):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return [(r["step"], r["loss"]) for r in rows if "loss" in r], [r for r in rows if "eval_ce" in r]
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+  single = subprocess.run([sys.executable, "-m", "launch.train", *FLAGS,
+                           f"--workdir={tmp_path / 'single'}"], cwd=REPO, env=_env(2),
+                          capture_output=True, text=True, timeout=300)
+  assert single.returncode == 0, single.stderr[-3000:]
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, "-m", "launch.train", *FLAGS,
+                             f"--workdir={tmp_path / 'multi'}",
+                             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                             f"--process_id={i}"], cwd=REPO, env=_env(1),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert "step 6/6" in outs[0][0] and "step 6/6" not in outs[1][0]  # process 0 logs
+  single_losses, single_eval = _losses(tmp_path / "single")
+  multi_losses, multi_eval = _losses(tmp_path / "multi")
+  assert [s for s, _ in multi_losses] == [s for s, _ in single_losses]
+  for (_, a), (_, b) in zip(multi_losses, single_losses):
+    assert abs(a - b) <= 1e-5 * abs(b)
+  assert abs(multi_eval[-1]["eval_ce"] - single_eval[-1]["eval_ce"]) <= 1e-5

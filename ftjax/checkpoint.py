@@ -6,7 +6,6 @@ data position a resumed run needs.
 
 import os
 
-import jax
 import orbax.checkpoint as ocp
 
 
@@ -28,17 +27,14 @@ class Manager:
         state=ocp.args.StandardSave(state),
         config=ocp.args.JsonSave(self._cfg.to_dict())))
 
-  def restore_or(self, init_fn, shardings):
-    """The newest saved state, restored onto `shardings` (whatever mesh saved it), or
-    `init_fn()` when the directory holds no checkpoint."""
+  def restore_or(self, init_fn, abstract_state):
+    """The newest saved state, restored onto the shapes and shardings of `abstract_state`
+    (whatever mesh saved it), or `init_fn()` when the directory holds no checkpoint."""
     step = self._manager.latest_step()
     if step is None:
       return init_fn()
-    abstract = jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        jax.eval_shape(init_fn), shardings)
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))
+        state=ocp.args.StandardRestore(abstract_state)))
     return restored["state"]
 
   def close(self):

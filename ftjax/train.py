@@ -184,6 +184,10 @@ class Trainer:
   def init_state(self):
     return self._in_mesh(self._init)
 
+  def abstract_state(self):
+    """Shapes, dtypes and shardings of the train state, nothing allocated."""
+    return self._in_mesh(jax.eval_shape, self._init)
+
   def train_step(self, state, batch):
     return self._in_mesh(self._train_step, state, batch)
 
@@ -233,7 +237,7 @@ def train_and_evaluate(cfg, workdir, log=print, stop_at=None):
   trainer = Trainer.create(cfg)
   t = cfg.train
   manager = ckpt_lib.Manager(os.path.join(workdir, "checkpoints"), cfg)
-  state = manager.restore_or(trainer.init_state, trainer.state_sharding)
+  state = manager.restore_or(trainer.init_state, trainer.abstract_state())
   start = int(state.step)
   if start:
     log(f"resumed from step {start}")

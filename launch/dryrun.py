@@ -53,9 +53,7 @@ def dry_run(cfg, num_devices):
   mesh = sharding.make_mesh(cfg.mesh, devices)
   _, state_sh, init, step = train.compile_ready_steps(cfg, mesh)
   with sharding.in_mesh(mesh):
-    abstract_state = jax.eval_shape(init)
-    abstract_state = jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
+    abstract_state = jax.eval_shape(init)  # carries the init's out_shardings
     shape = (cfg.train.batch_size, cfg.model.seq_len)
     batch_sh = sharding.batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh)

@@ -9,11 +9,32 @@ Every parameter carries logical axis names (`embed`, `heads`, `kv_heads`, `head_
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
 Dtype = Any
 ACTIVATION_AXES = ("batch", "length", "embed")  # logical axes of the residual stream
+
+
+@flax.struct.dataclass
+class Span:
+  """Where one call's T tokens sit in the sequence buffer.
+
+  offset:  buffer index of the call's first token (0 in training; the cache index when decoding).
+  start_B: buffer index of each sequence's first real token; prompts of different lengths are
+           left-padded, and keys before start_B are masked out.
+  """
+  offset: Any
+  start_B: Any
+
+  @classmethod
+  def full(cls, batch):
+    return cls(jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32))
+
+  def positions(self, t):
+    """RoPE positions (B, T) of the call's tokens: buffer index − start, 0 in the padding."""
+    return jnp.maximum(self.offset + jnp.arange(t, dtype=jnp.int32) - self.start_B[:, None], 0)
 
 
 def fan_in_init(num_in_axes: int) -> Callable:
@@ -69,36 +90,42 @@ def rope(x_BTNE, positions_BT, theta):
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_BTNE.dtype)
 
 
-def _attend_block(q_BTKGE, k_BSKE, v_BSKE, q_offset, causal):
-  """Softmax attention of a block of queries (starting at position q_offset) over all keys."""
+def _attend_block(q_BTKGE, k_BSKE, v_BSKE, q_offset, key_start_B, causal):
+  """Softmax attention of a block of queries (the first at buffer index q_offset) over the keys
+  at buffer indices key_start_B.. (and, when causal, up to the query's own index)."""
   e = q_BTKGE.shape[-1]
   logits_BKGTS = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE,
                             preferred_element_type=jnp.float32) * e**-0.5
+  key_S = jnp.arange(k_BSKE.shape[1])
+  mask_BTS = (key_S >= key_start_B[:, None])[:, None, :]
   if causal:
-    q_pos_T = q_offset + jnp.arange(q_BTKGE.shape[1])
-    mask_TS = q_pos_T[:, None] >= jnp.arange(k_BSKE.shape[1])[None, :]
-    logits_BKGTS = jnp.where(mask_TS, logits_BKGTS, jnp.finfo(jnp.float32).min)
+    q_T = q_offset + jnp.arange(q_BTKGE.shape[1])
+    mask_BTS = mask_BTS & (q_T[:, None] >= key_S[None, :])[None]
+  logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
   probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKE.dtype)
   return jnp.einsum("bkgts,bske->btkge", probs_BKGTS, v_BSKE)
 
 
-def attend(q_BTKGE, k_BSKE, v_BSKE, *, causal, q_chunk=0):
+def attend(q_BTKGE, k_BSKE, v_BSKE, *, causal, q_chunk=0, span=None):
   """Grouped-query attention; G query heads share each of the K key/value heads.
 
   With `q_chunk` > 0 the queries are processed `q_chunk` at a time under jax.checkpoint, so the
   score matrix held in either pass is q_chunk × S instead of T × S (the memory that decides
-  whether long contexts fit). Same result as the dense form.
+  whether long contexts fit). Same result as the dense form. `span` (default: the whole buffer)
+  places the queries and masks left padding.
   """
   t = q_BTKGE.shape[1]
+  span = Span.full(q_BTKGE.shape[0]) if span is None else span
   if q_chunk <= 0 or q_chunk >= t:
-    return _attend_block(q_BTKGE, k_BSKE, v_BSKE, 0, causal)
+    return _attend_block(q_BTKGE, k_BSKE, v_BSKE, span.offset, span.start_B, causal)
   num_chunks = -(-t // q_chunk)
   pad = num_chunks * q_chunk - t
   q_BTKGE = jnp.pad(q_BTKGE, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
   q_cBtKGE = jnp.moveaxis(q_BTKGE.reshape(q_BTKGE.shape[0], num_chunks, q_chunk,
                                           *q_BTKGE.shape[2:]), 1, 0)
-  block = jax.checkpoint(lambda q, offset: _attend_block(q, k_BSKE, v_BSKE, offset, causal))
-  offsets = jnp.arange(num_chunks) * q_chunk
+  block = jax.checkpoint(
+      lambda q, offset: _attend_block(q, k_BSKE, v_BSKE, offset, span.start_B, causal))
+  offsets = span.offset + jnp.arange(num_chunks) * q_chunk
   _, out_cBtKGE = jax.lax.scan(lambda _, xs: (None, block(*xs)), None, (q_cBtKGE, offsets))
   out_BTKGE = jnp.moveaxis(out_cBtKGE, 0, 1).reshape(q_BTKGE.shape[0], -1, *q_BTKGE.shape[2:])
   return out_BTKGE[:, :t]
@@ -118,20 +145,29 @@ class Attention(nn.Module):
   use_rope: bool = True
   dtype: Dtype = jnp.float32
   q_chunk: int = 0  # > 0: attend this many queries at a time (see `attend`)
+  decode: bool = False  # keys/values go to a pre-allocated cache (collection "cache")
 
   @nn.compact
-  def __call__(self, xq_BTD, xkv_BSD, positions_BT, *, causal):
+  def __call__(self, xq_BTD, xkv_BSD, span, *, causal):
     d, n, k, e = xq_BTD.shape[-1], self.num_heads, self.num_kv_heads, self.head_dim
     dense = lambda name, eq, shape, axes, n_in=1: Einsum(eq, shape, axes, n_in, self.dtype, name=name)
     q_BTNE = dense("query", "btd,dne->btne", (d, n, e), ("embed", "heads", "head_dim"))(xq_BTD)
     k_BSKE = dense("key", "bsd,dke->bske", (d, k, e), ("embed", "kv_heads", "head_dim"))(xkv_BSD)
     v_BSKE = dense("value", "bsd,dke->bske", (d, k, e), ("embed", "kv_heads", "head_dim"))(xkv_BSD)
+    b, t = q_BTNE.shape[:2]
     if self.use_rope:
+      positions_BT = span.positions(t)
       q_BTNE = rope(q_BTNE, positions_BT, self.rope_theta)
       k_BSKE = rope(k_BSKE, positions_BT, self.rope_theta)
-    b, t = q_BTNE.shape[:2]
+    if self.decode:  # the cache's length is the length of the call that created it
+      k_cache = self.variable("cache", "cached_key", jnp.zeros, k_BSKE.shape, k_BSKE.dtype)
+      v_cache = self.variable("cache", "cached_value", jnp.zeros, v_BSKE.shape, v_BSKE.dtype)
+      where = (0, span.offset, 0, 0)
+      k_cache.value = jax.lax.dynamic_update_slice(k_cache.value, k_BSKE, where)
+      v_cache.value = jax.lax.dynamic_update_slice(v_cache.value, v_BSKE, where)
+      k_BSKE, v_BSKE = k_cache.value, v_cache.value
     q_BTKGE = q_BTNE.reshape(b, t, k, n // k, e)
-    out_BTKGE = attend(q_BTKGE, k_BSKE, v_BSKE, causal=causal, q_chunk=self.q_chunk)
+    out_BTKGE = attend(q_BTKGE, k_BSKE, v_BSKE, causal=causal, q_chunk=self.q_chunk, span=span)
     out_BTNE = out_BTKGE.reshape(b, t, n, e).astype(self.dtype)
     return dense("out", "btne,ned->btd", (n, e, d), ("heads", "head_dim", "embed"), 2)(out_BTNE)
 
@@ -159,9 +195,10 @@ class Block(nn.Module):
   cfg: Any  # the resolved model config
   causal: bool = True
   use_rope: bool = True
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, kv_BSD=None, kv_extra_BTD=None):
+  def __call__(self, x_BTD, span, kv_BSD=None, kv_extra_BTD=None):
     m = self.cfg
     dtype = jnp.dtype(m.dtype)
     norm = RMSNorm(m.norm_eps, dtype, name="attn_norm")
@@ -173,8 +210,8 @@ class Block(nn.Module):
     if kv_extra_BTD is not None and not add_before:
       hkv_BSD = hkv_BSD + kv_extra_BTD.astype(dtype)
     attn = Attention(m.num_heads, m.num_kv_heads, m.head_dim, m.rope_theta, self.use_rope, dtype,
-                     m.attention_q_chunk, name="attn")
-    x_BTD = x_BTD + attn(h_BTD, hkv_BSD, positions_BT, causal=self.causal).astype(x_BTD.dtype)
+                     m.attention_q_chunk, self.decode, name="attn")
+    x_BTD = x_BTD + attn(h_BTD, hkv_BSD, span, causal=self.causal).astype(x_BTD.dtype)
     mlp_in = RMSNorm(m.norm_eps, dtype, name="mlp_norm")(x_BTD)
     x_BTD = x_BTD + SwiGLU(m.mlp_dim, dtype, name="mlp")(mlp_in).astype(x_BTD.dtype)
     return nn.with_logical_constraint(x_BTD, ACTIVATION_AXES)

@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from ftjax import latent as latent_lib
-from ftjax.layers import ACTIVATION_AXES, Block, Einsum, RMSNorm
+from ftjax.layers import ACTIVATION_AXES, Block, Einsum, RMSNorm, Span
 
-Z_MODES = ("encoder", "uniform", "given", "zero")
+Z_MODES = ("encoder", "encoder_argmax", "uniform", "given", "zero")
 
 _REMAT_POLICIES = {
     "full": None,
@@ -37,20 +37,22 @@ _REMAT_POLICIES = {
 class _ScannedBlock(nn.Module):
   """A causal block with the (carry, out) signature that nn.scan expects."""
   cfg: Any
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT):
-    return Block(self.cfg, name="block")(x_BTD, positions_BT), None
+  def __call__(self, x_BTD, span):
+    return Block(self.cfg, decode=self.decode, name="block")(x_BTD, span), None
 
 
-def block_stack(cfg, length, name):
-  """`length` causal blocks with stacked parameters (leading `layers` axis), run by nn.scan."""
+def block_stack(cfg, length, name, decode=False):
+  """`length` causal blocks with stacked parameters and caches (leading `layers` axis), run by
+  nn.scan; rematerialised by the config's policy when training."""
   block = _ScannedBlock
-  if cfg.remat_policy != "none":
+  if cfg.remat_policy != "none" and not decode:
     block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
-  return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+  return nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
                  in_axes=nn.broadcast, length=length,
-                 metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name=name)
+                 metadata_params={nn.PARTITION_NAME: "layers"})(cfg, decode, name=name)
 
 
 class LatentPath(nn.Module):
@@ -58,7 +60,7 @@ class LatentPath(nn.Module):
   cfg: Any
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, z_mode, key, codes_BT):
+  def __call__(self, x_BTD, span, z_mode, key, codes_BT):
     m, lat = self.cfg, self.cfg.latent
     b, t, d = x_BTD.shape
     h = lat.num_bits
@@ -70,17 +72,20 @@ class LatentPath(nn.Module):
       init = nn.initializers.zeros if lat.zero_init_post_sampler else nn.initializers.normal(h**-0.5)
       w = self.param("post_sampler", nn.with_logical_partitioning(init, ("latent_bits", "embed")),
                      (h, d), jnp.float32)
-    if self.is_initializing() or z_mode == "encoder":
+    if self.is_initializing() or z_mode.startswith("encoder"):
       zeta_D = self.param("zeta", nn.with_logical_partitioning(nn.initializers.normal(1.0),
                                                                ("embed",)), (d,), jnp.float32)
       zeta_BTD = jnp.broadcast_to(zeta_D, (b, t, d))
       enc_BTD = Block(m, causal=False, use_rope=lat.encoder_rope, name="encoder_block")(
-          zeta_BTD, positions_BT, kv_BSD=x_BTD)
+          zeta_BTD, span, kv_BSD=x_BTD)
       enc_BTD = RMSNorm(m.norm_eps, jnp.float32, name="encoder_norm")(enc_BTD)
       logits_BTH = Einsum("btd,dh->bth", (d, h), ("embed", "latent_bits"), 1, jnp.float32,
                           name="readout")(enc_BTD)
       logits_NH = logits_BTH.reshape(b * t, h)
-      bits_NH = latent_lib.sample_bits(key, logits_NH)
+      if z_mode == "encoder_argmax":  # the most likely code
+        bits_NH = (logits_NH > 0).astype(jnp.int32)
+      else:
+        bits_NH = latent_lib.sample_bits(key, logits_NH)
       codes_N = latent_lib.bits_to_codes(bits_NH)
       aux = {"kl_BT": latent_lib.kl_from_logits(logits_BTH), "latent_logits_BTH": logits_BTH}
     else:
@@ -106,35 +111,48 @@ class Transformer(nn.Module):
 
   `cfg` is the resolved `model` config. Call with `z_mode`:
     "encoder": Z sampled from the encoder's posterior (training; needs `latent_key`),
+    "encoder_argmax": Z = the posterior's most likely code (every bit with logit > 0),
     "uniform": Z uniform over the 2^H codes per token (generation; needs `latent_key`),
     "given":   Z = `codes_BT`,
     "zero":    R = 0 (the FT then computes the baseline function of its shared weights).
   Returns (logits_BTV, aux), or (x_BTD after the final norm, aux) with `return_hidden=True`.
   aux holds `kl_BT`, `latent_logits_BTH` (encoder mode) and `codes_BT` when the latent runs.
+
+  Prompts of different lengths are left-padded; `start_B` is each sequence's first real token
+  (keys before it are masked, RoPE positions count from it). With `decode=True` the decoder
+  blocks keep their keys/values in the "cache" collection (allocated by `init` at the length of
+  the tokens it is given) and each call appends its tokens at the cache index.
   """
   cfg: Any
+  decode: bool = False
 
   @nn.compact
   def __call__(self, tokens_BT, *, z_mode="encoder", latent_key=None,
-               codes_BT: Optional[jax.Array] = None, return_hidden=False):
+               codes_BT: Optional[jax.Array] = None, return_hidden=False, start_B=None):
     m = self.cfg
     if z_mode not in Z_MODES:
       raise ValueError(f"z_mode must be one of {Z_MODES}, got {z_mode!r}")
     b, t = tokens_BT.shape
-    positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    start_B = jnp.zeros((b,), jnp.int32) if start_B is None else start_B
+    offset = jnp.zeros((), jnp.int32)
+    if self.decode:
+      index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+      offset = index.value
+      index.value = offset + t
+    span = Span(offset, start_B)
     embed_VD = self.param("embed", nn.with_logical_partitioning(nn.initializers.normal(1.0),
                                                                 ("vocab", "embed")),
                           (m.vocab_size, m.d_model), jnp.float32)
     x_BTD = nn.with_logical_constraint(jnp.take(embed_VD, tokens_BT, axis=0), ACTIVATION_AXES)
     inject = m.latent.inject_layer
     if inject > 0:
-      x_BTD, _ = block_stack(m, inject, "layers_lo")(x_BTD, positions_BT)
+      x_BTD, _ = block_stack(m, inject, "layers_lo", self.decode)(x_BTD, span)
     r_BTD, aux = None, {}
     if m.latent.enabled:
-      r_BTD, aux = LatentPath(m, name="latent")(x_BTD, positions_BT, z_mode, latent_key, codes_BT)
-    x_BTD = Block(m, name="inject_block")(x_BTD, positions_BT, kv_extra_BTD=r_BTD)
+      r_BTD, aux = LatentPath(m, name="latent")(x_BTD, span, z_mode, latent_key, codes_BT)
+    x_BTD = Block(m, decode=self.decode, name="inject_block")(x_BTD, span, kv_extra_BTD=r_BTD)
     if m.num_layers - inject - 1 > 0:
-      x_BTD, _ = block_stack(m, m.num_layers - inject - 1, "layers_hi")(x_BTD, positions_BT)
+      x_BTD, _ = block_stack(m, m.num_layers - inject - 1, "layers_hi", self.decode)(x_BTD, span)
     x_BTD = RMSNorm(m.norm_eps, jnp.dtype(m.dtype), name="final_norm")(x_BTD)
     unembed = Einsum("btd,dv->btv", (m.d_model, m.vocab_size), ("embed", "vocab"), 1,
                      jnp.dtype(m.dtype), name="unembed")
@@ -145,6 +163,6 @@ class Transformer(nn.Module):
     return unembed(x_BTD).astype(jnp.float32), aux
 
 
-def make_model(model_cfg):
+def make_model(model_cfg, decode=False):
   """The Transformer for a resolved `model` config (frozen, so the module is hashable)."""
-  return Transformer(ml_collections.FrozenConfigDict(model_cfg))
+  return Transformer(ml_collections.FrozenConfigDict(model_cfg), decode)

@@ -1,34 +1,150 @@
-"""Sampling by re-running the full forward pass for every new token (no KV cache).
+"""Autoregressive sampling with a KV cache, and the full-forward reference it must match.
 
-Simple and exact: the decoder is causal, so the logits at position t depend only on tokens ≤ t
-and codes ≤ t, whatever the buffer holds after t. Costs a full forward per token; it is the
-reference that a cached decoder must match.
+Shape letters: B batch, P prompt length, N new tokens, T = P + N buffer length, V vocabulary.
 
-Shape letters: B batch, P prompt length, T buffer length (the model's seq_len), V vocabulary.
+Prompts of different lengths are left-padded to P (`left_pad`); `start_B` marks each one's first
+real token. `generate` prefills the cache with the prompts in one call, then decodes one token
+per step inside a `lax.while_loop` (one dispatch for the whole generation).
+
+How Z is chosen (Free Transformer):
+  "uniform": a fresh code drawn uniformly from the 2^H codes at every position (the paper);
+  "fixed":   one code per sequence at every position (`codes_B`, or drawn at random);
+  "encoder": the prompt's codes come from the encoder's posterior over the prompt (sampled, or
+             the most likely code with `encoder_argmax`); new tokens then use `new_z`
+             ("uniform" or "fixed"). The encoder runs in the prefill only.
 """
 
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ftjax import latent as latent_lib
 
+Z_MODES = ("uniform", "fixed", "encoder")
 
-def sample_token(key, logits_BV, temperature):
-  """Categorical sample at `temperature`; greedy when temperature == 0."""
+
+def left_pad(prompts, pad_id=0):
+  """(tokens (B, P) int32, start_B) from a list of token lists of different lengths."""
+  length = max(len(p) for p in prompts)
+  tokens = np.full((len(prompts), length), pad_id, np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, length - len(p):] = p
+  return tokens, np.array([length - len(p) for p in prompts], np.int32)
+
+
+def filter_logits(logits_BV, top_k=0, top_p=1.0):
+  """Masks all but the top-k logits and/or the smallest set whose probability reaches top_p."""
+  if top_k:
+    kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+    logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+  if top_p < 1.0:
+    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+    cum_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
+    # The smallest logit kept: the first one at which the cumulative probability reaches top_p.
+    cutoff_idx_B1 = jnp.sum(cum_BV < top_p, axis=-1, keepdims=True)
+    cutoff_B1 = jnp.take_along_axis(sorted_BV, cutoff_idx_B1, axis=-1)
+    logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
+  return logits_BV
+
+
+def sample_token(key, logits_BV, temperature=1.0, top_k=0, top_p=1.0):
+  """A token per row: greedy when temperature == 0, else a filtered categorical sample."""
   if temperature == 0:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(key, logits_BV / temperature, axis=-1).astype(jnp.int32)
+  logits_BV = filter_logits(logits_BV.astype(jnp.float32) / temperature, top_k, top_p)
+  return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+
+
+def empty_cache(decode_model, batch, length):
+  """Zeroed KV caches (and index) for `batch` sequences of up to `length` tokens."""
+  shapes = jax.eval_shape(lambda: decode_model.init(
+      jax.random.key(0), jnp.zeros((batch, length), jnp.int32), latent_key=jax.random.key(0)))
+  return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
+
+
+def latent_codes(key, lat, shape, z_mode, codes_B=None):
+  """(B, T) codes for "uniform" or "fixed" Z (fixed: `codes_B`, or drawn once per sequence)."""
+  if z_mode == "uniform":
+    return latent_lib.uniform_codes(key, shape, lat.num_bits)
+  if codes_B is None:
+    codes_B = latent_lib.uniform_codes(key, shape[:1], lat.num_bits)
+  return jnp.broadcast_to(codes_B[:, None], shape).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "decode_model", "max_new_tokens", "z_mode", "new_z", "encoder_argmax", "temperature", "top_k",
+    "top_p", "eos_id", "return_logits"))
+def generate(decode_model, params, prompt_BP, start_B, key, *, max_new_tokens, z_mode="uniform",
+             new_z="uniform", codes_B=None, encoder_argmax=False, temperature=1.0, top_k=0,
+             top_p=1.0, eos_id=None, return_logits=False):
+  """Samples `max_new_tokens` after each left-padded prompt with a KV cache.
+
+  Returns a dict: `tokens` (B, P + N; positions after an end-of-sequence token hold eos_id),
+  `codes` (B, P + N) for a Free Transformer, `num_generated` and, with `return_logits`,
+  `logits` (B, N, V) of every sampled position.
+  """
+  if z_mode not in Z_MODES:
+    raise ValueError(f"z_mode must be one of {Z_MODES}, got {z_mode!r}")
+  lat = decode_model.cfg.latent
+  b, p = prompt_BP.shape
+  total = p + max_new_tokens
+  z_key, enc_key, token_key = jax.random.split(key, 3)
+  variables = {"params": params, "cache": empty_cache(decode_model, b, total)}
+  codes_BT, prefill_mode = None, "zero"
+  if lat.enabled:
+    codes_BT = latent_codes(z_key, lat, (b, total), new_z if z_mode == "encoder" else z_mode,
+                            codes_B)
+    prefill_mode = "given"
+    if z_mode == "encoder":
+      prefill_mode = "encoder_argmax" if encoder_argmax else "encoder"
+  (logits_BPV, aux), mutated = decode_model.apply(
+      variables, prompt_BP, z_mode=prefill_mode, latent_key=enc_key,
+      codes_BT=None if codes_BT is None else codes_BT[:, :p], start_B=start_B, mutable=["cache"])
+  if lat.enabled and z_mode == "encoder":
+    codes_BT = codes_BT.at[:, :p].set(aux["codes_BT"])
+  tokens_BT = jnp.concatenate([prompt_BP, jnp.zeros((b, max_new_tokens), jnp.int32)], axis=1)
+  logits_BNV = jnp.zeros((b, max_new_tokens if return_logits else 0, logits_BPV.shape[-1]))
+  carry = (jnp.zeros((), jnp.int32), mutated["cache"], logits_BPV[:, -1], tokens_BT,
+           jnp.zeros((b,), bool), logits_BNV)
+
+  def cond(carry):
+    i, _, _, _, done_B, _ = carry
+    return (i < max_new_tokens) & ~jnp.all(done_B)
+
+  def body(carry):
+    i, cache, logits_BV, tokens_BT, done_B, logits_BNV = carry
+    if return_logits:
+      logits_BNV = jax.lax.dynamic_update_index_in_dim(logits_BNV, logits_BV, i, axis=1)
+    new_B = sample_token(jax.random.fold_in(token_key, i), logits_BV, temperature, top_k, top_p)
+    if eos_id is not None:
+      new_B = jnp.where(done_B, eos_id, new_B)
+      done_B = done_B | (new_B == eos_id)
+    tokens_BT = jax.lax.dynamic_update_index_in_dim(tokens_BT, new_B, p + i, axis=1)
+    codes_B1 = (None if codes_BT is None else
+                jax.lax.dynamic_slice_in_dim(codes_BT, p + i, 1, axis=1))
+    (next_BTV, _), mutated = decode_model.apply(
+        {"params": params, "cache": cache}, new_B[:, None], z_mode="given" if lat.enabled else "zero",
+        codes_BT=codes_B1, start_B=start_B, mutable=["cache"])
+    return i + 1, mutated["cache"], next_BTV[:, 0], tokens_BT, done_B, logits_BNV
+
+  i, _, _, tokens_BT, done_B, logits_BNV = jax.lax.while_loop(cond, body, carry)
+  if eos_id is not None:  # a loop that stopped early leaves zeros: mark them as ended
+    tokens_BT = jnp.where(jnp.arange(total) >= p + i, eos_id, tokens_BT)
+  out = {"tokens": tokens_BT, "num_generated": i}
+  if lat.enabled:
+    out["codes"] = codes_BT
+  if return_logits:
+    out["logits"] = logits_BNV
+  return out
 
 
 @functools.partial(jax.jit, static_argnames=("model", "prompt_len", "temperature"))
 def sample_full_forward(model, params, prompt_BT, key, *, prompt_len, temperature=1.0):
-  """Fills positions prompt_len.. of the (B, T) buffer `prompt_BT` token by token.
-
-  For a Free Transformer, Z is drawn uniformly from the 2^H codes at every position (the
-  paper's generation). Returns (tokens_BT, codes_BT or None).
-  """
+  """The no-cache reference: fills positions prompt_len.. of the (B, T) buffer by re-running the
+  full forward pass for every token, with Z uniform per position. Exact (the decoder is causal)
+  and slow: what the cached `generate` is measured against. Returns (tokens_BT, codes_BT)."""
   b, t = prompt_BT.shape
   code_key, token_key = jax.random.split(key)
   lat = model.cfg.latent

@@ -201,11 +201,12 @@ class Trainer:
     rows = distributed.process_rows(batch_sh, (size, self.cfg.model.seq_len))
     return distributed.global_batch(self.source.batch(step, size, split, rows), batch_sh, size)
 
-  def evaluate(self, params):
-    """Mean of the eval metrics over `train.eval_batches` validation batches (fixed keys)."""
-    rows = [self.eval_step(params, self.batch(i, "validation"),
-                           jax.random.fold_in(jax.random.key(self.cfg.seed + 1), i))
-            for i in range(self.cfg.train.eval_batches)]
+  def evaluate(self, params, split="validation", num_batches=None, key=None):
+    """Mean of the eval metrics over the first `num_batches` (default `train.eval_batches`)
+    batches of `split`, with fixed keys."""
+    key = jax.random.key(self.cfg.seed + 1) if key is None else key
+    rows = [self.eval_step(params, self.batch(i, split), jax.random.fold_in(key, i))
+            for i in range(num_batches or self.cfg.train.eval_batches)]
     rows = distributed.fetch(rows)
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
@@ -300,22 +301,19 @@ def train_and_evaluate(cfg, workdir, log=print, stop_at=None):
 
 
 def show_samples(trainer, params, num_samples, log=print, temperature=1.0):
-  """Samples with Z uniform per token; for the synthetic task also the share well-formed."""
+  """Samples with Z uniform per token (KV-cache decoding); for the synthetic task also the share
+  that is well-formed."""
   from ftjax.data import synthetic
   cfg, source = trainer.cfg, trainer.source
-  prompts_BP = source.prompts(num_samples)
-  length = cfg.model.seq_len + 1
-  buffer_BT = np.zeros((num_samples, length), np.int32)
-  buffer_BT[:, :prompts_BP.shape[1]] = prompts_BP
-  tokens_BT, _ = sampling.sample_full_forward(trainer.model, params, jnp.asarray(buffer_BT),
-                                              jax.random.key(cfg.seed + 2),
-                                              prompt_len=prompts_BP.shape[1],
-                                              temperature=temperature)
-  texts = [source.decode(row) for row in np.asarray(tokens_BT)]
+  prompts_BP = jnp.asarray(source.prompts(num_samples))
+  out = sampling.generate(make_model(cfg.model, decode=True), params, prompts_BP,
+                          jnp.zeros((num_samples,), jnp.int32), jax.random.key(cfg.seed + 2),
+                          max_new_tokens=cfg.model.seq_len + 1 - prompts_BP.shape[1],
+                          temperature=temperature)
+  texts = [source.decode(row) for row in np.asarray(out["tokens"])]
   log(f"samples (Z uniform per token, temperature {temperature}):")
   for s in texts:
     log("  " + s.replace("\n", "\\n"))
   if source.name == "synthetic":
-    ok = [synthetic.is_well_formed(s[2:], s[0], cfg.data.block_len) for s in texts]
-    log(f"well-formed: {sum(ok)}/{len(ok)}")
+    log(f"well-formed: {sum(synthetic.well_formed(texts, cfg.data.block_len))}/{len(texts)}")
   return "\n".join(texts)

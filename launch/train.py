@@ -32,9 +32,13 @@ def main(argv):
   cfg = cli.resolved_config(_CONFIG)
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it touches at INFO
   from ftjax import distributed, train  # after flag parsing: `--help` and errors stay fast
+  from ftjax.configs import ConfigError
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                          auto=_MULTIPROCESS.value)
-  train.train_and_evaluate(cfg, _WORKDIR.value)
+  try:
+    train.train_and_evaluate(cfg, _WORKDIR.value)
+  except ConfigError as e:  # found once the devices are known (mesh, divisibility)
+    cli.fail(str(e))
 
 
 if __name__ == "__main__":

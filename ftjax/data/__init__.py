@@ -16,7 +16,7 @@ class Source:
   make_tokens: Callable[[int, int, str, slice], np.ndarray]
   prompts: Callable[[int], np.ndarray]  # n -> (n, P) prompts for samples
   decode: Callable[[np.ndarray], str]
-  bos: int
+  encode: Callable[[str, bool], np.ndarray]  # (text, starts a sequence) -> tokens
   bytes_per_token: float  # for bits-per-byte; 0 when the data is not text
 
   def batch(self, step, batch_size, split="train", rows=slice(None)):
@@ -36,7 +36,9 @@ def make_source(cfg):
       letters = (np.arange(n) * 7) % 26
       return np.stack([np.full(n, synthetic.BOS), synthetic.FIRST_LETTER + letters,
                        np.full(n, synthetic.ARROW)], axis=1).astype(np.int32)
-    return Source("synthetic", make_tokens, prompts, synthetic.decode, synthetic.BOS, 0.0)
+    return Source("synthetic", make_tokens, prompts, synthetic.decode,
+                  lambda text, start=True: synthetic.encode(text, bos=start),
+                  0.0)
   corpus = text.load_corpus(d.name, d.eval_fraction)
 
   def make_tokens(step, batch_size, split, rows):
@@ -44,4 +46,5 @@ def make_source(cfg):
                          rows)
   def prompts(n):  # the first 16 bytes of held-out crops
     return make_tokens(0, n, "validation", slice(None))[:, :16]
-  return Source(d.name, make_tokens, prompts, text.decode, text.BOS, 1.0)
+  return Source(d.name, make_tokens, prompts, text.decode,
+                lambda string, start=True: text.encode(string), 1.0)

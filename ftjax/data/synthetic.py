@@ -47,8 +47,9 @@ def decode(tokens):
   return "".join(CHARS[t - FIRST_CHAR] for t in np.asarray(tokens).tolist() if t >= FIRST_CHAR)
 
 
-def encode(text):
-  return np.array([BOS] + [FIRST_CHAR + CHARS.index(c) for c in text], dtype=np.int32)
+def encode(text, bos=True):
+  """Characters to tokens; a sequence (or a prompt) starts with BOS."""
+  return np.array([BOS] * bos + [FIRST_CHAR + CHARS.index(c) for c in text], dtype=np.int32)
 
 
 def is_well_formed(body, letter, block_len=8):
@@ -72,3 +73,8 @@ def is_well_formed(body, letter, block_len=8):
   while right - left + 1 < block_len and right + 1 < BODY_LEN and body[right + 1] == "!":
     right += 1
   return right - left + 1 == block_len
+
+
+def well_formed(texts, block_len=8):
+  """`is_well_formed` for decoded sequences "<letter>><body>" (the letter is the prompt's)."""
+  return [len(t) > 2 and is_well_formed(t[2:], t[0], block_len) for t in texts]

@@ -22,6 +22,7 @@ class CorpusError(RuntimeError):
 
 
 def encode(text):
+  """UTF-8 bytes to tokens (no BOS: training crops start anywhere in the corpus)."""
   return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32) + BYTE_OFFSET
 
 

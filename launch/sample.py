@@ -1,0 +1,96 @@
+"""Sample from a trained run with a KV cache and any way of choosing Z.
+
+  python -m launch.sample --workdir=runs/synthetic --prompt="A>" --num_samples=4 \
+      --z_mode=fixed --code=1234 [--step=N] [--output=samples.jsonl]
+
+Restores the parameters onto the devices at hand (one by default, whatever mesh trained the run),
+and the config and tokenizer saved with the run. Prints the samples and writes JSON lines
+{prompt, sample, z_mode, codes, seed}.
+"""
+
+import json
+
+from absl import app, flags, logging
+
+from launch import cli
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable). Synthetic runs: e.g. "
+                                    "'A>'. Default: the run's own sample prompts.")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "A file with one prompt per line.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples per prompt.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 0, "Tokens to generate (0: fill the model's "
+                                "training length).")
+_Z_MODE = flags.DEFINE_enum("z_mode", "uniform", ["uniform", "fixed", "encoder"],
+                            "How Z is chosen (Free Transformer).")
+_NEW_Z = flags.DEFINE_enum("new_z", "uniform", ["uniform", "fixed"],
+                           "With --z_mode=encoder: Z of the generated tokens.")
+_CODE = flags.DEFINE_integer("code", None, "With fixed Z: the code (default: random per sample).")
+_ENCODER_ARGMAX = flags.DEFINE_bool("encoder_argmax", False, "With --z_mode=encoder: the most "
+                                    "likely code instead of a sample.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "0: greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: all).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling threshold.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_OUTPUT = flags.DEFINE_string("output", None, "JSON-lines file to write.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    cli.fail(f"flag error: unexpected arguments {argv[1:]}")
+  if not _WORKDIR.value:
+    cli.fail("flag error: --workdir is required")
+  logging.set_verbosity(logging.WARNING)
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from ftjax import checkpoint, sampling
+  from ftjax.model import make_model
+  try:
+    trainer, state = checkpoint.load_run(_WORKDIR.value, _STEP.value)
+  except checkpoint.CheckpointError as e:
+    cli.fail(f"checkpoint error: {e}")
+  cfg, source = trainer.cfg, trainer.source
+  prompts = list(_PROMPT.value)
+  if _PROMPTS_FILE.value:
+    with open(_PROMPTS_FILE.value, encoding="utf-8") as f:
+      prompts += [line.rstrip("\n") for line in f if line.strip()]
+  try:
+    tokens = ([source.encode(p, True) for p in prompts] if prompts else
+              list(source.prompts(max(_NUM_SAMPLES.value, 1))))
+  except ValueError as e:
+    cli.fail(f"flag error: a prompt has characters outside the run's vocabulary ({e})")
+  if prompts:
+    tokens = [t for t in tokens for _ in range(_NUM_SAMPLES.value)]
+  prompt_BP, start_B = sampling.left_pad(tokens)
+  max_new = _MAX_NEW.value or max(cfg.model.seq_len + 1 - prompt_BP.shape[1], 1)
+  codes_B = None
+  if _CODE.value is not None:
+    if not 0 <= _CODE.value < 2**cfg.model.latent.num_bits:
+      cli.fail(f"flag error: --code must be in 0..{2**cfg.model.latent.num_bits - 1}")
+    codes_B = jnp.full((len(tokens),), _CODE.value, jnp.int32)
+  out = sampling.generate(
+      make_model(cfg.model, decode=True), state.params, jnp.asarray(prompt_BP),
+      jnp.asarray(start_B), jax.random.key(_SEED.value), max_new_tokens=max_new,
+      z_mode=_Z_MODE.value, new_z=_NEW_Z.value, codes_B=codes_B,
+      encoder_argmax=_ENCODER_ARGMAX.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+      top_p=_TOP_P.value)
+  rows = []
+  for i, row in enumerate(np.asarray(out["tokens"])):
+    p = prompt_BP.shape[1]
+    record = {"prompt": source.decode(row[start_B[i]:p]), "sample": source.decode(row[p:]),
+              "z_mode": _Z_MODE.value, "seed": _SEED.value}
+    if "codes" in out:
+      record["codes"] = np.asarray(out["codes"][i, start_B[i]:]).tolist()
+    rows.append(record)
+    print(f"{record['prompt']!r} -> {record['sample']!r}")
+  if _OUTPUT.value:
+    with open(_OUTPUT.value, "w", encoding="utf-8") as f:
+      for r in rows:
+        f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags)

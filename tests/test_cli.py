@@ -1,0 +1,99 @@
+"""launch.sample and launch.evaluate on a run trained on the fake 8-device mesh; the scorer."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ftjax import evaluation
+from ftjax.data import synthetic
+from ftjax.model import make_model
+from ftjax.train import init_params
+from tests.conftest import REPO
+
+
+def _run(module, *flags):
+  return subprocess.run([sys.executable, "-m", module, *flags], cwd=REPO, capture_output=True,
+                        text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def run_on_8_devices(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("run8")
+  result = _run("launch.train", "--config=experiments/tiny.py", f"--workdir={workdir}",
+                "--config.mesh.data=4", "--config.mesh.tensor=2", "--config.train.batch_size=8",
+                "--config.train.num_samples=0", "--config.train.peak_flops=1e9")
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def test_sample_cli_restores_onto_one_device(run_on_8_devices, tmp_path):
+  out = tmp_path / "samples.jsonl"
+  result = _run("launch.sample", f"--workdir={run_on_8_devices}", "--prompt=A>", "--prompt=QQ",
+                "--num_samples=2", "--z_mode=fixed", "--code=5", "--seed=3", f"--output={out}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = [json.loads(line) for line in open(out)]
+  assert [r["prompt"] for r in rows] == ["A>", "A>", "QQ", "QQ"]
+  assert all(r["z_mode"] == "fixed" and r["seed"] == 3 and set(r["codes"]) == {5} for r in rows)
+  assert all(0 < len(r["sample"]) <= 64 for r in rows)  # up to the training length (67 tokens)
+  again = _run("launch.sample", f"--workdir={run_on_8_devices}", "--prompt=A>", "--num_samples=2",
+               "--z_mode=fixed", "--code=5", "--seed=3")
+  assert again.stdout.splitlines()[:2] == result.stdout.splitlines()[:2]  # deterministic
+
+
+def test_evaluate_cli_reports_uniform_ce_elbo_and_choices(run_on_8_devices, tmp_path):
+  questions = tmp_path / "q.jsonl"
+  questions.write_text('{"question": "A>", "choices": ["AAAA", "!!!!"], "answer": 0}\n')
+  out = tmp_path / "eval.json"
+  result = _run("launch.evaluate", f"--workdir={run_on_8_devices}", f"--choices_file={questions}",
+                "--generate=4", f"--output={out}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.load(open(out))
+  assert {"eval_ce", "eval_elbo", "eval_kl", "choice_accuracy", "well_formed"} <= set(report)
+  assert report["step"] == 20
+
+
+def test_cli_errors_are_one_line(tmp_path):
+  result = _run("launch.sample", f"--workdir={tmp_path}")
+  assert result.returncode == 2 and "config.json not found" in result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_multiple_choice_picks_the_highest_likelihood(tiny_cfg, tmp_path):
+  model = make_model(tiny_cfg.model)
+  params = init_params(model, 0)
+  key = jax.random.key(0)
+  questions = ["A>", "B>__", "C>_!"]
+  choices = [["AAA", "___", "!A"], ["BB", "!!!!"], ["_", "C", "!!", "CC_"]]
+
+  def naive_score(question, choice):  # one unpadded sequence at a time, Z uniform
+    tokens = synthetic.encode(question + choice)[None]
+    codes = jax.random.randint(jax.random.key(1), tokens.shape, 0, 16)
+    logits, _ = model.apply({"params": params}, jnp.asarray(tokens), z_mode="given", codes_BT=codes)
+    logp = jax.nn.log_softmax(logits[0, :-1])
+    n = len(choice)
+    return float(jnp.sum(jnp.take_along_axis(logp, tokens[0, 1:, None], -1)[-n:]))
+
+  # The post-sampler is zero at init, so the codes drawn here and in the scorer do not matter.
+  best = [int(np.argmax([naive_score(q, c) for c in cs])) for q, cs in zip(questions, choices)]
+  answers = [best[0], (best[1] + 1) % 2, best[2]]  # two right, one wrong
+  path = tmp_path / "q.jsonl"
+  with open(path, "w") as f:
+    for q, cs, a in zip(questions, choices, answers):
+      f.write(json.dumps({"question": q, "choices": cs, "answer": a}) + "\n")
+  encode = lambda s, start: synthetic.encode(s, bos=start)
+  accuracy, predictions = evaluation.multiple_choice(model, params, encode,
+                                                     evaluation.read_choices(path), key)
+  assert predictions == best and abs(accuracy - 2 / 3) < 1e-9
+
+
+def test_read_choices_rejects_bad_lines(tmp_path):
+  path = tmp_path / "bad.jsonl"
+  path.write_text('{"question": "A>", "choices": ["x"], "answer": 0}\n')
+  with pytest.raises(ValueError, match="bad.jsonl:1"):
+    evaluation.read_choices(path)

@@ -8,6 +8,7 @@ devices at hand, whatever mesh trained it.
 import json
 import os
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -18,48 +19,107 @@ class CheckpointError(RuntimeError):
   """A run directory without a usable checkpoint; the message names the directory."""
 
 
+def _path_name(path):
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def shape_mismatches(saved_metadata, abstract_state):
+  """Lines naming each array whose saved shape differs from what the config builds."""
+  saved = {_path_name(p): tuple(m.shape)
+           for p, m in jax.tree_util.tree_leaves_with_path(saved_metadata)}
+  wanted = {_path_name(p): tuple(a.shape)
+            for p, a in jax.tree_util.tree_leaves_with_path(abstract_state)}
+  lines = [f"{name}: checkpoint {saved.get(name)}, config {shape}"
+           for name, shape in wanted.items() if saved.get(name) != shape]
+  lines += [f"{name}: in the checkpoint, not built by the config" for name in saved
+            if name not in wanted]
+  return lines
+
+
 class Manager:
-  """A thin wrapper over `ocp.CheckpointManager` for one run directory."""
+  """orbax `CheckpointManager` for one run directory: async saves of the train state and the
+  resolved config, the newest `keep` kept plus every `keep_period`-th step for good.
 
-  def __init__(self, directory, cfg=None, max_to_keep=3, read_only=False):
+  orbax writes a step into a temporary directory and renames it when complete, so a save that
+  is killed half-way never looks like a checkpoint; one that is complete but unreadable is
+  skipped with a warning for the one before it.
+  """
+
+  def __init__(self, directory, cfg=None, read_only=False, log=print):
     self._cfg = cfg
+    self._log = log
     self.directory = os.path.abspath(directory)  # orbax needs absolute paths
-    self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=not read_only, read_only=read_only))
+    c = cfg.checkpoint if cfg is not None else None
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=c.keep if c else None, keep_period=(c.keep_period or None) if c else None,
+            create=not read_only, read_only=read_only, enable_async_checkpointing=True,
+            cleanup_tmp_directories=not read_only),  # half-written saves of killed runs
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "config": ocp.JsonCheckpointHandler()})
 
-  def latest_step(self):
-    return self._manager.latest_step()
+  def all_steps(self):
+    return sorted(self._manager.all_steps())
 
   def save(self, step, state):
+    """Starts an async save of `state` at `step` (training goes on while it is written)."""
     if step in self._manager.all_steps():
       return
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         config=ocp.args.JsonSave(self._cfg.to_dict())))
 
+  def _restore_step(self, step, abstract_state):
+    try:
+      metadata = self._manager.item_metadata(step)["state"]
+    except Exception as e:  # noqa: BLE001 (orbax raises many kinds for a damaged step)
+      raise _Unreadable(f"{type(e).__name__}: {e}") from e
+    mismatches = shape_mismatches(metadata, abstract_state)
+    if mismatches:
+      raise CheckpointError(f"the checkpoint at step {step} in {self.directory} does not match "
+                            f"the config: {mismatches[0]}" +
+                            (f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else ""))
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state)))["state"]
+    except Exception as e:  # noqa: BLE001
+      raise _Unreadable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+
   def restore(self, step, abstract_state):
-    """The state saved at `step` (None: the newest), placed as `abstract_state` says."""
-    steps = self._manager.all_steps()
+    """The state saved at `step` (None: the newest readable one, falling back over damaged
+    steps with a warning), placed as `abstract_state` says, whatever mesh saved it."""
+    steps = self.all_steps()
     if not steps:
       raise CheckpointError(f"no checkpoint in {self.directory}")
-    step = max(steps) if step is None else step
-    if step not in steps:
+    if step is not None and step not in steps:
       raise CheckpointError(f"no checkpoint for step {step} in {self.directory} "
-                            f"(saved steps: {sorted(steps)})")
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))
-    return restored["state"]
+                            f"(saved steps: {steps})")
+    for candidate in ([step] if step is not None else steps[::-1]):
+      try:
+        return self._restore_step(candidate, abstract_state)
+      except _Unreadable as e:
+        self._log(f"warning: checkpoint step {candidate} in {self.directory} is unreadable "
+                  f"({e}); " + ("giving up" if step is not None else "trying an older one"))
+    raise CheckpointError(f"no readable checkpoint in {self.directory} (steps {steps})")
 
   def restore_or(self, init_fn, abstract_state):
-    """The newest saved state, restored onto the shapes and shardings of `abstract_state`
-    (whatever mesh saved it), or `init_fn()` when the directory holds no checkpoint."""
-    if self._manager.latest_step() is None:
+    """The newest readable saved state, or `init_fn()` when the directory holds none."""
+    if not self.all_steps():
       return init_fn()
     return self.restore(None, abstract_state)
+
+  def wait(self):
+    """Blocks until the async save in flight (if any) is complete."""
+    self._manager.wait_until_finished()
 
   def close(self):
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+class _Unreadable(Exception):
+  """A damaged checkpoint step (internal: restore() falls back over it)."""
 
 
 def load_config(workdir):

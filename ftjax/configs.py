@@ -79,9 +79,13 @@ def default_config():
   c.train.eval_batches = 4
   c.train.num_samples = 8  # samples printed at the end of a run
   c.train.peak_flops = 0.0  # FLOP/s used for MFU; 0: measure a matmul peak at start-up
+  c.train.on_nonfinite = "skip"  # non-finite loss/gradients: "skip" the update, or "stop" the run
 
   c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every_steps = 0  # 0: only at the end of the run
+  c.checkpoint.every_steps = 0  # save every this many steps (0: only at the end and on SIGTERM)
+  c.checkpoint.every_seconds = 0.0  # also save when this much wall-clock time has passed (0: off)
+  c.checkpoint.keep = 3  # the newest checkpoints kept
+  c.checkpoint.keep_period = 0  # also keep every step that is a multiple of this, for good
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the other axes
@@ -172,6 +176,15 @@ def _check_train(t):
   _require(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
   _require(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0: off), got {t.grad_clip}")
   _require(t.num_samples >= 0, "train.num_samples", f"must be >= 0, got {t.num_samples}")
+  _require(t.on_nonfinite in ("skip", "stop"), "train.on_nonfinite",
+           f"must be 'skip' or 'stop', got {t.on_nonfinite!r}")
+
+
+def _check_checkpoint(c):
+  _require(c.every_steps >= 0, "checkpoint.every_steps", f"must be >= 0, got {c.every_steps}")
+  _require(c.every_seconds >= 0, "checkpoint.every_seconds", f"must be >= 0, got {c.every_seconds}")
+  _require(c.keep >= 1, "checkpoint.keep", f"must be >= 1, got {c.keep}")
+  _require(c.keep_period >= 0, "checkpoint.keep_period", f"must be >= 0, got {c.keep_period}")
 
 
 def _check_mesh(mesh):
@@ -213,6 +226,7 @@ def resolve(cfg):
   _check_model(cfg.model)
   _check_latent(cfg.model)
   _check_train(cfg.train)
+  _check_checkpoint(cfg.checkpoint)
   _check_mesh(cfg.mesh)
   _check_data(cfg)
   m = cfg.model

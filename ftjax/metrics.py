@@ -60,20 +60,41 @@ def measure_matmul_peak(dtype=jnp.float32, size=4096, repeats=3):
   return 2 * size**3 / best
 
 
+def _truncate_after(path, step):
+  """Keeps the rows of a metrics file up to `step` (a torn last line is dropped too)."""
+  kept = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        if json.loads(line)["step"] <= step:
+          kept.append(line)
+      except (json.JSONDecodeError, KeyError):
+        pass
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
+
+
 class MetricWriter:
   """Appends metrics to `workdir/metrics.jsonl` and TensorBoard event files under `workdir/tb`.
 
-  Only process 0 writes; other processes get a writer that does nothing.
+  A run resumed at `resume_step` first drops the rows after that step (written by the run that
+  was interrupted), so the file reads as one uninterrupted run. Only process 0 writes; other
+  processes get a writer that does nothing.
   """
 
-  def __init__(self, workdir):
+  def __init__(self, workdir, resume_step=0):
     self.enabled = jax.process_index() == 0
     self._jsonl = None
     self._tb = None
     if self.enabled:
       from tensorboardX import SummaryWriter  # imported here: optional for library users
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      path = os.path.join(workdir, "metrics.jsonl")
+      if os.path.exists(path):
+        _truncate_after(path, resume_step)
+      self._jsonl = open(path, "a", encoding="utf-8")
       self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
   def write(self, step, scalars):

@@ -9,6 +9,8 @@ import functools
 import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -31,6 +33,12 @@ class TrainState(flax.struct.PyTreeNode):
   step: jax.Array
   params: Any
   opt_state: Any
+  nonfinite_steps: jax.Array  # steps whose loss or gradients were not finite (update skipped)
+  first_nonfinite_step: jax.Array  # the first of them, -1 if none
+
+
+class NonFiniteError(RuntimeError):
+  """Raised by the loop with train.on_nonfinite="stop"; the message names the step."""
 
 
 def lr_schedule(t):
@@ -72,7 +80,9 @@ def init_params(model, seed):
 def init_train_state(cfg, model):
   params = init_params(model, cfg.seed)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=make_optimizer(cfg.train).init(params))
+                    opt_state=make_optimizer(cfg.train).init(params),
+                    nonfinite_steps=jnp.zeros((), jnp.int32),
+                    first_nonfinite_step=jnp.full((), -1, jnp.int32))
 
 
 def _nll(model, params, batch, z_mode, key):
@@ -100,13 +110,27 @@ def loss_fn(params, batch, key, model):
 
 
 def train_step(state, batch, *, model, optimizer, schedule, seed):
-  """One optimizer step. Jit it with `donate_argnums=0`."""
+  """One optimizer step. Jit it with `donate_argnums=0`.
+
+  A step whose loss or gradients are not finite leaves the parameters and optimizer state as
+  they were (and is counted in the state); the loop decides whether to go on.
+  """
   grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch,
                                                     step_key(seed, state.step), model)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  keep_if_bad = lambda new, old: jnp.where(finite, new, old)
+  first_bad = jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step,
+                        state.first_nonfinite_step)
+  metrics = {**metrics, "grad_norm": grad_norm, "lr": schedule(state.step),
+             "nonfinite": (~finite).astype(jnp.float32)}
+  return state.replace(
+      step=state.step + 1, params=jax.tree_util.tree_map(keep_if_bad, params, state.params),
+      opt_state=jax.tree_util.tree_map(keep_if_bad, opt_state, state.opt_state),
+      nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+      first_nonfinite_step=first_bad), metrics
 
 
 def eval_step(params, batch, key, *, model, bytes_per_token=0.0):
@@ -140,9 +164,11 @@ def compile_ready_steps(cfg, mesh):
   optimizer = make_optimizer(cfg.train)
   params_sh = sharding.param_shardings(model, mesh, lambda: init_variables(model, cfg.seed))
   abstract_params = jax.eval_shape(lambda: init_params(model, cfg.seed))
+  replicated = NamedSharding(mesh, P())
   state_sh = TrainState(
-      step=NamedSharding(mesh, P()), params=params_sh,
-      opt_state=sharding.opt_state_shardings(optimizer, abstract_params, params_sh, mesh))
+      step=replicated, params=params_sh,
+      opt_state=sharding.opt_state_shardings(optimizer, abstract_params, params_sh, mesh),
+      nonfinite_steps=replicated, first_nonfinite_step=replicated)
   init = jax.jit(lambda: init_train_state(cfg, model), out_shardings=state_sh)
   step = functools.partial(train_step, model=model, optimizer=optimizer,
                            schedule=lr_schedule(cfg.train), seed=cfg.seed)
@@ -223,10 +249,61 @@ def format_progress(step, total, m, tokens_per_step):
   return " | ".join(parts)
 
 
+class _Preemption:
+  """Turns SIGTERM/SIGINT into a flag the loop polls: it saves a checkpoint and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _agreed(*flags_):
+  """Host-side decisions all processes take together (any process asking is enough)."""
+  flags_ = np.array(flags_, bool)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    flags_ = np.asarray(multihost_utils.process_allgather(flags_)).any(axis=0)
+  return [bool(f) for f in flags_]
+
+
+def _check_nonfinite(state, cfg, manager, log):
+  """Reports skipped non-finite steps; raises NonFiniteError under on_nonfinite="stop"."""
+  count, first = (int(x) for x in distributed.fetch(
+      (state.nonfinite_steps, state.first_nonfinite_step)))
+  if not count:
+    return 0
+  if cfg.train.on_nonfinite == "stop":
+    steps = manager.all_steps()
+    raise NonFiniteError(
+        f"non-finite loss or gradients at step {first}; stopped (train.on_nonfinite=stop). "
+        + (f"The newest checkpoint, step {steps[-1]}, is from before it." if steps else
+           "No checkpoint was written."))
+  return count
+
+
 def train_and_evaluate(cfg, workdir, log=print, stop_at=None):
-  """Trains a resolved config in `workdir`; resumes from its newest checkpoint. Returns the
-  final TrainState. `stop_at` ends the run early (with a checkpoint) at that step, as a
-  preemption would; the schedule is still that of `train.steps`."""
+  """Trains a resolved config in `workdir`; resumes from its newest readable checkpoint.
+  Returns the final TrainState.
+
+  Checkpoints: every `checkpoint.every_steps` steps and `checkpoint.every_seconds` seconds
+  (async), at the end, and on SIGTERM/SIGINT (then the function returns early). `stop_at` ends
+  the run at that step with a checkpoint, as a preemption would; the schedule stays that of
+  `train.steps`.
+  """
   from ftjax import checkpoint as ckpt_lib  # orbax is heavy to import; only the loop needs it
 
   if jax.process_index() != 0:  # one process logs and writes files; all of them compute
@@ -236,8 +313,8 @@ def train_and_evaluate(cfg, workdir, log=print, stop_at=None):
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
   trainer = Trainer.create(cfg)
-  t = cfg.train
-  manager = ckpt_lib.Manager(os.path.join(workdir, "checkpoints"), cfg)
+  t, c = cfg.train, cfg.checkpoint
+  manager = ckpt_lib.Manager(os.path.join(workdir, "checkpoints"), cfg, log=log)
   state = manager.restore_or(trainer.init_state, trainer.abstract_state())
   start = int(state.step)
   if start:
@@ -247,10 +324,12 @@ def train_and_evaluate(cfg, workdir, log=print, stop_at=None):
   peak = t.peak_flops or metrics_lib.measure_matmul_peak(jnp.dtype(cfg.model.dtype))
   flops_per_token = metrics_lib.flops_per_token(cfg.model)
   tokens_per_step = t.batch_size * cfg.model.seq_len
-  writer = metrics_lib.MetricWriter(workdir)
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start)
+  reported_nonfinite = 0
 
   pending = None  # (step, device metrics) fetched one step late, so the step never syncs
   clock = None  # (time, step) throughput is measured from
+  last_save = time.monotonic()
 
   def flush(pending, clock):
     """Fetches and logs a step's metrics; throughput is measured since `clock`."""
@@ -265,32 +344,55 @@ def train_and_evaluate(cfg, workdir, log=print, stop_at=None):
     return (now, step)
 
   end = t.steps if stop_at is None else min(stop_at, t.steps)
-  for step in range(start, end):
-    state, device_metrics = trainer.train_step(state, trainer.batch(step))
-    done = step + 1
-    if pending is not None:
-      clock, pending = flush(pending, clock), None
-    if clock is None:  # after compilation, evaluation or a save: sync once, restart the clock
-      jax.block_until_ready(state)
-      clock = (time.perf_counter(), done)
-    if done % t.log_every == 0 or done == end:
-      pending = (done, device_metrics)
-    is_eval = done % t.eval_every == 0 or done == end
-    is_save = bool(cfg.checkpoint.every_steps) and done % cfg.checkpoint.every_steps == 0
-    if (is_eval or is_save) and pending is not None:
-      clock, pending = flush(pending, clock), None
-    if is_eval:
-      ev = trainer.evaluate(state.params)
-      writer.write(done, ev)
-      log(f"eval step {done} | " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-      clock = None
-    if is_save:
-      manager.save(done, state)
-      clock = None
-  if pending is not None:
-    flush(pending, clock)
-  manager.save(int(state.step), state)
-  manager.close()
+  with _Preemption() as preemption:
+    try:
+      for step in range(start, end):
+        state, device_metrics = trainer.train_step(state, trainer.batch(step))
+        done = step + 1
+        if pending is not None:
+          clock, pending = flush(pending, clock), None
+        if clock is None:  # after compilation, evaluation or a save: sync once, restart the clock
+          jax.block_until_ready(state)
+          clock = (time.perf_counter(), done)
+        is_log = done % t.log_every == 0 or done == end
+        if is_log:
+          pending = (done, device_metrics)
+        is_eval = done % t.eval_every == 0 or done == end
+        is_save = bool(c.every_steps) and done % c.every_steps == 0
+        preempted = due = False
+        if jax.process_count() == 1 or is_log:  # multi-process: agree at log steps only
+          preempted, due = _agreed(preemption.requested,
+                                   bool(c.every_seconds) and
+                                   time.monotonic() - last_save >= c.every_seconds)
+        if (is_eval or is_save or due or preempted) and pending is not None:
+          clock, pending = flush(pending, clock), None
+        if is_log or is_eval or is_save or due or preempted:
+          count = _check_nonfinite(state, cfg, manager, log)
+          if count > reported_nonfinite:
+            log(f"warning: {count} step(s) with non-finite loss or gradients skipped so far "
+                f"(the first at step {int(state.first_nonfinite_step)})")
+            reported_nonfinite = count
+        if is_eval:
+          ev = trainer.evaluate(state.params)
+          writer.write(done, ev)
+          log(f"eval step {done} | " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+          clock = None
+        if is_save or due or preempted:
+          manager.save(done, state)
+          last_save, clock = time.monotonic(), None
+        if preempted:
+          manager.wait()
+          log(f"stopped by a signal at step {done}: checkpoint saved; run the same command "
+              "to resume")
+          writer.close()
+          manager.close()
+          return state
+      if pending is not None:
+        flush(pending, clock)
+      _check_nonfinite(state, cfg, manager, log)
+      manager.save(int(state.step), state)
+    finally:
+      manager.close()
   if t.num_samples and jax.process_count() > 1:
     log("samples are printed by single-process runs only")
   elif t.num_samples:

@@ -2,7 +2,7 @@
 
 import sys
 
-from absl import flags
+from absl import flags, logging
 
 from ftjax.configs import ConfigError, resolve
 
@@ -41,3 +41,22 @@ def resolve_or_fail(cfg):
     return resolve(cfg)
   except ConfigError as e:
     fail(str(e))
+
+
+def no_extra_args(argv):
+  if len(argv) > 1:
+    fail(f"flag error: unexpected arguments {argv[1:]}")
+
+
+def restored_run(argv, workdir, step):
+  """(trainer, state) of the run in `workdir`, restored onto one device for the sample and
+  evaluate launchers; exits 2 with one line on bad flags or a missing/unreadable run."""
+  no_extra_args(argv)
+  if not workdir:
+    fail("flag error: --workdir is required")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it touches at INFO
+  from ftjax import checkpoint  # after flag checks: errors stay fast
+  try:
+    return checkpoint.load_run(workdir, step)
+  except checkpoint.CheckpointError as e:
+    fail(f"checkpoint error: {e}")

@@ -102,8 +102,7 @@ def format_report(r, hbm_gb):
 
 
 def main(argv):
-  if len(argv) > 1:
-    cli.fail(f"flag error: unexpected arguments {argv[1:]}")
+  cli.no_extra_args(argv)
   cfg = cli.resolved_config(_CONFIG)
   cfg = cli.resolve_or_fail(_apply_mesh(cfg, _MESH.value))
   logging.set_verbosity(logging.WARNING)

@@ -13,7 +13,7 @@ reports the fraction that is well-formed.
 
 import json
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from launch import cli
 
@@ -28,22 +28,14 @@ _OUTPUT = flags.DEFINE_string("output", None, "Write the results to this JSON fi
 
 
 def main(argv):
-  if len(argv) > 1:
-    cli.fail(f"flag error: unexpected arguments {argv[1:]}")
-  if not _WORKDIR.value:
-    cli.fail("flag error: --workdir is required")
-  logging.set_verbosity(logging.WARNING)
+  trainer, state = cli.restored_run(argv, _WORKDIR.value, _STEP.value)
   import jax
   import jax.numpy as jnp
   import numpy as np
 
-  from ftjax import checkpoint, evaluation, sampling
+  from ftjax import evaluation, sampling
   from ftjax.data import synthetic
   from ftjax.model import make_model
-  try:
-    trainer, state = checkpoint.load_run(_WORKDIR.value, _STEP.value)
-  except checkpoint.CheckpointError as e:
-    cli.fail(f"checkpoint error: {e}")
   cfg, params = trainer.cfg, state.params
   results = {"step": int(state.step)}
   key = jax.random.key(_SEED.value)

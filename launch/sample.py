@@ -10,7 +10,7 @@ and the config and tokenizer saved with the run. Prints the samples and writes J
 
 import json
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from launch import cli
 
@@ -37,21 +37,13 @@ _OUTPUT = flags.DEFINE_string("output", None, "JSON-lines file to write.")
 
 
 def main(argv):
-  if len(argv) > 1:
-    cli.fail(f"flag error: unexpected arguments {argv[1:]}")
-  if not _WORKDIR.value:
-    cli.fail("flag error: --workdir is required")
-  logging.set_verbosity(logging.WARNING)
+  trainer, state = cli.restored_run(argv, _WORKDIR.value, _STEP.value)
   import jax
   import jax.numpy as jnp
   import numpy as np
 
-  from ftjax import checkpoint, sampling
+  from ftjax import sampling
   from ftjax.model import make_model
-  try:
-    trainer, state = checkpoint.load_run(_WORKDIR.value, _STEP.value)
-  except checkpoint.CheckpointError as e:
-    cli.fail(f"checkpoint error: {e}")
   cfg, source = trainer.cfg, trainer.source
   prompts = list(_PROMPT.value)
   if _PROMPTS_FILE.value:

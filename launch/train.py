@@ -25,13 +25,13 @@ _MULTIPROCESS = flags.DEFINE_bool("multiprocess", False, "Start jax.distributed 
 
 
 def main(argv):
-  if len(argv) > 1:
-    cli.fail(f"flag error: unexpected arguments {argv[1:]}")
+  cli.no_extra_args(argv)
   if not _WORKDIR.value:
     cli.fail("flag error: --workdir is required")
   cfg = cli.resolved_config(_CONFIG)
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it touches at INFO
   from ftjax import distributed, train  # after flag parsing: `--help` and errors stay fast
+  from ftjax.checkpoint import CheckpointError
   from ftjax.configs import ConfigError
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                          auto=_MULTIPROCESS.value)
@@ -39,6 +39,10 @@ def main(argv):
     train.train_and_evaluate(cfg, _WORKDIR.value)
   except ConfigError as e:  # found once the devices are known (mesh, divisibility)
     cli.fail(str(e))
+  except CheckpointError as e:  # e.g. the run's checkpoints do not match a changed config
+    cli.fail(f"checkpoint error: {e}")
+  except train.NonFiniteError as e:
+    cli.fail(f"training stopped: {e}", status=1)
 
 
 if __name__ == "__main__":

@@ -30,4 +30,5 @@ def get_config():
   c.checkpoint.every_steps = 500
   c.mesh.data = 1
   c.mesh.fsdp = -1
+  c.mesh.max_replicated_fraction = 0.05
   return c

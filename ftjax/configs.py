@@ -91,6 +91,9 @@ def default_config():
   c.mesh.data = -1  # -1: all devices not used by the other axes
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  # Error if more of the parameter bytes sit whole on every device (1.0: plain data parallelism
+  # allowed; the large configs set 0.05).
+  c.mesh.max_replicated_fraction = 1.0
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "synthetic"
@@ -192,6 +195,8 @@ def _check_mesh(mesh):
     _require(mesh[key] == -1 or mesh[key] >= 1, f"mesh.{key}", f"must be -1 or >= 1, got {mesh[key]}")
   _require([mesh.data, mesh.fsdp, mesh.tensor].count(-1) <= 1, "mesh",
            "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+  _require(0 <= mesh.max_replicated_fraction <= 1, "mesh.max_replicated_fraction",
+           f"must be in [0, 1], got {mesh.max_replicated_fraction}")
 
 
 def _check_data(cfg):

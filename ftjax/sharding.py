@@ -104,6 +104,18 @@ def batch_sharding(mesh):
   return NamedSharding(mesh, P(("data", "fsdp"), None))
 
 
+def check_replication(abstract_params, params_sharding, mesh, tolerance):
+  """ConfigError when more than `tolerance` of the parameter bytes would be replicated on a
+  mesh of several devices (a rule that shards nothing wastes memory at scale)."""
+  fraction = replicated_fraction(abstract_params, params_sharding)
+  if mesh.devices.size > 1 and fraction > tolerance:
+    raise ConfigError("mesh.max_replicated_fraction",
+                      f"{100 * fraction:.1f}% of the parameter bytes are replicated on every "
+                      f"device of mesh {dict(mesh.shape)}, above {100 * tolerance:.1f}%; change "
+                      "the mesh or the rules in ftjax/sharding.py, or raise the tolerance")
+  return fraction
+
+
 def replicated_fraction(abstract_tree, shardings):
   """Share of the bytes of `abstract_tree` held whole on every device."""
   total = replicated = 0

@@ -164,6 +164,7 @@ def compile_ready_steps(cfg, mesh):
   optimizer = make_optimizer(cfg.train)
   params_sh = sharding.param_shardings(model, mesh, lambda: init_variables(model, cfg.seed))
   abstract_params = jax.eval_shape(lambda: init_params(model, cfg.seed))
+  sharding.check_replication(abstract_params, params_sh, mesh, cfg.mesh.max_replicated_fraction)
   replicated = NamedSharding(mesh, P())
   state_sh = TrainState(
       step=replicated, params=params_sh,
@@ -249,6 +250,17 @@ def format_progress(step, total, m, tokens_per_step):
   return " | ".join(parts)
 
 
+def _describe(cfg, trainer, state):
+  """Start-up lines: parameters, latent, mesh and how much of the parameters is replicated."""
+  lat = cfg.model.latent
+  latent = (f"latent on (H={lat.num_bits}, kappa={lat.kappa:.4f} nats)" if lat.enabled else
+            "latent off (baseline)")
+  replicated = sharding.replicated_fraction(state.params, trainer.state_sharding.params)
+  return [f"model: {metrics_lib.count_params(state.params):,} parameters; {latent}",
+          f"mesh {dict(trainer.mesh.shape)}: {100 * replicated:.1f}% of the parameter bytes "
+          "replicated on every device"]
+
+
 class _Preemption:
   """Turns SIGTERM/SIGINT into a flag the loop polls: it saves a checkpoint and exits cleanly."""
 
@@ -319,8 +331,8 @@ def train_and_evaluate(cfg, workdir, log=print, stop_at=None):
   start = int(state.step)
   if start:
     log(f"resumed from step {start}")
-  log(f"model: {metrics_lib.count_params(state.params):,} parameters; "
-      f"latent {'on (H=%d, kappa=%.4f nats)' % (cfg.model.latent.num_bits, cfg.model.latent.kappa) if cfg.model.latent.enabled else 'off (baseline)'}")
+  for line in _describe(cfg, trainer, state):
+    log(line)
   peak = t.peak_flops or metrics_lib.measure_matmul_peak(jnp.dtype(cfg.model.dtype))
   flops_per_token = metrics_lib.flops_per_token(cfg.model)
   tokens_per_step = t.batch_size * cfg.model.seq_len

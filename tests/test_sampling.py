@@ -94,3 +94,21 @@ def test_generation_stops_at_eos(tiny_cfg):
   assert (np.asarray(out["tokens"][0, p:]) == eos).all()  # ended, then padded with eos
   alone = run(prompt_BP[:1], start_B[:1], max_new_tokens=20, eos_id=eos)
   assert int(alone["num_generated"]) == 1  # the loop stops once every sequence has ended
+
+
+def test_generation_on_a_mesh_matches_one_device(tiny_cfg):
+  from ftjax import sharding, train
+  cfg = resolved(tiny_cfg, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
+                              "train.batch_size": 8, "model.latent.zero_init_post_sampler": False})
+  trainer = train.Trainer.create(cfg)
+  sharded = trainer.init_state().params
+  decode_model = make_model(cfg.model, decode=True)
+  prompt_BP, start_B = map(jnp.asarray, sampling.left_pad(PROMPTS))
+  run = lambda params: sampling.generate(decode_model, params, prompt_BP, start_B,
+                                         jax.random.key(0), max_new_tokens=6, temperature=0.0,
+                                         return_logits=True)
+  with sharding.in_mesh(trainer.mesh):
+    on_mesh = run(sharded)
+  alone = run(jax.device_get(sharded))
+  np.testing.assert_allclose(on_mesh["logits"], alone["logits"], rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(on_mesh["codes"], alone["codes"])

@@ -66,3 +66,12 @@ def test_batch_must_split_over_the_mesh(tiny_cfg):
   cfg = resolved(tiny_cfg, **_mesh_overrides((1, 8, 1)))  # batch 4 over 8 devices
   with pytest.raises(ConfigError, match="train.batch_size"):
     train.Trainer.create(cfg)
+
+
+def test_too_much_replication_is_a_config_error(tiny_cfg):
+  # With only the data axis, every parameter is replicated on the 8 devices.
+  cfg = resolved(tiny_cfg, **{"mesh.data": 8, "train.batch_size": 8,
+                              "mesh.max_replicated_fraction": 0.05})
+  with pytest.raises(ConfigError, match="100.0% of the parameter bytes are replicated"):
+    train.Trainer.create(cfg)
+  train.Trainer.create(resolved(cfg, **{"mesh.max_replicated_fraction": 1.0}))

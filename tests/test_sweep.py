@@ -1,0 +1,40 @@
+"""launch.sweep: runs every point, skips finished ones, resumes interrupted ones, summarises."""
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+SWEEP = "tests/sweep_tiny.py"
+
+
+def _sweep(root, *flags):
+  return subprocess.run([sys.executable, "-m", "launch.sweep", f"--config={SWEEP}",
+                         f"--workdir={root}", *flags], cwd=REPO, capture_output=True, text=True,
+                        timeout=600)
+
+
+def test_sweep_runs_skips_and_resumes(tmp_path):
+  printed = _sweep(tmp_path, "--print_only")
+  assert printed.returncode == 0 and len(printed.stdout.strip().splitlines()) == 4
+  assert "--config.model.latent.kappa_bits=0.25" in printed.stdout and not os.listdir(tmp_path)
+
+  first = _sweep(tmp_path)
+  assert first.returncode == 0, first.stderr[-3000:]
+  points = sorted(p for p in os.listdir(tmp_path) if os.path.isdir(tmp_path / p))
+  assert points == ["num_bits=2,kappa_bits=0.25", "num_bits=2,kappa_bits=1.0",
+                    "num_bits=4,kappa_bits=0.25", "num_bits=4,kappa_bits=1.0"]
+  with open(tmp_path / "summary.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 4 and all(r["step"] == "6" and float(r["eval_ce"]) > 0 for r in rows)
+  assert (tmp_path / "summary.md").read_text().startswith("| point |")
+
+  interrupted = tmp_path / points[1]
+  shutil.rmtree(interrupted / "checkpoints" / "6")  # as if killed after the step-4 checkpoint
+  second = _sweep(tmp_path)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert second.stdout.count("finished, skipped") == 3
+  assert f"[{points[1]}] resuming" in second.stdout and "resumed from step 4" in second.stdout

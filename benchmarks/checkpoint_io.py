@@ -43,7 +43,7 @@ def main(argv):
       workdir = tempfile.mkdtemp()
       manager = checkpoint.Manager(os.path.join(workdir, "checkpoints"), cfg, log=lambda *_: None)
       start = time.perf_counter()
-      manager.save(i + 1, state)
+      manager.save(i + 1, state, {"step": 2})
       blocking.append(time.perf_counter() - start)
       manager.wait()
       total.append(time.perf_counter() - start)

@@ -6,6 +6,7 @@ from ftjax.configs import default_config
 def get_config():
   c = default_config()
   c.data.name = "shakespeare"
+  c.data.loader = "grain"  # tfds array_record corpus, prepared at first use; documents packed
   c.model.num_layers = 6
   c.model.d_model = 256
   c.model.num_heads = 8

@@ -62,10 +62,35 @@ class Manager:
   def all_steps(self):
     return sorted(self._manager.all_steps())
 
-  def save(self, step, state):
-    """Starts an async save of `state` at `step` (training goes on while it is written)."""
+  def _data_state_path(self, step):
+    return os.path.join(self.directory, "data_state", f"{step}.process{jax.process_index()}.json")
+
+  def _write_data_state(self, step, data_state):
+    """Each process's data-iterator state, written (atomically) before the step's save starts,
+    so that every committed step has one; files of deleted steps are removed."""
+    path = self._data_state_path(step)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      json.dump(data_state, f)
+    os.replace(path + ".tmp", path)
+    oldest = min(self.all_steps(), default=step)
+    for name in os.listdir(os.path.dirname(path)):
+      if name.split(".")[0].isdigit() and int(name.split(".")[0]) < oldest:
+        os.remove(os.path.join(os.path.dirname(path), name))
+
+  def _read_data_state(self, step):
+    try:
+      with open(self._data_state_path(step), encoding="utf-8") as f:
+        return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise _Unreadable(f"its data-iterator state: {e}") from e
+
+  def save(self, step, state, data_state):
+    """Starts an async save of `state` and the data stream's state at `step` (training goes
+    on while it is written)."""
     if step in self._manager.all_steps():
       return
+    self._write_data_state(step, data_state)
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         config=ocp.args.JsonSave(self._cfg.to_dict())))
@@ -80,15 +105,17 @@ class Manager:
       raise CheckpointError(f"the checkpoint at step {step} in {self.directory} does not match "
                             f"the config: {mismatches[0]}" +
                             (f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else ""))
+    data_state = self._read_data_state(step)
     try:
       return self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state)))["state"]
+          state=ocp.args.StandardRestore(abstract_state)))["state"], data_state
     except Exception as e:  # noqa: BLE001
       raise _Unreadable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
 
   def restore(self, step, abstract_state):
-    """The state saved at `step` (None: the newest readable one, falling back over damaged
-    steps with a warning), placed as `abstract_state` says, whatever mesh saved it."""
+    """(state, data-stream state) saved at `step` (None: the newest readable one, falling back
+    over damaged steps with a warning), the state placed as `abstract_state` says, whatever
+    mesh saved it."""
     steps = self.all_steps()
     if not steps:
       raise CheckpointError(f"no checkpoint in {self.directory}")
@@ -104,9 +131,10 @@ class Manager:
     raise CheckpointError(f"no readable checkpoint in {self.directory} (steps {steps})")
 
   def restore_or(self, init_fn, abstract_state):
-    """The newest readable saved state, or `init_fn()` when the directory holds none."""
+    """The newest readable (state, data-stream state), or (`init_fn()`, None) when the
+    directory holds no checkpoint."""
     if not self.all_steps():
-      return init_fn()
+      return init_fn(), None
     return self.restore(None, abstract_state)
 
   def wait(self):
@@ -147,6 +175,6 @@ def load_run(workdir, step=None, mesh=None):
   cfg.lock()
   trainer = train.Trainer.create(cfg)
   manager = Manager(os.path.join(workdir, "checkpoints"), read_only=True)
-  state = manager.restore(step, trainer.abstract_state())
+  state, _ = manager.restore(step, trainer.abstract_state())
   manager.close()
   return trainer, state

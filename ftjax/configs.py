@@ -18,7 +18,8 @@ REMAT_POLICIES = (
     "dots_no_batch",  # save matmuls without batch dims (checkpoint_dots_with_no_batch_dims)
     "nothing",  # save nothing (nothing_saveable), like "full"
 )
-DATASETS = ("synthetic", "shakespeare")
+DATASETS = ("synthetic", "shakespeare", "python_stdlib")
+LOADERS = ("memory", "grain")
 DTYPES = ("float32", "bfloat16")
 POST_SAMPLERS = ("onehot", "bits")
 
@@ -99,7 +100,10 @@ def default_config():
   c.data.name = "synthetic"
   c.data.noise_prob = 1 / 16  # synthetic: probability that a character is replaced by '!'
   c.data.block_len = 8  # synthetic: length of the repeated-letter block
-  c.data.eval_fraction = 0.05  # text: share of the corpus held out for validation
+  c.data.eval_fraction = 0.05  # text, loader "memory": share of each document held out
+  c.data.loader = "memory"  # text: "memory" (random crops) or "grain" (tfds + grain, packed)
+  c.data.data_dir = ""  # grain: prepared datasets ("": $FTJAX_DATA_DIR or ~/.cache/ftjax/datasets)
+  c.data.worker_count = 0  # grain: worker processes (the batch order depends on this count)
   return c
 
 
@@ -204,6 +208,10 @@ def _check_data(cfg):
   _require(d.name in DATASETS, "data.name", f"must be one of {DATASETS}, got {d.name!r}")
   _require(0 <= d.noise_prob < 1, "data.noise_prob", f"must be in [0, 1), got {d.noise_prob}")
   _require(0 < d.eval_fraction < 1, "data.eval_fraction", f"must be in (0, 1), got {d.eval_fraction}")
+  _require(d.loader in LOADERS, "data.loader", f"must be one of {LOADERS}, got {d.loader!r}")
+  _require(d.worker_count >= 0, "data.worker_count", f"must be >= 0, got {d.worker_count}")
+  _require(d.loader == "grain" or d.name != "python_stdlib", "data.loader",
+           "data.name='python_stdlib' is read with data.loader='grain'")
   if d.name == "synthetic":
     from ftjax.data import synthetic  # local import: configs stay importable without data deps
     need = synthetic.sequence_length(cfg) - 1

@@ -221,18 +221,31 @@ class Trainer:
   def eval_step(self, params, batch, key):
     return self._in_mesh(self._eval_step, params, batch, key)
 
-  def batch(self, step, split="train"):
-    """The global batch of `step`, each process reading only the rows its devices hold."""
+  def stream(self, split="train"):
+    """This process's stream of `split` batches, from its start (see ftjax.data)."""
     size = self.cfg.train.batch_size
-    batch_sh = sharding.batch_sharding(self.mesh)
-    rows = distributed.process_rows(batch_sh, (size, self.cfg.model.seq_len))
-    return distributed.global_batch(self.source.batch(step, size, split, rows), batch_sh, size)
+    rows = distributed.process_rows(sharding.batch_sharding(self.mesh),
+                                    (size, self.cfg.model.seq_len))
+    return self.source.stream(split, size, rows, jax.process_index(), jax.process_count())
+
+  def to_global(self, local_batch):
+    """A global batch from this process's rows."""
+    return distributed.global_batch(local_batch, sharding.batch_sharding(self.mesh),
+                                    self.cfg.train.batch_size)
+
+  def batch(self, step, split="train"):
+    """Global batch number `step` of `split`, read from a fresh stream (tests, benchmarks)."""
+    stream = self.stream(split)
+    for _ in range(step):
+      next(stream)
+    return self.to_global(next(stream))
 
   def evaluate(self, params, split="validation", num_batches=None, key=None):
     """Mean of the eval metrics over the first `num_batches` (default `train.eval_batches`)
     batches of `split`, with fixed keys."""
     key = jax.random.key(self.cfg.seed + 1) if key is None else key
-    rows = [self.eval_step(params, self.batch(i, split), jax.random.fold_in(key, i))
+    stream = self.stream(split)
+    rows = [self.eval_step(params, self.to_global(next(stream)), jax.random.fold_in(key, i))
             for i in range(num_batches or self.cfg.train.eval_batches)]
     rows = distributed.fetch(rows)
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
@@ -255,10 +268,12 @@ def _describe(cfg, trainer, state):
   lat = cfg.model.latent
   latent = (f"latent on (H={lat.num_bits}, kappa={lat.kappa:.4f} nats)" if lat.enabled else
             "latent off (baseline)")
-  replicated = sharding.replicated_fraction(state.params, trainer.state_sharding.params)
-  return [f"model: {metrics_lib.count_params(state.params):,} parameters; {latent}",
-          f"mesh {dict(trainer.mesh.shape)}: {100 * replicated:.1f}% of the parameter bytes "
-          "replicated on every device"]
+  lines = [f"model: {metrics_lib.count_params(state.params):,} parameters; {latent}"]
+  if trainer.mesh.devices.size > 1:
+    replicated = sharding.replicated_fraction(state.params, trainer.state_sharding.params)
+    lines.append(f"mesh {dict(trainer.mesh.shape)}: {100 * replicated:.1f}% of the parameter "
+                 "bytes replicated on every device")
+  return lines
 
 
 class _Preemption:
@@ -327,7 +342,10 @@ def train_and_evaluate(cfg, workdir, log=print, stop_at=None):
   trainer = Trainer.create(cfg)
   t, c = cfg.train, cfg.checkpoint
   manager = ckpt_lib.Manager(os.path.join(workdir, "checkpoints"), cfg, log=log)
-  state = manager.restore_or(trainer.init_state, trainer.abstract_state())
+  stream = trainer.stream("train")
+  state, data_state = manager.restore_or(trainer.init_state, trainer.abstract_state())
+  if data_state is not None:
+    stream.set_state(data_state)
   start = int(state.step)
   if start:
     log(f"resumed from step {start}")
@@ -359,7 +377,7 @@ def train_and_evaluate(cfg, workdir, log=print, stop_at=None):
   with _Preemption() as preemption:
     try:
       for step in range(start, end):
-        state, device_metrics = trainer.train_step(state, trainer.batch(step))
+        state, device_metrics = trainer.train_step(state, trainer.to_global(next(stream)))
         done = step + 1
         if pending is not None:
           clock, pending = flush(pending, clock), None
@@ -390,21 +408,21 @@ def train_and_evaluate(cfg, workdir, log=print, stop_at=None):
           log(f"eval step {done} | " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
           clock = None
         if is_save or due or preempted:
-          manager.save(done, state)
+          manager.save(done, state, stream.get_state())
           last_save, clock = time.monotonic(), None
         if preempted:
           manager.wait()
           log(f"stopped by a signal at step {done}: checkpoint saved; run the same command "
               "to resume")
           writer.close()
-          manager.close()
           return state
       if pending is not None:
         flush(pending, clock)
       _check_nonfinite(state, cfg, manager, log)
-      manager.save(int(state.step), state)
+      manager.save(int(state.step), state, stream.get_state())
     finally:
       manager.close()
+      stream.close()
   if t.num_samples and jax.process_count() > 1:
     log("samples are printed by single-process runs only")
   elif t.num_samples:

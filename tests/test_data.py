@@ -44,3 +44,4 @@ def test_byte_tokens_round_trip():
   tokens = text.encode(s)
   assert tokens.min() >= text.BYTE_OFFSET and tokens.max() < text.VOCAB_SIZE
   assert text.decode(tokens) == s
+  assert text.decode([text.BOS, *tokens, text.VOCAB_SIZE + 3]) == s  # specials, padding ids

@@ -116,9 +116,9 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tiny_cfg, tmp_path
         f.truncate(max(os.path.getsize(f.name) // 3, 1))
   warnings = []
   trainer = train.Trainer.create(cfg)
-  state = checkpoint.Manager(ckpt_dir, read_only=True, log=warnings.append).restore(
+  state, data_state = checkpoint.Manager(ckpt_dir, read_only=True, log=warnings.append).restore(
       None, trainer.abstract_state())
-  assert int(state.step) == 15
+  assert int(state.step) == 15 and data_state == {"step": 15}
   assert len(warnings) == 1 and "step 20" in warnings[0] and "unreadable" in warnings[0]
 
 

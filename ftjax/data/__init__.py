@@ -1,28 +1,89 @@
-"""Data sources: `make_source(cfg)` gives batches of {'inputs', 'targets'} keyed by step."""
+"""Data sources: `make_source(cfg)` gives streams of {'inputs', 'targets'} batches.
+
+A stream yields this process's rows of each global batch and has `get_state()`/`set_state()`
+(a JSON-able dict saved with the checkpoints), so a resumed run reads exactly the batches that
+would have come next. Two kinds:
+  in memory (the synthetic task; text crops with `data.loader="memory"`): batch s is a pure
+      function of (seed, split, s); the state is the step;
+  grain (`data.loader="grain"`): tfds array_record corpora, shuffled, tokenised, packed and
+      batched by `ftjax.data.pipeline`; the state is grain's iterator state.
+"""
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from ftjax.data import synthetic, text
 
 
+class StepStream:
+  """Batches of a step-keyed source: `make_tokens(step, batch_size, split, rows)`."""
+
+  def __init__(self, make_tokens, batch_size, split, rows):
+    self._make_tokens, self._batch_size, self._split, self._rows = (
+        make_tokens, batch_size, split, rows)
+    self.step = 0
+
+  def __next__(self):
+    tokens = self._make_tokens(self.step, self._batch_size, self._split, self._rows)
+    self.step += 1
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+  def get_state(self):
+    return {"step": self.step}
+
+  def set_state(self, state):
+    self.step = int(state["step"])
+
+  def close(self):
+    pass
+
+
+class GrainStream:
+  """Batches of the grain pipeline, as {'inputs', 'targets'}."""
+
+  def __init__(self, iterator):
+    self._iterator = iterator
+
+  def __next__(self):
+    tokens = next(self._iterator)["tokens"]
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+  def get_state(self):
+    return self._iterator.get_state()
+
+  def set_state(self, state):
+    self._iterator.set_state(state)
+
+  def close(self):
+    """Stops grain's worker processes (if any)."""
+    close = getattr(self._iterator, "close", None)
+    if close is not None:
+      close()
+
+
 @dataclasses.dataclass(frozen=True)
 class Source:
-  """A deterministic, infinite stream of batches: `batch(step, split)` is a pure function."""
+  """Where batches come from, how text maps to tokens, and what a prompt looks like."""
   name: str
-  # (step, batch_size, split, rows) -> (rows of the batch, T+1)
-  make_tokens: Callable[[int, int, str, slice], np.ndarray]
+  # (split, global batch size, this process's rows, process index, process count) -> stream
+  stream: Callable[[str, int, slice, int, int], Any]
   prompts: Callable[[int], np.ndarray]  # n -> (n, P) prompts for samples
   decode: Callable[[np.ndarray], str]
   encode: Callable[[str, bool], np.ndarray]  # (text, starts a sequence) -> tokens
   bytes_per_token: float  # for bits-per-byte; 0 when the data is not text
 
-  def batch(self, step, batch_size, split="train", rows=slice(None)):
-    """Rows `rows` of the global batch of `step` (all rows by default)."""
-    tokens = self.make_tokens(step, batch_size, split, rows)
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  def batch(self, step, batch_size, split="train"):
+    """The whole global batch number `step` of `split` (reads the stream from its start)."""
+    stream = self.stream(split, batch_size, slice(None), 0, 1)
+    for _ in range(step):
+      next(stream)
+    return next(stream)
+
+
+def _step_keyed(make_tokens):
+  return lambda split, batch_size, rows, *_: StepStream(make_tokens, batch_size, split, rows)
 
 
 def make_source(cfg):
@@ -32,19 +93,36 @@ def make_source(cfg):
     def make_tokens(step, batch_size, split, rows):  # cheap: made whole, then sliced
       return synthetic.generate(cfg.seed, step, batch_size, block_len=d.block_len,
                                 noise_prob=d.noise_prob, split=split)[0][rows]
+
     def prompts(n):  # BOS, letter, '>' for letters spread over the alphabet
       letters = (np.arange(n) * 7) % 26
       return np.stack([np.full(n, synthetic.BOS), synthetic.FIRST_LETTER + letters,
                        np.full(n, synthetic.ARROW)], axis=1).astype(np.int32)
-    return Source("synthetic", make_tokens, prompts, synthetic.decode,
-                  lambda text, start=True: synthetic.encode(text, bos=start),
-                  0.0)
-  corpus = text.load_corpus(d.name, d.eval_fraction)
+    return Source("synthetic", _step_keyed(make_tokens), prompts, synthetic.decode,
+                  lambda string, start=True: synthetic.encode(string, bos=start), 0.0)
 
-  def make_tokens(step, batch_size, split, rows):
-    return text.generate(corpus[split], cfg.seed, step, batch_size, cfg.model.seq_len + 1, split,
-                         rows)
-  def prompts(n):  # the first 16 bytes of held-out crops
-    return make_tokens(0, n, "validation", slice(None))[:, :16]
-  return Source(d.name, make_tokens, prompts, text.decode,
+  if d.loader == "grain":
+    stream = _grain_stream(cfg)
+  else:
+    corpus = text.load_corpus(d.name, d.eval_fraction)
+    stream = _step_keyed(lambda step, batch_size, split, rows: text.generate(
+        corpus[split], cfg.seed, step, batch_size, cfg.model.seq_len + 1, split, rows))
+
+  def prompts(n):  # the first 16 bytes of held-out sequences
+    return next(stream("validation", n, slice(None), 0, 1))["inputs"][:, :16]
+  return Source(d.name, stream, prompts, text.decode,
                 lambda string, start=True: text.encode(string), 1.0)
+
+
+def _grain_stream(cfg):
+  from ftjax.data import corpora, pipeline  # tfds and grain load only when used
+  d = cfg.data
+
+  def stream(split, batch_size, rows, process_index, process_count):
+    local = len(range(*rows.indices(batch_size)))
+    source = corpora.data_source(d.name, split, d.data_dir)
+    return GrainStream(pipeline.batches(
+        source, text.encode, seed=cfg.seed, seq_len=cfg.model.seq_len, batch_size=local,
+        shard_index=process_index, shard_count=process_count,
+        worker_count=d.worker_count if split == "train" else 0))
+  return stream

@@ -27,7 +27,8 @@ def encode(text):
 
 
 def decode(tokens):
-  data = bytes(int(t) - BYTE_OFFSET for t in np.asarray(tokens).tolist() if t >= BYTE_OFFSET)
+  data = bytes(int(t) - BYTE_OFFSET for t in np.asarray(tokens).tolist()
+               if BYTE_OFFSET <= t < VOCAB_SIZE)  # specials and padded vocabulary ids dropped
   return data.decode("utf-8", errors="replace")
 
 

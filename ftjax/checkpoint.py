@@ -173,7 +173,7 @@ def load_run(workdir, step=None, mesh=None):
   cfg.unlock()
   cfg.mesh.update(mesh or {"data": 1, "fsdp": 1, "tensor": 1})
   cfg.lock()
-  trainer = train.Trainer.create(cfg)
+  trainer = train.Trainer.create(cfg, run_dir=workdir)  # with the run's own tokenizer
   manager = Manager(os.path.join(workdir, "checkpoints"), read_only=True)
   state, _ = manager.restore(step, trainer.abstract_state())
   manager.close()

@@ -104,6 +104,8 @@ def default_config():
   c.data.loader = "memory"  # text: "memory" (random crops) or "grain" (tfds + grain, packed)
   c.data.data_dir = ""  # grain: prepared datasets ("": $FTJAX_DATA_DIR or ~/.cache/ftjax/datasets)
   c.data.worker_count = 0  # grain: worker processes (the batch order depends on this count)
+  c.data.tokenizer = "bytes"  # text: "bytes" or "sentencepiece" (trained on the corpus; grain)
+  c.data.sentencepiece_vocab = 1024  # sentencepiece: vocabulary size (model.vocab_size >= it)
   return c
 
 
@@ -212,6 +214,10 @@ def _check_data(cfg):
   _require(d.worker_count >= 0, "data.worker_count", f"must be >= 0, got {d.worker_count}")
   _require(d.loader == "grain" or d.name != "python_stdlib", "data.loader",
            "data.name='python_stdlib' is read with data.loader='grain'")
+  _require(d.tokenizer in ("bytes", "sentencepiece"), "data.tokenizer",
+           f"must be 'bytes' or 'sentencepiece', got {d.tokenizer!r}")
+  _require(d.tokenizer == "bytes" or d.loader == "grain", "data.tokenizer",
+           "sentencepiece needs data.loader='grain'")
   if d.name == "synthetic":
     from ftjax.data import synthetic  # local import: configs stay importable without data deps
     need = synthetic.sequence_length(cfg) - 1
@@ -221,6 +227,11 @@ def _check_data(cfg):
     _require(0 < d.block_len <= synthetic.BODY_LEN, "data.block_len",
              f"must be in 1..{synthetic.BODY_LEN}, got {d.block_len}")
     vocab = synthetic.VOCAB_SIZE
+  elif d.tokenizer == "sentencepiece":
+    _require(d.sentencepiece_vocab >= 512, "data.sentencepiece_vocab",
+             f"must be >= 512 (256 byte-fallback pieces + the corpus's characters), "
+             f"got {d.sentencepiece_vocab}")
+    vocab = d.sentencepiece_vocab
   else:
     from ftjax.data import text
     vocab = text.VOCAB_SIZE

@@ -6,7 +6,6 @@ nothing else, so Z differs per step, runs are reproducible, and a resumed run dr
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import signal
@@ -196,10 +195,10 @@ class Trainer:
   _eval_step: Any
 
   @classmethod
-  def create(cls, cfg, devices=None):
+  def create(cls, cfg, devices=None, run_dir=None):
     mesh = sharding.make_mesh(cfg.mesh, devices)
     model, state_sh, init, step = compile_ready_steps(cfg, mesh)
-    source = data_lib.make_source(cfg)
+    source = data_lib.make_source(cfg, run_dir)
     evaluate = functools.partial(eval_step, model=model, bytes_per_token=source.bytes_per_token)
     evaluate = jax.jit(evaluate, in_shardings=(state_sh.params, sharding.batch_sharding(mesh), None))
     return cls(cfg, model, source, mesh, state_sh, init, step, evaluate)
@@ -339,7 +338,10 @@ def train_and_evaluate(cfg, workdir, log=print, stop_at=None):
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
-  trainer = Trainer.create(cfg)
+  trainer = Trainer.create(cfg, run_dir=workdir)
+  if jax.process_index() == 0 and trainer.source.tokenizer is not None:
+    from ftjax.data import tokenizers
+    tokenizers.save_with_run(trainer.source.tokenizer, workdir)
   t, c = cfg.train, cfg.checkpoint
   manager = ckpt_lib.Manager(os.path.join(workdir, "checkpoints"), cfg, log=log)
   stream = trainer.stream("train")
@@ -432,20 +434,26 @@ def train_and_evaluate(cfg, workdir, log=print, stop_at=None):
   return state
 
 
-def show_samples(trainer, params, num_samples, log=print, temperature=1.0):
-  """Samples with Z uniform per token (KV-cache decoding); for the synthetic task also the share
-  that is well-formed."""
-  from ftjax.data import synthetic
-  cfg, source = trainer.cfg, trainer.source
-  prompts_BP = jnp.asarray(source.prompts(num_samples))
+def sample_texts(trainer, params, num_samples, key, temperature=1.0):
+  """`num_samples` sequences from the source's prompts to the training length, Z uniform per
+  token (KV-cache decoding), decoded to text."""
+  cfg = trainer.cfg
+  prompts_BP = jnp.asarray(trainer.source.prompts(num_samples))
   out = sampling.generate(make_model(cfg.model, decode=True), params, prompts_BP,
-                          jnp.zeros((num_samples,), jnp.int32), jax.random.key(cfg.seed + 2),
+                          jnp.zeros((num_samples,), jnp.int32), key,
                           max_new_tokens=cfg.model.seq_len + 1 - prompts_BP.shape[1],
                           temperature=temperature)
-  texts = [source.decode(row) for row in np.asarray(out["tokens"])]
+  return [trainer.source.decode(row) for row in np.asarray(out["tokens"])]
+
+
+def show_samples(trainer, params, num_samples, log=print, temperature=1.0):
+  """Logs samples (Z uniform per token); for the synthetic task also the share well-formed."""
+  from ftjax.data import synthetic
+  cfg = trainer.cfg
+  texts = sample_texts(trainer, params, num_samples, jax.random.key(cfg.seed + 2), temperature)
   log(f"samples (Z uniform per token, temperature {temperature}):")
   for s in texts:
     log("  " + s.replace("\n", "\\n"))
-  if source.name == "synthetic":
+  if trainer.source.name == "synthetic":
     log(f"well-formed: {sum(synthetic.well_formed(texts, cfg.data.block_len))}/{len(texts)}")
   return "\n".join(texts)

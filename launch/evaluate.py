@@ -7,8 +7,8 @@ Prints (and with --output writes as JSON): `eval_ce` (for a Free Transformer: Z 
 generation sees), `eval_elbo` (CE with Z from the encoder + KL, a bound on the NLL), `eval_kl`,
 and bits per byte for text. A large gap between the two says κ lets Z carry too much.
 --choices_file scores multiple-choice questions (JSON lines {"question", "choices", "answer"})
-by summed log-likelihood; --generate samples N sequences (Z uniform) and, for the synthetic task,
-reports the fraction that is well-formed.
+by summed log-likelihood; --generate samples N sequences (Z uniform) of the synthetic task and reports
+the fraction that is well-formed.
 """
 
 import json
@@ -22,7 +22,8 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest
 _SPLIT = flags.DEFINE_enum("split", "validation", ["train", "validation"], "Data split.")
 _NUM_BATCHES = flags.DEFINE_integer("num_batches", 0, "Batches (0: the run's train.eval_batches).")
 _CHOICES = flags.DEFINE_string("choices_file", None, "Multiple-choice questions (JSON lines).")
-_GENERATE = flags.DEFINE_integer("generate", 0, "Sequences to generate for the task metric.")
+_GENERATE = flags.DEFINE_integer("generate", 0, "Synthetic task: sequences to generate for the "
+                                 "well-formed fraction.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for Z and sampling.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the results to this JSON file.")
 
@@ -30,12 +31,10 @@ _OUTPUT = flags.DEFINE_string("output", None, "Write the results to this JSON fi
 def main(argv):
   trainer, state = cli.restored_run(argv, _WORKDIR.value, _STEP.value)
   import jax
-  import jax.numpy as jnp
   import numpy as np
 
-  from ftjax import evaluation, sampling
+  from ftjax import evaluation, train
   from ftjax.data import synthetic
-  from ftjax.model import make_model
   cfg, params = trainer.cfg, state.params
   results = {"step": int(state.step)}
   key = jax.random.key(_SEED.value)
@@ -47,14 +46,9 @@ def main(argv):
       cli.fail(f"flag error: --choices_file: {e}")
     results["choice_accuracy"], _ = evaluation.multiple_choice(
         trainer.model, params, trainer.source.encode, items, key)
-  if _GENERATE.value:
-    prompts = jnp.asarray(trainer.source.prompts(_GENERATE.value))
-    out = sampling.generate(make_model(cfg.model, decode=True), params, prompts,
-                            jnp.zeros((_GENERATE.value,), jnp.int32), key,
-                            max_new_tokens=cfg.model.seq_len + 1 - prompts.shape[1])
-    if trainer.source.name == "synthetic":
-      texts = [trainer.source.decode(r) for r in np.asarray(out["tokens"])]
-      results["well_formed"] = float(np.mean(synthetic.well_formed(texts, cfg.data.block_len)))
+  if _GENERATE.value and trainer.source.name == "synthetic":
+    texts = train.sample_texts(trainer, params, _GENERATE.value, key)
+    results["well_formed"] = float(np.mean(synthetic.well_formed(texts, cfg.data.block_len)))
   for k, v in results.items():
     print(f"{k:20s} {v:.4f}" if isinstance(v, float) else f"{k:20s} {v}")
   if _OUTPUT.value:

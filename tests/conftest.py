@@ -11,9 +11,7 @@ sys.path.insert(0, REPO)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
-import jax  # noqa: E402  (after XLA_FLAGS)
 import pytest  # noqa: E402
-
 
 
 @pytest.fixture

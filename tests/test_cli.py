@@ -1,7 +1,6 @@
 """launch.sample and launch.evaluate on a run trained on the fake 8-device mesh; the scorer."""
 
 import json
-import os
 import subprocess
 import sys
 

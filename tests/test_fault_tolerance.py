@@ -4,7 +4,6 @@ changed shapes, a different device count, non-finite steps."""
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +14,6 @@ import numpy as np
 import pytest
 
 from ftjax import checkpoint, train
-from ftjax.configs import ConfigError
 from tests.conftest import REPO, resolved
 
 TIMING = ("tokens_per_sec", "mfu")

@@ -1,6 +1,5 @@
 """The binary mapper, KL and post-samplers against naive references."""
 
-import itertools
 import math
 
 import jax

@@ -82,3 +82,23 @@ def test_training_on_the_pipeline_resumes_bit_identically(tiny_cfg, data_dir, tm
   assert train_rows(tmp_path / "full") == train_rows(tmp_path / "resumed")
   out = train.Trainer.create(cfg).evaluate(full.params)
   assert out["eval_bpb"] > 0 and "eval_elbo_bpb" in out
+
+
+def test_sentencepiece_run_saves_and_restores_its_tokenizer(tiny_cfg, data_dir, tmp_path):
+  from ftjax import checkpoint
+  from ftjax.data import tokenizers
+  cfg = resolved(tiny_cfg, **{
+      "data.name": "shakespeare", "data.loader": "grain", "data.data_dir": data_dir,
+      "data.tokenizer": "sentencepiece", "data.sentencepiece_vocab": 512,
+      "model.vocab_size": 512, "model.seq_len": 32, "train.steps": 2, "train.eval_every": 2,
+      "train.num_samples": 0, "train.peak_flops": 1.0})
+  train.train_and_evaluate(cfg, str(tmp_path), log=lambda *_: None)
+  saved = tmp_path / tokenizers.RUN_FILE
+  assert saved.exists()
+  tok = tokenizers.SentencePieceTokenizer(str(saved))
+  line = "To be, or not to be: that is the question."
+  assert tok.vocab_size == 512 and tok.decode(tok.encode(line)) == line
+  assert len(tok.encode(line)) < len(line)  # subwords, not bytes
+  trainer, _ = checkpoint.load_run(str(tmp_path))
+  assert trainer.source.tokenizer.path == str(saved)
+  assert 1.5 < trainer.source.bytes_per_token < 6

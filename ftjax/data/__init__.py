@@ -73,21 +73,16 @@ class Source:
   decode: Callable[[np.ndarray], str]
   encode: Callable[[str, bool], np.ndarray]  # (text, starts a sequence) -> tokens
   bytes_per_token: float  # for bits-per-byte; 0 when the data is not text
-
-  def batch(self, step, batch_size, split="train"):
-    """The whole global batch number `step` of `split` (reads the stream from its start)."""
-    stream = self.stream(split, batch_size, slice(None), 0, 1)
-    for _ in range(step):
-      next(stream)
-    return next(stream)
+  tokenizer: Any = None  # text sources: the tokenizer (saved with the run)
 
 
 def _step_keyed(make_tokens):
   return lambda split, batch_size, rows, *_: StepStream(make_tokens, batch_size, split, rows)
 
 
-def make_source(cfg):
-  """The data source named by `cfg.data.name`, seeded by `cfg.seed`."""
+def make_source(cfg, run_dir=None):
+  """The data source named by `cfg.data.name`, seeded by `cfg.seed`; a text source uses the
+  tokenizer saved in `run_dir` when there is one."""
   d = cfg.data
   if d.name == "synthetic":
     def make_tokens(step, batch_size, split, rows):  # cheap: made whole, then sliced
@@ -101,20 +96,35 @@ def make_source(cfg):
     return Source("synthetic", _step_keyed(make_tokens), prompts, synthetic.decode,
                   lambda string, start=True: synthetic.encode(string, bos=start), 0.0)
 
+  from ftjax.data import tokenizers
+  tokenizer = tokenizers.make_tokenizer(cfg, run_dir)
+  bytes_per_token = 1.0
   if d.loader == "grain":
-    stream = _grain_stream(cfg)
+    stream = _grain_stream(cfg, tokenizer)
+    if tokenizer.name != "bytes":
+      bytes_per_token = _bytes_per_token(cfg, tokenizer)
   else:
     corpus = text.load_corpus(d.name, d.eval_fraction)
     stream = _step_keyed(lambda step, batch_size, split, rows: text.generate(
         corpus[split], cfg.seed, step, batch_size, cfg.model.seq_len + 1, split, rows))
 
-  def prompts(n):  # the first 16 bytes of held-out sequences
+  def prompts(n):  # the first 16 tokens of held-out sequences
     return next(stream("validation", n, slice(None), 0, 1))["inputs"][:, :16]
-  return Source(d.name, stream, prompts, text.decode,
-                lambda string, start=True: text.encode(string), 1.0)
+  source = Source(d.name, stream, prompts, tokenizer.decode,
+                  lambda string, start=True: tokenizer.encode(string), bytes_per_token)
+  return dataclasses.replace(source, tokenizer=tokenizer)
 
 
-def _grain_stream(cfg):
+def _bytes_per_token(cfg, tokenizer, documents=500):
+  """UTF-8 bytes per token on the first held-out documents (for bits per byte)."""
+  from ftjax.data import corpora
+  source = corpora.data_source(cfg.data.name, "validation", cfg.data.data_dir)
+  docs = [source[i]["text"] for i in range(min(documents, len(source)))]
+  tokens = sum(len(tokenizer.encode(doc.decode("utf-8", errors="replace"))) for doc in docs)
+  return sum(len(doc) for doc in docs) / max(tokens, 1)
+
+
+def _grain_stream(cfg, tokenizer):
   from ftjax.data import corpora, pipeline  # tfds and grain load only when used
   d = cfg.data
 
@@ -122,7 +132,7 @@ def _grain_stream(cfg):
     local = len(range(*rows.indices(batch_size)))
     source = corpora.data_source(d.name, split, d.data_dir)
     return GrainStream(pipeline.batches(
-        source, text.encode, seed=cfg.seed, seq_len=cfg.model.seq_len, batch_size=local,
+        source, tokenizer.encode, seed=cfg.seed, seq_len=cfg.model.seq_len, batch_size=local,
         shard_index=process_index, shard_count=process_count,
         worker_count=d.worker_count if split == "train" else 0))
   return stream

@@ -64,14 +64,12 @@ class LatentPath(nn.Module):
     m, lat = self.cfg, self.cfg.latent
     b, t, d = x_BTD.shape
     h = lat.num_bits
-    if lat.post_sampler == "onehot":
-      init = nn.initializers.zeros if lat.zero_init_post_sampler else nn.initializers.normal(1.0)
-      w = self.param("post_sampler", nn.with_logical_partitioning(init, ("codes", "embed")),
-                     (2**h, d), jnp.float32)
-    else:
-      init = nn.initializers.zeros if lat.zero_init_post_sampler else nn.initializers.normal(h**-0.5)
-      w = self.param("post_sampler", nn.with_logical_partitioning(init, ("latent_bits", "embed")),
-                     (h, d), jnp.float32)
+    # "onehot": a row per code (2^H × D); "bits": a row per bit (H × D).
+    rows, axis, std = ((2**h, "codes", 1.0) if lat.post_sampler == "onehot" else
+                       (h, "latent_bits", h**-0.5))
+    init = nn.initializers.zeros if lat.zero_init_post_sampler else nn.initializers.normal(std)
+    w = self.param("post_sampler", nn.with_logical_partitioning(init, (axis, "embed")), (rows, d),
+                   jnp.float32)
     if self.is_initializing() or z_mode.startswith("encoder"):
       zeta_D = self.param("zeta", nn.with_logical_partitioning(nn.initializers.normal(1.0),
                                                                ("embed",)), (d,), jnp.float32)

@@ -1,6 +1,7 @@
 """Run a sweep declared by an experiment file: one ordinary training run per point.
 
   python -m launch.sweep --config=experiments/synthetic_sweep.py --workdir=runs/sweep [--print_only]
+      [--only=REGEX]
 
 The file defines `get_config()` (the base config) and `get_sweep()`, a list of override dicts
 ({"model.latent.kappa_bits": 0.25, ...}). Each point trains in `workdir/<name>` with
@@ -13,6 +14,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -24,6 +26,8 @@ from launch import cli
 _CONFIG = flags.DEFINE_string("config", None, "Sweep file (get_config() and get_sweep()).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Root directory of the sweep.")
 _PRINT_ONLY = flags.DEFINE_bool("print_only", False, "Print the launch commands and exit.")
+_ONLY = flags.DEFINE_string("only", None, "Regular expression: run only the points whose name "
+                            "matches (e.g. 'num_bits=16|base').")
 
 SUMMARY_KEYS = ("step", "loss", "ce", "kl", "eval_ce", "eval_elbo", "eval_kl", "eval_bpb")
 
@@ -97,6 +101,15 @@ def main(argv):
   names = [point_name(p) for p in points]
   if len(set(names)) != len(names):
     cli.fail("config error: get_sweep() declares the same point twice")
+  if _ONLY.value:
+    try:
+      keep = [re.search(_ONLY.value, n) is not None for n in names]
+    except re.error as e:
+      cli.fail(f"flag error: --only is not a regular expression: {e}")
+    if not any(keep):
+      cli.fail(f"flag error: --only={_ONLY.value} matches none of: {', '.join(names)}")
+    points = [p for p, k in zip(points, keep) if k]
+    names = [n for n, k in zip(names, keep) if k]
   commands = [train_command(_CONFIG.value, os.path.join(_WORKDIR.value, n), p)
               for n, p in zip(names, points)]
   if _PRINT_ONLY.value:

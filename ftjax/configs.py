@@ -136,7 +136,9 @@ def _check_model(m):
               "seq_len"):
     _require(isinstance(m[key], int) and m[key] > 0, f"model.{key}",
              f"must be a positive integer, got {m[key]!r}")
-  _require(m.num_layers % 2 == 0, "model.num_layers", f"must be even, got {m.num_layers}")
+  _require(m.num_layers % 2 == 0 or not m.latent.enabled or m.latent.inject_layer is not None,
+           "model.num_layers", f"must be even for a Free Transformer injecting Z at L/2 (or set "
+           f"model.latent.inject_layer), got {m.num_layers}")
   _require(m.d_model % m.num_heads == 0, "model.num_heads",
            f"must divide model.d_model={m.d_model}, got {m.num_heads}")
   _require(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",

@@ -30,6 +30,20 @@ def test_kappa_bits_become_nats():
   assert resolved.model.latent.kappa_bits is None
 
 
+def test_odd_depth_needs_an_injection_layer_only_with_the_latent():
+  cfg = default_config()
+  cfg.model.seq_len = 66
+  cfg.model.num_layers = 5  # the baseline with one more layer than a 4-block FT
+  cfg.model.latent.kappa_bits = 0.5
+  cfg.model.latent.enabled = False
+  assert resolve(cfg).model.num_layers == 5
+  cfg.model.latent.enabled = True
+  with pytest.raises(ConfigError, match="model.num_layers"):
+    resolve(cfg)
+  cfg.model.latent.inject_layer = 2
+  assert resolve(cfg).model.latent.inject_layer == 2
+
+
 def _run_train(*flags):
   return subprocess.run([sys.executable, "-m", "launch.train", *flags], cwd=REPO,
                         capture_output=True, text=True, timeout=120)

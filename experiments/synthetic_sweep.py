@@ -1,4 +1,4 @@
-"""The synthetic study: the baseline plus κ (bits per token) × H.
+"""The synthetic study: the baseline, κ (bits per token) × H, and the per-bit post-sampler.
 
   python -m launch.sweep --config=experiments/synthetic_sweep.py --workdir=runs/synthetic_sweep
 """
@@ -17,4 +17,6 @@ def get_sweep():
   points = [{"model.latent.enabled": False}]
   points += [{"model.latent.num_bits": h, "model.latent.kappa_bits": k}
              for h in NUM_BITS for k in KAPPA_BITS]
+  points += [{"model.latent.num_bits": 16, "model.latent.kappa_bits": k,
+              "model.latent.post_sampler": "bits"} for k in (1 / 4, 1)]  # the factored map
   return points

@@ -1,0 +1,65 @@
+"""Experiment files and scripts: every sweep point resolves; plots and Z statistics are right."""
+
+import json
+import math
+import os
+
+import pytest
+
+from experiments import plot, synthetic_study, synthetic_sweep, text_sweep
+from ftjax.configs import resolve
+
+
+@pytest.mark.parametrize("sweep", [synthetic_sweep, text_sweep])
+def test_every_sweep_point_resolves(sweep):
+  for point in sweep.get_sweep():
+    cfg = sweep.get_config()
+    for key, value in point.items():
+      *path, leaf = key.split(".")
+      node = cfg
+      for part in path:
+        node = node[part]
+      node[leaf] = value
+    resolve(cfg)
+
+
+def test_body_stats_and_pair_rates():
+  body = "_" * 10 + "!" + "B" * 8 + "_" * 45
+  letter, start, noise = synthetic_study.body_stats("B>" + body)
+  assert (letter, start, noise) == ("B", 11, {10})
+  same_pos = [("B", 3, {1}), ("C", 3, {1})]
+  other = [("D", 9, {2}), ("D", 9, set())]
+  rates = synthetic_study.pair_rates([same_pos, other])
+  assert rates["position"] == (1.0, 0.0)
+  assert rates["letter"] == (0.5, 0.0)  # the second group shares its letter, the first does not
+  assert rates["noise_jaccard"][0] == pytest.approx(0.5)  # {1}&{1} = 1, {2}&{} = 0
+
+
+def _fake_run(root, name, latent, kappa_bits, values):
+  workdir = os.path.join(root, name)
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump({"model": {"latent": {"enabled": latent, "kappa_bits": kappa_bits,
+                                    "num_bits": 16}}}, f)
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    for step, v in values:
+      f.write(json.dumps({"step": step, "eval_ce": v, "eval_kl": v / 10}) + "\n")
+    f.write('{"step": 3, "eval_')  # a torn last line is skipped
+  return workdir
+
+
+def test_plots_from_metrics_files(tmp_path):
+  runs = [_fake_run(tmp_path, "base", False, None, [(1, 1.0), (2, 0.5)]),
+          _fake_run(tmp_path, "k1", True, 1.0, [(1, 1.2), (2, 0.6)]),
+          _fake_run(tmp_path, "k4", True, 4.0, [(1, 1.3), (2, 0.7)])]
+  series = plot.read_metrics(runs[1])
+  assert series["eval_ce"] == [(1, 1.2), (2, 0.6)]
+  assert series["eval_kl_bits"][-1][1] == pytest.approx(0.06 / math.log(2))
+  assert [p[1:] for p in plot.sweep_points(str(tmp_path), "kappa_bits", "num_bits")] == [
+      (None, None), (1.0, 16), (4.0, 16)]
+  plot.main(["curves", "--runs", *runs, "--metrics=eval_ce", f"--out={tmp_path}/c.png"])
+  plot.main(["sweep", f"--root={tmp_path}", "--metrics=eval_ce,eval_kl_bits",
+             f"--out={tmp_path}/s.png"])
+  assert os.path.getsize(tmp_path / "c.png") > 0 and os.path.getsize(tmp_path / "s.png") > 0
+  with pytest.raises(SystemExit, match="no metric 'nope'"):
+    plot.main(["sweep", f"--root={tmp_path}", "--metrics=nope", f"--out={tmp_path}/x.png"])

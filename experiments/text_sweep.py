@@ -30,10 +30,10 @@ def get_config():
   c.model.seq_len = 128
   c.model.latent.num_bits = 12
   c.model.latent.kappa_bits = 0.25
-  c.train.steps = 600
+  c.train.steps = 400
   c.train.batch_size = 32
   c.train.lr = 2e-3
-  c.train.warmup_steps = 60
+  c.train.warmup_steps = 40
   c.train.log_every = 50
   c.train.eval_every = 100
   c.train.eval_batches = 8

@@ -3,7 +3,7 @@
   python -m experiments.synthetic_study --root=runs/synthetic_sweep \
       --out=experiments/results/synthetic [--num_z=6] [--per_z=8] [--seed=0]
 
-For every run under --root (sub-directories with checkpoints), samples `num_z` blocks of `per_z`
+For every run under --root (sub-directories with a checkpoint), samples `num_z` blocks of `per_z`
 sequences, each block with one fixed Z (the same code at every position) and a random prompt
 letter per sequence, renders them as the paper does (one figure per run, one block per Z; '_'
 blank, '!' red, letters blue) and measures, over pairs of samples that share a Z and over pairs
@@ -127,6 +127,11 @@ def study(workdir, num_z, per_z, seed):
   return result, (blocks, codes.tolist())
 
 
+def has_checkpoint(workdir):
+  ckpt = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(ckpt) and any(name.isdigit() for name in os.listdir(ckpt))
+
+
 def table(results):
   head = ["run", "H", "κ (bits)", "well-formed, Z uniform", "well-formed, Z fixed",
           "same position (same Z / other Z)", "same letter (same Z / other Z)",
@@ -155,8 +160,8 @@ def main(argv=None):
   parser.add_argument("--only", default="", help="Substring of the run names to study.")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
-  runs = sorted(d for d in os.listdir(args.root) if args.only in d and
-                os.path.isdir(os.path.join(args.root, d, "checkpoints")))
+  runs = sorted(d for d in os.listdir(args.root) if args.only in d and has_checkpoint(
+      os.path.join(args.root, d)))
   if not runs:
     raise SystemExit(f"synthetic_study: no run with checkpoints under {args.root}")
   results = []

@@ -101,24 +101,21 @@ def main(argv):
   names = [point_name(p) for p in points]
   if len(set(names)) != len(names):
     cli.fail("config error: get_sweep() declares the same point twice")
-  if _ONLY.value:
-    try:
-      keep = [re.search(_ONLY.value, n) is not None for n in names]
-    except re.error as e:
-      cli.fail(f"flag error: --only is not a regular expression: {e}")
-    if not any(keep):
-      cli.fail(f"flag error: --only={_ONLY.value} matches none of: {', '.join(names)}")
-    points = [p for p, k in zip(points, keep) if k]
-    names = [n for n, k in zip(names, keep) if k]
+  try:
+    selected = [(n, p) for n, p in zip(names, points) if re.search(_ONLY.value or "", n)]
+  except re.error as e:
+    cli.fail(f"flag error: --only is not a regular expression: {e}")
+  if not selected:
+    cli.fail(f"flag error: --only={_ONLY.value} matches none of: {', '.join(names)}")
   commands = [train_command(_CONFIG.value, os.path.join(_WORKDIR.value, n), p)
-              for n, p in zip(names, points)]
+              for n, p in selected]
   if _PRINT_ONLY.value:
     for cmd in commands:
       print(shlex.join(cmd))
     return
   os.makedirs(_WORKDIR.value, exist_ok=True)
   failed = []
-  for name, cmd in zip(names, commands):
+  for (name, _), cmd in zip(selected, commands):
     workdir = os.path.join(_WORKDIR.value, name)
     if is_finished(workdir):
       print(f"[{name}] finished, skipped", flush=True)
@@ -127,7 +124,9 @@ def main(argv):
           flush=True)
     if subprocess.run(cmd).returncode != 0:
       failed.append(name)
-  rows = [{"point": n, **final_metrics(os.path.join(_WORKDIR.value, n))} for n in names]
+  # The summary covers every point of the sweep that has a run directory, selected or not.
+  rows = [{"point": n, **final_metrics(os.path.join(_WORKDIR.value, n))} for n in names
+          if os.path.isdir(os.path.join(_WORKDIR.value, n))]
   print(write_summary(_WORKDIR.value, rows))
   if failed:
     cli.fail(f"sweep: {len(failed)} point(s) failed: {', '.join(failed)}", status=1)

@@ -21,6 +21,11 @@ def test_sweep_runs_skips_and_resumes(tmp_path):
   printed = _sweep(tmp_path, "--print_only")
   assert printed.returncode == 0 and len(printed.stdout.strip().splitlines()) == 4
   assert "--config.model.latent.kappa_bits=0.25" in printed.stdout and not os.listdir(tmp_path)
+  subset = _sweep(tmp_path, "--print_only", "--only=num_bits=4")
+  assert len(subset.stdout.strip().splitlines()) == 2 and "num_bits=2" not in subset.stdout
+  for bad in ("--only=(", "--only=num_bits=3"):
+    refused = _sweep(tmp_path, "--print_only", bad)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
 
   first = _sweep(tmp_path)
   assert first.returncode == 0, first.stderr[-3000:]

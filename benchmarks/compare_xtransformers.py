@@ -109,8 +109,9 @@ def main(argv):
   del argv
   if _WORKER.value:
     return run_worker()
+  import importlib.metadata
+
   import torch
-  import x_transformers
   rows = []
   for size in _SIZES.value:
     layers, d, _, _, _, batch, seq = common.SIZES[size]
@@ -128,7 +129,7 @@ def main(argv):
        "ftjax / x-transformers"], rows)
   common.record("ftjax vs x-transformers, train step (fp32, CPU)", table,
                 f"torch {torch.__version__} ({torch.get_num_threads()} threads), x-transformers "
-                f"{x_transformers.__version__ if hasattr(x_transformers, '__version__') else ''}"
+                f"{importlib.metadata.version('x-transformers')}"
                 f"; median of {_REPEATS.value} timed steps per point, each point in its own "
                 f"process. x-transformers' FreeTransformer builds the one-hot code vector "
                 f"(N × 2^H) and multiplies it by the 2^H × D table in the forward pass; ftjax "

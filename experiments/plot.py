@@ -7,8 +7,8 @@
 
 `curves`: one panel per metric, one line per run. `sweep`: every sub-directory of --root with a
 config.json is a point; its last value of each metric is plotted against the config key --x
-(a leaf name such as kappa_bits, or a dotted path), one line per value of --group (default
-num_bits); runs with the latent off are drawn as horizontal lines. A metric named <m>_bits is
+(a leaf name such as kappa_bits, or a dotted path), one line per value of --group (config keys,
+comma-separated; default num_bits); runs with the latent off are drawn as horizontal lines. A metric named <m>_bits is
 <m> (nats) divided by ln 2. The same scalars are in each run's TensorBoard directory (tb/).
 """
 
@@ -62,7 +62,11 @@ def config_value(workdir, key):
             return found
     return None
 
-  return find(cfg, key.split("."))
+  value = find(cfg, key.split("."))
+  if value is None and key.split(".")[-1] == "kappa_bits":  # saved configs hold κ in nats
+    kappa = find(cfg, ["kappa"])
+    value = None if kappa is None else kappa / math.log(2)
+  return value
 
 
 def last(series, metric, workdir):
@@ -91,15 +95,18 @@ def plot_curves(runs, labels, metrics, out, title=""):
 
 
 def sweep_points(root, x, group):
-  """[(workdir, x value or None for a baseline, group value)] of the runs under `root`."""
+  """[(workdir, x value or None for a baseline, group label)] of the runs under `root`; `group`
+  is a comma-separated list of config keys."""
   points = []
   for name in sorted(os.listdir(root)):
     workdir = os.path.join(root, name)
     if not os.path.exists(os.path.join(workdir, "config.json")):
       continue
-    latent = config_value(workdir, "model.latent.enabled")
-    points.append((workdir, config_value(workdir, x) if latent else None,
-                   config_value(workdir, group) if latent else None))
+    if not config_value(workdir, "model.latent.enabled"):
+      points.append((workdir, None, None))
+      continue
+    label = ",".join(f"{g}={config_value(workdir, g)}" for g in group.split(","))
+    points.append((workdir, config_value(workdir, x), label))
   if not points:
     sys.exit(f"plot: no run (sub-directory with config.json) under {root}")
   return points
@@ -112,14 +119,15 @@ def plot_sweep(root, x, group, metrics, out, title=""):
     lines = {}
     for workdir, xv, gv in points:
       series = read_metrics(workdir)
-      if xv is None:
+      if gv is None:
         if metric in series:
-          ax.axhline(last(series, metric, workdir), color="k", ls="--", label="baseline")
+          ax.axhline(last(series, metric, workdir), color="k", ls="--",
+                     label=f"baseline {os.path.basename(workdir)}")
         continue
       lines.setdefault(gv, []).append((xv, last(series, metric, workdir)))
     for gv, xy in sorted(lines.items()):
       xs, ys = zip(*sorted(xy))
-      ax.plot(xs, ys, marker="o", label=f"{group}={gv}")
+      ax.plot(xs, ys, marker="o", label=gv)
     ax.set_xscale("log", base=2)
     ax.set_xlabel(x)
     ax.set_title(metric)

@@ -39,8 +39,8 @@ def _fake_run(root, name, latent, kappa_bits, values):
   workdir = os.path.join(root, name)
   os.makedirs(workdir)
   with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump({"model": {"latent": {"enabled": latent, "kappa_bits": kappa_bits,
-                                    "num_bits": 16}}}, f)
+    json.dump({"model": {"latent": {"enabled": latent, "kappa_bits": None, "num_bits": 16,
+                                    "kappa": kappa_bits and kappa_bits * math.log(2)}}}, f)
   with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
     for step, v in values:
       f.write(json.dumps({"step": step, "eval_ce": v, "eval_kl": v / 10}) + "\n")
@@ -56,7 +56,7 @@ def test_plots_from_metrics_files(tmp_path):
   assert series["eval_ce"] == [(1, 1.2), (2, 0.6)]
   assert series["eval_kl_bits"][-1][1] == pytest.approx(0.06 / math.log(2))
   assert [p[1:] for p in plot.sweep_points(str(tmp_path), "kappa_bits", "num_bits")] == [
-      (None, None), (1.0, 16), (4.0, 16)]
+      (None, None), (pytest.approx(1.0), "num_bits=16"), (pytest.approx(4.0), "num_bits=16")]
   plot.main(["curves", "--runs", *runs, "--metrics=eval_ce", f"--out={tmp_path}/c.png"])
   plot.main(["sweep", f"--root={tmp_path}", "--metrics=eval_ce,eval_kl_bits",
              f"--out={tmp_path}/s.png"])

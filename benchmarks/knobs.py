@@ -13,6 +13,7 @@ import statistics
 from absl import app, flags
 
 from benchmarks import common
+from ftjax.configs import with_overrides
 
 _SIZE = flags.DEFINE_string("size", "small", f"Among {list(common.SIZES)}.")
 _BITS = flags.DEFINE_integer("num_bits", 16, "H.")
@@ -31,15 +32,7 @@ VARIANTS = [  # (name, {dotted config key: value})
 
 
 def variant_config(overrides):
-  cfg = common.size_config(_SIZE.value, True, _BITS.value).copy_and_resolve_references()
-  cfg.unlock()
-  for key, value in overrides.items():
-    node = cfg
-    *path, leaf = key.split(".")
-    for part in path:
-      node = node[part]
-    node[leaf] = value
-  return cfg
+  return with_overrides(common.size_config(_SIZE.value, True, _BITS.value), overrides)
 
 
 def main(argv):

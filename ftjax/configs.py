@@ -241,6 +241,19 @@ def _check_data(cfg):
            f"data.name={d.name!r} needs at least {vocab}, got {cfg.model.vocab_size}")
 
 
+def with_overrides(cfg, overrides):
+  """A copy of `cfg` with {dotted key: value} overrides applied (not validated: see `resolve`)."""
+  cfg = cfg.copy_and_resolve_references()
+  cfg.unlock()
+  for key, value in overrides.items():
+    node = cfg
+    *path, leaf = key.split(".")
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return cfg
+
+
 def resolve(cfg):
   """Validates `cfg` and returns a locked copy with derived fields filled in.
 

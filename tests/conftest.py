@@ -26,12 +26,5 @@ def tiny_cfg():
 
 def resolved(cfg, **overrides):
   """`cfg` with dotted-key overrides, validated again."""
-  from ftjax.configs import resolve
-  cfg = cfg.copy_and_resolve_references()
-  for key, value in overrides.items():
-    node = cfg
-    *path, leaf = key.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return resolve(cfg)
+  from ftjax.configs import resolve, with_overrides
+  return resolve(with_overrides(cfg, overrides))

@@ -7,20 +7,13 @@ import os
 import pytest
 
 from experiments import plot, synthetic_study, synthetic_sweep, text_sweep
-from ftjax.configs import resolve
+from ftjax.configs import resolve, with_overrides
 
 
 @pytest.mark.parametrize("sweep", [synthetic_sweep, text_sweep])
 def test_every_sweep_point_resolves(sweep):
   for point in sweep.get_sweep():
-    cfg = sweep.get_config()
-    for key, value in point.items():
-      *path, leaf = key.split(".")
-      node = cfg
-      for part in path:
-        node = node[part]
-      node[leaf] = value
-    resolve(cfg)
+    resolve(with_overrides(sweep.get_config(), point))
 
 
 def test_body_stats_and_pair_rates():

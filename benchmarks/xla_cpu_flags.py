@@ -43,18 +43,14 @@ def worker():
 
 
 def torch_matmul_peak(size=4096):
+  """Best FLOP/s of a square fp32 matmul in torch on all cores (None without torch)."""
   try:
-    import time
-
     import torch
   except ImportError:
     return None
   torch.set_num_threads(os.cpu_count())
   a = torch.randn(size, size)
-  a @ a
-  best = min((lambda s: (a @ a, time.perf_counter() - s)[1])(time.perf_counter())
-             for _ in range(5))
-  return 2 * size**3 / best
+  return 2 * size**3 / common.time_calls(lambda: a @ a, 6)[1]
 
 
 def main(argv):

@@ -26,7 +26,7 @@ IMPLS = ("ftjax_base", "ftjax_ft", "xt_base", "xt_ft")
 _SIZES = flags.DEFINE_list("sizes", ["small", "medium"], f"Among {list(common.SIZES)}.")
 _BITS = flags.DEFINE_list("num_bits", ["8", "16"], "H values for the two Free Transformers.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed steps per point (after two warm-ups).")
-_WORKER = flags.DEFINE_string("worker", None, "Internal: run one point and print JSON.")
+_WORKER = flags.DEFINE_enum("worker", None, IMPLS, "Internal: run one point and print JSON.")
 _SIZE = flags.DEFINE_string("size", "small", "Internal: the worker's size.")
 _H = flags.DEFINE_integer("h", 16, "Internal: the worker's H.")
 

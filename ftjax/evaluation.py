@@ -27,9 +27,16 @@ def sequence_logliks(model, params, contexts, continuations, key, z_mode="unifor
     kwargs = ({"z_mode": "encoder", "latent_key": key} if z_mode == "encoder" else
               {"z_mode": "given",
                "codes_BT": latent_lib.uniform_codes(key, tokens_BT.shape, lat.num_bits)})
-  logits_BTV, _ = model.apply({"params": params}, tokens_BT, start_B=start_B, **kwargs)
-  logp_BTV = jax.nn.log_softmax(logits_BTV[:, :-1].astype(jnp.float32))
-  token_logp_BT = np.asarray(jnp.take_along_axis(logp_BTV, tokens_BT[:, 1:, None], -1)[..., 0])
+  mode = kwargs.pop("z_mode")
+
+  @jax.jit
+  def token_logliks(params, tokens_BT, start_B, kwargs):
+    logits_BTV, _ = model.apply({"params": params}, tokens_BT, start_B=start_B, z_mode=mode,
+                                **kwargs)
+    logp_BTV = jax.nn.log_softmax(logits_BTV[:, :-1].astype(jnp.float32))
+    return jnp.take_along_axis(logp_BTV, tokens_BT[:, 1:, None], -1)[..., 0]
+
+  token_logp_BT = np.asarray(token_logliks(params, tokens_BT, start_B, kwargs))
   t = tokens_BT.shape[1]
   # The continuation of row i is its last len(x) tokens, predicted from positions t-1-len(x)...
   return [float(token_logp_BT[i, t - 1 - len(x):].sum()) for i, x in enumerate(continuations)]

@@ -1,10 +1,12 @@
-"""Test set-up: 8 fake CPU devices and the persistent compilation cache (before jax imports)."""
+"""Test set-up (before jax imports): 8 fake CPU devices, fast compiles, the persistent cache."""
 
 import os
 import sys
 
+# Tests compile far more than they run: LLVM's -O0 compiles the tiny models 2-4x faster.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+                           " --xla_force_host_platform_device_count=8"
+                           " --xla_backend_optimization_level=0").strip()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 # Subprocesses (launcher tests) share the persistent compilation cache through the environment.

@@ -70,16 +70,21 @@ def test_multiple_choice_picks_the_highest_likelihood(tiny_cfg, tmp_path):
   questions = ["A>", "B>__", "C>_!"]
   choices = [["AAA", "___", "!A"], ["BB", "!!!!"], ["_", "C", "!!", "CC_"]]
 
-  def naive_score(question, choice):  # one unpadded sequence at a time, Z uniform
-    tokens = synthetic.encode(question + choice)[None]
+  def naive_scores(pairs):  # right-padded, no start offsets: earlier positions are unaffected
+    seqs = [synthetic.encode(q + c) for q, c in pairs]
+    t = max(len(s) for s in seqs)
+    tokens = np.stack([np.pad(s, (0, t - len(s))) for s in seqs])
     codes = jax.random.randint(jax.random.key(1), tokens.shape, 0, 16)
-    logits, _ = model.apply({"params": params}, jnp.asarray(tokens), z_mode="given", codes_BT=codes)
-    logp = jax.nn.log_softmax(logits[0, :-1])
-    n = len(choice)
-    return float(jnp.sum(jnp.take_along_axis(logp, tokens[0, 1:, None], -1)[-n:]))
+    apply = jax.jit(lambda x, z: model.apply({"params": params}, x, z_mode="given", codes_BT=z)[0])
+    logp = jax.nn.log_softmax(apply(jnp.asarray(tokens), codes)[:, :-1])
+    token_logp = np.asarray(jnp.take_along_axis(logp, jnp.asarray(tokens)[:, 1:, None], -1)[..., 0])
+    return [float(token_logp[i, len(s) - 1 - len(c):len(s) - 1].sum())
+            for i, (s, (_, c)) in enumerate(zip(seqs, pairs))]
 
   # The post-sampler is zero at init, so the codes drawn here and in the scorer do not matter.
-  best = [int(np.argmax([naive_score(q, c) for c in cs])) for q, cs in zip(questions, choices)]
+  pairs = [(q, c) for q, cs in zip(questions, choices) for c in cs]
+  flat = iter(naive_scores(pairs))
+  best = [int(np.argmax([next(flat) for _ in cs])) for cs in choices]
   answers = [best[0], (best[1] + 1) % 2, best[2]]  # two right, one wrong
   path = tmp_path / "q.jsonl"
   with open(path, "w") as f:

@@ -17,7 +17,8 @@ from ftjax import checkpoint, train
 from tests.conftest import REPO, resolved
 
 TIMING = ("tokens_per_sec", "mfu")
-FLAGS = ["--config=experiments/tiny.py", "--config.train.steps=30", "--config.train.log_every=1",
+# Host-side settings only: every run here shares the tiny config's compiled steps (20 of them).
+FLAGS = ["--config=experiments/tiny.py", "--config.train.log_every=1",
          "--config.train.eval_every=10", "--config.checkpoint.every_steps=4",
          "--config.train.num_samples=0", "--config.train.peak_flops=1e9"]
 
@@ -54,8 +55,8 @@ def _final_params(workdir):
   return jax.device_get(state.params), int(state.step)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("latent", ["True", "False"], ids=["ft", "baseline"])
+@pytest.mark.parametrize("latent", ["True", pytest.param("False", marks=pytest.mark.slow)],
+                         ids=["ft", "baseline"])
 def test_kill_9_then_resume_is_bit_identical(tmp_path, latent):
   extra = [f"--config.model.latent.enabled={latent}"]
   ref = subprocess.run(_train_cmd(tmp_path / "ref", *extra), cwd=REPO, capture_output=True,
@@ -64,7 +65,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, latent):
   rng = random.Random(0 if latent == "True" else 1)
   run = tmp_path / "killed"
   kills = 0
-  for target in sorted(rng.sample(range(2, 28), 3)):
+  for target in sorted(rng.sample(range(2, 18), 3)):
     proc = _start(run, *extra)
     _wait_for_step(proc, run, target)
     time.sleep(rng.random() * 0.3)  # land anywhere: mid-step, mid-save, mid-eval
@@ -78,7 +79,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, latent):
   assert final.returncode == 0, final.stderr[-3000:]
   assert _rows(run) == _rows(tmp_path / "ref")  # every metric of every step, bit for bit
   (ref_params, ref_step), (params, step) = _final_params(tmp_path / "ref"), _final_params(run)
-  assert step == ref_step == 30
+  assert step == ref_step == 20
   jax.tree_util.tree_map(np.testing.assert_array_equal, params, ref_params)
 
 

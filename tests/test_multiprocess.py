@@ -17,7 +17,7 @@ FLAGS = ["--config=experiments/tiny.py", "--config.mesh.data=2", "--config.train
 
 def _env(devices):
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = env["XLA_FLAGS"].replace("device_count=8", f"device_count={devices}")
   env["JAX_PLATFORMS"] = "cpu"
   return env
 

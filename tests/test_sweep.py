@@ -20,26 +20,26 @@ def _sweep(root, *flags):
 def test_sweep_runs_skips_and_resumes(tmp_path):
   printed = _sweep(tmp_path, "--print_only")
   assert printed.returncode == 0 and len(printed.stdout.strip().splitlines()) == 4
-  assert "--config.model.latent.kappa_bits=0.25" in printed.stdout and not os.listdir(tmp_path)
-  subset = _sweep(tmp_path, "--print_only", "--only=num_bits=4")
-  assert len(subset.stdout.strip().splitlines()) == 2 and "num_bits=2" not in subset.stdout
-  for bad in ("--only=(", "--only=num_bits=3"):
+  assert "--config.train.eval_batches=2" in printed.stdout and not os.listdir(tmp_path)
+  subset = _sweep(tmp_path, "--print_only", "--only=log_every=5")
+  assert len(subset.stdout.strip().splitlines()) == 2 and "log_every=2" not in subset.stdout
+  for bad in ("--only=(", "--only=log_every=3"):
     refused = _sweep(tmp_path, "--print_only", bad)
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
 
   first = _sweep(tmp_path)
   assert first.returncode == 0, first.stderr[-3000:]
   points = sorted(p for p in os.listdir(tmp_path) if os.path.isdir(tmp_path / p))
-  assert points == ["num_bits=2,kappa_bits=0.25", "num_bits=2,kappa_bits=1.0",
-                    "num_bits=4,kappa_bits=0.25", "num_bits=4,kappa_bits=1.0"]
+  assert points == ["log_every=2,eval_batches=1", "log_every=2,eval_batches=2",
+                    "log_every=5,eval_batches=1", "log_every=5,eval_batches=2"]
   with open(tmp_path / "summary.csv") as f:
     rows = list(csv.DictReader(f))
-  assert len(rows) == 4 and all(r["step"] == "6" and float(r["eval_ce"]) > 0 for r in rows)
+  assert len(rows) == 4 and all(r["step"] == "20" and float(r["eval_ce"]) > 0 for r in rows)
   assert (tmp_path / "summary.md").read_text().startswith("| point |")
 
   interrupted = tmp_path / points[1]
-  shutil.rmtree(interrupted / "checkpoints" / "6")  # as if killed after the step-4 checkpoint
+  shutil.rmtree(interrupted / "checkpoints" / "20")  # as if killed after the step-15 checkpoint
   second = _sweep(tmp_path)
   assert second.returncode == 0, second.stderr[-3000:]
   assert second.stdout.count("finished, skipped") == 3
-  assert f"[{points[1]}] resuming" in second.stdout and "resumed from step 4" in second.stdout
+  assert f"[{points[1]}] resuming" in second.stdout and "resumed from step 15" in second.stdout

@@ -4,10 +4,10 @@
       --out=experiments/results/synthetic [--num_z=6] [--per_z=8] [--seed=0]
 
 For every run under --root (sub-directories with a checkpoint), samples `num_z` blocks of `per_z`
-sequences, each block with one fixed Z (the same code at every position) and a random prompt
-letter per sequence, renders them as the paper does (one figure per run, one block per Z; '_'
-blank, '!' red, letters blue) and measures, over pairs of samples that share a Z and over pairs
-that do not:
+sequences, each block with one fixed Z (one draw of a code per position from the uniform prior,
+shared by the block) and a random prompt letter per sequence, renders them as the paper does (one
+figure per run, one block per Z; '_' blank, '!' red, letters blue) and measures, over pairs of
+samples that share a Z and over pairs that do not:
   - position: both blocks start at the same place;
   - letter: both bodies use the same letter (prompts differ, so a Z that ignores the letter gives
     ~1/26);
@@ -55,7 +55,7 @@ def pair_rates(groups):
   return {k: (same[k], diff[k]) for k in same}
 
 
-def sample(trainer, state, letters, key, z_mode, codes=None):
+def sample(trainer, state, letters, key, z_mode, codes_BT=None):
   import jax
   import jax.numpy as jnp
 
@@ -66,11 +66,11 @@ def sample(trainer, state, letters, key, z_mode, codes=None):
   out = sampling.generate(
       make_model(cfg.model, decode=True), state.params, jnp.asarray(prompts),
       jnp.zeros(len(letters), jnp.int32), key, max_new_tokens=synthetic.BODY_LEN, z_mode=z_mode,
-      codes_B=None if codes is None else jnp.asarray(codes, jnp.int32))
+      fixed_codes_BT=None if codes_BT is None else jnp.asarray(codes_BT, jnp.int32))
   return [synthetic.decode(row) for row in np.asarray(jax.device_get(out["tokens"]))]
 
 
-def render(blocks, codes, title, path):
+def render(blocks, title, path):
   """One figure: a block of rows per Z; '_' blank, '!' red, letters blue."""
   import matplotlib
   matplotlib.use("Agg")
@@ -78,8 +78,8 @@ def render(blocks, codes, title, path):
   rows = sum(len(b) + 1 for b in blocks)
   fig, ax = plt.subplots(figsize=(11, 0.17 * rows + 0.8))
   y = 0
-  for block, code in zip(blocks, codes):
-    ax.text(-1.5, y + len(block) / 2, f"Z={code}", ha="right", va="center", fontsize=7)
+  for k, block in enumerate(blocks):
+    ax.text(-1.5, y + len(block) / 2, f"Z #{k}", ha="right", va="center", fontsize=7)
     for text in block:
       for x, c in enumerate(text):
         if c != "_":
@@ -115,16 +115,17 @@ def study(workdir, num_z, per_z, seed):
     return result, None
   result.update(num_bits=lat.num_bits, kappa_bits=lat.kappa / np.log(2),
                 post_sampler=lat.post_sampler)
-  codes = rng.integers(0, 2**lat.num_bits, num_z)
+  length = synthetic.PROMPT_LEN + synthetic.BODY_LEN
+  codes_ZT = rng.integers(0, 2**lat.num_bits, (num_z, length))
   texts = sample(trainer, state, letters, jax.random.key(seed + 1), "fixed",
-                 np.repeat(codes, per_z))
+                 np.repeat(codes_ZT, per_z, axis=0))
   blocks = [texts[i * per_z:(i + 1) * per_z] for i in range(num_z)]
   parsed = [[body_stats(t) for t in b] for b in blocks]
   result["agreement_same_vs_different_z"] = pair_rates(parsed)
   result["letter_follows_prompt"] = float(np.mean(
       [p[0] == t[0] for b, pb in zip(blocks, parsed) for t, p in zip(b, pb)]))
   result["well_formed_fixed"] = float(np.mean(synthetic.well_formed(texts)))
-  return result, (blocks, codes.tolist())
+  return result, blocks
 
 
 def has_checkpoint(workdir):
@@ -169,12 +170,12 @@ def main(argv=None):
     result, renders = study(os.path.join(args.root, name), args.num_z, args.per_z, args.seed)
     results.append(result)
     if renders:
-      blocks, codes = renders
-      title = f"{name}: {args.num_z} values of Z, {args.per_z} samples each (prompt letter random)"
-      render(blocks, codes, title, os.path.join(args.out, f"{name}.png"))
+      title = (f"{name}: {args.num_z} draws of Z (a code per position), {args.per_z} samples each "
+               "(prompt letter random)")
+      render(renders, title, os.path.join(args.out, f"{name}.png"))
       with open(os.path.join(args.out, f"{name}.txt"), "w", encoding="utf-8") as f:
-        for block, code in zip(blocks, codes):
-          f.write(f"Z = {code}\n" + "\n".join(block) + "\n\n")
+        for k, block in enumerate(renders):
+          f.write(f"Z #{k}\n" + "\n".join(block) + "\n\n")
     print(json.dumps(result), flush=True)
   with open(os.path.join(args.out, "stats.json"), "w", encoding="utf-8") as f:
     json.dump(results, f, indent=1)

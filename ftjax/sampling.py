@@ -8,7 +8,9 @@ per step inside a `lax.while_loop` (one dispatch for the whole generation).
 
 How Z is chosen (Free Transformer):
   "uniform": a fresh code drawn uniformly from the 2^H codes at every position (the paper);
-  "fixed":   one code per sequence at every position (`codes_B`, or drawn at random);
+  "fixed":   one code per sequence at every position (`codes_B`, or drawn at random), or a
+             given code per position (`fixed_codes_BT`, e.g. one draw from the prior shared
+             by a group of sequences, as in the paper's figures);
   "encoder": the prompt's codes come from the encoder's posterior over the prompt (sampled, or
              the most likely code with `encoder_argmax`); new tokens then use `new_z`
              ("uniform" or "fixed"). The encoder runs in the prefill only.
@@ -64,10 +66,16 @@ def empty_cache(decode_model, batch, length):
   return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
 
 
-def latent_codes(key, lat, shape, z_mode, codes_B=None):
-  """(B, T) codes for "uniform" or "fixed" Z (fixed: `codes_B`, or drawn once per sequence)."""
+def latent_codes(key, lat, shape, z_mode, codes_B=None, fixed_codes_BT=None):
+  """(B, T) codes for "uniform" or "fixed" Z (fixed: `fixed_codes_BT`, else `codes_B` at every
+  position, else one code drawn per sequence)."""
   if z_mode == "uniform":
     return latent_lib.uniform_codes(key, shape, lat.num_bits)
+  if fixed_codes_BT is not None:
+    if fixed_codes_BT.shape != shape:
+      raise ValueError(f"fixed_codes_BT must have shape {shape} (batch, prompt + new tokens), "
+                       f"got {fixed_codes_BT.shape}")
+    return fixed_codes_BT.astype(jnp.int32)
   if codes_B is None:
     codes_B = latent_lib.uniform_codes(key, shape[:1], lat.num_bits)
   return jnp.broadcast_to(codes_B[:, None], shape).astype(jnp.int32)
@@ -77,8 +85,8 @@ def latent_codes(key, lat, shape, z_mode, codes_B=None):
     "decode_model", "max_new_tokens", "z_mode", "new_z", "encoder_argmax", "temperature", "top_k",
     "top_p", "eos_id", "return_logits"))
 def generate(decode_model, params, prompt_BP, start_B, key, *, max_new_tokens, z_mode="uniform",
-             new_z="uniform", codes_B=None, encoder_argmax=False, temperature=1.0, top_k=0,
-             top_p=1.0, eos_id=None, return_logits=False):
+             new_z="uniform", codes_B=None, fixed_codes_BT=None, encoder_argmax=False,
+             temperature=1.0, top_k=0, top_p=1.0, eos_id=None, return_logits=False):
   """Samples `max_new_tokens` after each left-padded prompt with a KV cache.
 
   Returns a dict: `tokens` (B, P + N; positions after an end-of-sequence token hold eos_id),
@@ -95,7 +103,7 @@ def generate(decode_model, params, prompt_BP, start_B, key, *, max_new_tokens, z
   codes_BT, prefill_mode = None, "zero"
   if lat.enabled:
     codes_BT = latent_codes(z_key, lat, (b, total), new_z if z_mode == "encoder" else z_mode,
-                            codes_B)
+                            codes_B, fixed_codes_BT)
     prefill_mode = "given"
     if z_mode == "encoder":
       prefill_mode = "encoder_argmax" if encoder_argmax else "encoder"

@@ -52,6 +52,12 @@ def test_fixed_mode_is_deterministic_and_uniform_draws_differ(tiny_cfg):
   b = run(z_mode="fixed", codes_B=jnp.asarray([5, 5, 9]))
   np.testing.assert_array_equal(a["tokens"], b["tokens"])
   assert (a["codes"][:2] == 5).all() and (a["codes"][2] == 9).all()
+  row_of_fives = jnp.broadcast_to(a["codes"][:1], a["codes"].shape)
+  per_position = run(z_mode="fixed", fixed_codes_BT=row_of_fives)
+  np.testing.assert_array_equal(per_position["tokens"][:2], a["tokens"][:2])  # same codes and key
+  assert (per_position["codes"] == 5).all()
+  with pytest.raises(ValueError, match=r"fixed_codes_BT must have shape \(3, \d+\)"):
+    run(z_mode="fixed", fixed_codes_BT=jnp.zeros((3, 2), jnp.int32))
   uniform = run(z_mode="uniform")["codes"]
   assert len(np.unique(np.asarray(uniform[0]))) > 3  # a fresh code per token
 

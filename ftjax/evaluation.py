@@ -22,12 +22,12 @@ def sequence_logliks(model, params, contexts, continuations, key, z_mode="unifor
   tokens_BT, start_B = sampling.left_pad(seqs)
   tokens_BT, start_B = jnp.asarray(tokens_BT), jnp.asarray(start_B)
   lat = model.cfg.latent
-  kwargs = {"z_mode": "zero"}
-  if lat.enabled:
-    kwargs = ({"z_mode": "encoder", "latent_key": key} if z_mode == "encoder" else
-              {"z_mode": "given",
-               "codes_BT": latent_lib.uniform_codes(key, tokens_BT.shape, lat.num_bits)})
-  mode = kwargs.pop("z_mode")
+  mode, kwargs = "zero", {}
+  if lat.enabled and z_mode == "encoder":
+    mode, kwargs = "encoder", {"latent_key": key}
+  elif lat.enabled:
+    mode, kwargs = "given", {"codes_BT": latent_lib.uniform_codes(key, tokens_BT.shape,
+                                                                  lat.num_bits)}
 
   @jax.jit
   def token_logliks(params, tokens_BT, start_B, kwargs):

@@ -8,8 +8,9 @@
 `curves`: one panel per metric, one line per run. `sweep`: every sub-directory of --root with a
 config.json is a point; its last value of each metric is plotted against the config key --x
 (a leaf name such as kappa_bits, or a dotted path), one line per value of --group (config keys,
-comma-separated; default num_bits); runs with the latent off are drawn as horizontal lines. A metric named <m>_bits is
-<m> (nats) divided by ln 2. The same scalars are in each run's TensorBoard directory (tb/).
+comma-separated; default num_bits); runs with the latent off are drawn as horizontal lines. A
+metric named <m>_bits is <m> (nats) divided by ln 2. The same scalars are in each run's
+TensorBoard directory (tb/).
 """
 
 import argparse

@@ -15,7 +15,8 @@ import jax
 from absl import app, flags
 
 from benchmarks import common
-from ftjax import checkpoint, metrics, train
+from ftjax import checkpoint, metrics
+from ftjax.trainer import Trainer
 from ftjax.configs import resolve
 
 _CONFIGS = flags.DEFINE_list("configs", ["synthetic", "shakespeare"], "Experiment configs.")
@@ -33,7 +34,7 @@ def main(argv):
   rows = []
   for name in _CONFIGS.value:
     cfg = resolve(importlib.import_module(f"experiments.{name}").get_config())
-    trainer = train.Trainer.create(cfg)
+    trainer = Trainer.create(cfg)
     state = trainer.init_state()
     for step in range(2):  # a trained state: moments and post-sampler rows no longer all zero
       state, _ = trainer.train_step(state, trainer.batch(step))

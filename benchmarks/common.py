@@ -35,8 +35,8 @@ def size_config(size, latent, num_bits=16, dtype="float32"):
 
 def train_step_fn(cfg):
   """A no-argument function running one jitted, donated train step on fixed random tokens."""
-  from ftjax import train
-  trainer = train.Trainer.create(cfg)
+  from ftjax.trainer import Trainer
+  trainer = Trainer.create(cfg)
   state = trainer.init_state()
   tokens = jax.random.randint(jax.random.key(1), (cfg.train.batch_size, cfg.model.seq_len + 1),
                               3, cfg.model.vocab_size)

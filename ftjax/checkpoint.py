@@ -13,6 +13,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from ftjax.configs import resolve
+from ftjax.trainer import Trainer
 
 
 class CheckpointError(RuntimeError):
@@ -168,12 +169,11 @@ def load_run(workdir, step=None, mesh=None):
   `mesh` ({'data', 'fsdp', 'tensor'}; default one device) replaces the mesh the run trained on;
   the checkpoint is resharded onto it.
   """
-  from ftjax import train  # train imports this module
   cfg = load_config(workdir).copy_and_resolve_references()
   cfg.unlock()
   cfg.mesh.update(mesh or {"data": 1, "fsdp": 1, "tensor": 1})
   cfg.lock()
-  trainer = train.Trainer.create(cfg, run_dir=workdir)  # with the run's own tokenizer
+  trainer = Trainer.create(cfg, run_dir=workdir)  # with the run's own tokenizer
   manager = Manager(os.path.join(workdir, "checkpoints"), read_only=True)
   state, _ = manager.restore(step, trainer.abstract_state())
   manager.close()

@@ -33,7 +33,7 @@ def main(argv):
   import jax
   import numpy as np
 
-  from ftjax import evaluation, train
+  from ftjax import evaluation, loop
   from ftjax.data import synthetic
   cfg, params = trainer.cfg, state.params
   results = {"step": int(state.step)}
@@ -47,7 +47,7 @@ def main(argv):
     results["choice_accuracy"], _ = evaluation.multiple_choice(
         trainer.model, params, trainer.source.encode, items, key)
   if _GENERATE.value and trainer.source.name == "synthetic":
-    texts = train.sample_texts(trainer, params, _GENERATE.value, key)
+    texts = loop.sample_texts(trainer, params, _GENERATE.value, key)
     results["well_formed"] = float(np.mean(synthetic.well_formed(texts, cfg.data.block_len)))
   for k, v in results.items():
     print(f"{k:20s} {v:.4f}" if isinstance(v, float) else f"{k:20s} {v}")

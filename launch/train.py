@@ -30,18 +30,18 @@ def main(argv):
     cli.fail("flag error: --workdir is required")
   cfg = cli.resolved_config(_CONFIG)
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it touches at INFO
-  from ftjax import distributed, train  # after flag parsing: `--help` and errors stay fast
+  from ftjax import distributed, loop  # after flag parsing: `--help` and errors stay fast
   from ftjax.checkpoint import CheckpointError
   from ftjax.configs import ConfigError
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                          auto=_MULTIPROCESS.value)
   try:
-    train.train_and_evaluate(cfg, _WORKDIR.value)
+    loop.train_and_evaluate(cfg, _WORKDIR.value)
   except ConfigError as e:  # found once the devices are known (mesh, divisibility)
     cli.fail(str(e))
   except CheckpointError as e:  # e.g. the run's checkpoints do not match a changed config
     cli.fail(f"checkpoint error: {e}")
-  except train.NonFiniteError as e:
+  except loop.NonFiniteError as e:
     cli.fail(f"training stopped: {e}", status=1)
 
 

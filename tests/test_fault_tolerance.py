@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from ftjax import checkpoint, train
+from ftjax import checkpoint, loop
+from ftjax.trainer import Trainer
 from tests.conftest import REPO, resolved
 
 TIMING = ("tokens_per_sec", "mfu")
@@ -101,7 +102,7 @@ def test_sigterm_saves_and_the_next_run_resumes(tmp_path):
 def _trained(tiny_cfg, workdir, **overrides):
   cfg = resolved(tiny_cfg, **{"train.num_samples": 0, "train.peak_flops": 1.0,
                               "checkpoint.every_steps": 5, **overrides})
-  return cfg, train.train_and_evaluate(cfg, str(workdir), log=lambda *_: None)
+  return cfg, loop.train_and_evaluate(cfg, str(workdir), log=lambda *_: None)
 
 
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(tiny_cfg, tmp_path):
@@ -114,7 +115,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tiny_cfg, tmp_path
       with open(os.path.join(root, name), "r+b") as f:
         f.truncate(max(os.path.getsize(f.name) // 3, 1))
   warnings = []
-  trainer = train.Trainer.create(cfg)
+  trainer = Trainer.create(cfg)
   state, data_state = checkpoint.Manager(ckpt_dir, read_only=True, log=warnings.append).restore(
       None, trainer.abstract_state())
   assert int(state.step) == 15 and data_state == {"step": 15}
@@ -126,7 +127,7 @@ def test_changed_shapes_are_a_clear_error(tiny_cfg, tmp_path):
   wider = resolved(cfg, **{"model.mlp_dim": 96})
   message = r"params/inject_block/mlp/down/kernel: checkpoint \(64, 32\), config \(96, 32\)"
   with pytest.raises(checkpoint.CheckpointError, match=message):
-    train.train_and_evaluate(wider, str(tmp_path), log=lambda *_: None)
+    loop.train_and_evaluate(wider, str(tmp_path), log=lambda *_: None)
 
 
 def test_restore_on_a_different_device_count_gives_the_same_eval(tiny_cfg, tmp_path):
@@ -144,7 +145,7 @@ def test_restore_on_a_different_device_count_gives_the_same_eval(tiny_cfg, tmp_p
 def test_nonfinite_steps_are_skipped_or_stop_the_run(tiny_cfg, tmp_path, mode):
   overrides = {"train.lr": 1e35, "train.warmup_steps": 0, "train.on_nonfinite": mode}
   if mode == "stop":
-    with pytest.raises(train.NonFiniteError, match=r"non-finite loss or gradients at step \d+"):
+    with pytest.raises(loop.NonFiniteError, match=r"non-finite loss or gradients at step \d+"):
       _trained(tiny_cfg, tmp_path, **overrides)
     return
   _, state = _trained(tiny_cfg, tmp_path, **overrides)

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from ftjax import train
+from ftjax import loop, trainer as trainer_lib
 from ftjax.data import corpora, pipeline, text
 from tests.conftest import resolved
 
@@ -70,9 +70,9 @@ def test_training_on_the_pipeline_resumes_bit_identically(tiny_cfg, data_dir, tm
       "model.vocab_size": 264, "model.seq_len": 32, "train.steps": 8, "train.eval_every": 8,
       "train.log_every": 1, "train.num_samples": 0, "train.peak_flops": 1.0})
   quiet = lambda *_: None
-  full = train.train_and_evaluate(cfg, str(tmp_path / "full"), log=quiet)
-  train.train_and_evaluate(cfg, str(tmp_path / "resumed"), log=quiet, stop_at=3)
-  resumed = train.train_and_evaluate(cfg, str(tmp_path / "resumed"), log=quiet)
+  full = loop.train_and_evaluate(cfg, str(tmp_path / "full"), log=quiet)
+  loop.train_and_evaluate(cfg, str(tmp_path / "resumed"), log=quiet, stop_at=3)
+  resumed = loop.train_and_evaluate(cfg, str(tmp_path / "resumed"), log=quiet)
   jax.tree_util.tree_map(np.testing.assert_array_equal, full.params, resumed.params)
   def train_rows(workdir):  # every training metric of every step, timings aside
     rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
@@ -80,7 +80,7 @@ def test_training_on_the_pipeline_resumes_bit_identically(tiny_cfg, data_dir, tm
             for r in rows if "loss" in r]
   assert len(train_rows(tmp_path / "full")) == 8
   assert train_rows(tmp_path / "full") == train_rows(tmp_path / "resumed")
-  out = train.Trainer.create(cfg).evaluate(full.params)
+  out = trainer_lib.Trainer.create(cfg).evaluate(full.params)
   assert out["eval_bpb"] > 0 and "eval_elbo_bpb" in out
 
 
@@ -92,7 +92,7 @@ def test_sentencepiece_run_saves_and_restores_its_tokenizer(tiny_cfg, data_dir, 
       "data.tokenizer": "sentencepiece", "data.sentencepiece_vocab": 512,
       "model.vocab_size": 512, "model.seq_len": 32, "train.steps": 2, "train.eval_every": 2,
       "train.num_samples": 0, "train.peak_flops": 1.0})
-  train.train_and_evaluate(cfg, str(tmp_path), log=lambda *_: None)
+  loop.train_and_evaluate(cfg, str(tmp_path), log=lambda *_: None)
   saved = tmp_path / tokenizers.RUN_FILE
   assert saved.exists()
   tok = tokenizers.SentencePieceTokenizer(str(saved))

@@ -103,10 +103,11 @@ def test_generation_stops_at_eos(tiny_cfg):
 
 
 def test_generation_on_a_mesh_matches_one_device(tiny_cfg):
-  from ftjax import sharding, train
+  from ftjax import sharding
+  from ftjax.trainer import Trainer
   cfg = resolved(tiny_cfg, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
                               "train.batch_size": 8, "model.latent.zero_init_post_sampler": False})
-  trainer = train.Trainer.create(cfg)
+  trainer = Trainer.create(cfg)
   sharded = trainer.init_state().params
   decode_model = make_model(cfg.model, decode=True)
   prompt_BP, start_B = map(jnp.asarray, sampling.left_pad(PROMPTS))

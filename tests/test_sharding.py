@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from ftjax import sharding, train
+from ftjax import sharding
+from ftjax.trainer import Trainer
 from ftjax.configs import ConfigError
 from tests.conftest import resolved
 
@@ -13,7 +14,7 @@ MESHES = {"data2_fsdp2_tensor2": (2, 2, 2), "fsdp8": (1, 8, 1)}
 
 
 def _run(cfg, steps=3):
-  trainer = train.Trainer.create(cfg)
+  trainer = Trainer.create(cfg)
   state = trainer.init_state()
   losses = []
   for step in range(steps):
@@ -40,7 +41,7 @@ def test_sharded_steps_match_single_device(tiny_cfg, mesh, latent):
 
 def test_parameter_placement_follows_the_rules(tiny_cfg):
   cfg = resolved(tiny_cfg, **{"train.batch_size": 8, **_mesh_overrides((2, 2, 2))})
-  trainer = train.Trainer.create(cfg)
+  trainer = Trainer.create(cfg)
   state = trainer.init_state()
   specs = jax.tree_util.tree_map(lambda x: x.sharding.spec, state.params)
   assert specs["latent"]["post_sampler"] == P("tensor", "fsdp")  # codes x embed
@@ -65,7 +66,7 @@ def test_mesh_must_divide_the_devices():
 def test_batch_must_split_over_the_mesh(tiny_cfg):
   cfg = resolved(tiny_cfg, **_mesh_overrides((1, 8, 1)))  # batch 4 over 8 devices
   with pytest.raises(ConfigError, match="train.batch_size"):
-    train.Trainer.create(cfg)
+    Trainer.create(cfg)
 
 
 def test_too_much_replication_is_a_config_error(tiny_cfg):
@@ -73,5 +74,5 @@ def test_too_much_replication_is_a_config_error(tiny_cfg):
   cfg = resolved(tiny_cfg, **{"mesh.data": 8, "train.batch_size": 8,
                               "mesh.max_replicated_fraction": 0.05})
   with pytest.raises(ConfigError, match="100.0% of the parameter bytes are replicated"):
-    train.Trainer.create(cfg)
-  train.Trainer.create(resolved(cfg, **{"mesh.max_replicated_fraction": 1.0}))
+    Trainer.create(cfg)
+  Trainer.create(resolved(cfg, **{"mesh.max_replicated_fraction": 1.0}))

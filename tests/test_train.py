@@ -8,7 +8,8 @@ import sys
 import jax
 import numpy as np
 
-from ftjax import train
+from ftjax import loop, train
+from ftjax.trainer import Trainer
 from tests.conftest import REPO, resolved
 
 TIMING_KEYS = ("tokens_per_sec", "mfu")
@@ -26,8 +27,8 @@ def _quiet(*_):
 
 def test_two_runs_give_bit_identical_metrics(tiny_cfg, tmp_path):
   cfg = resolved(tiny_cfg, **{"train.peak_flops": 1.0, "train.num_samples": 0})
-  a = train.train_and_evaluate(cfg, str(tmp_path / "a"), log=_quiet)
-  b = train.train_and_evaluate(cfg, str(tmp_path / "b"), log=_quiet)
+  a = loop.train_and_evaluate(cfg, str(tmp_path / "a"), log=_quiet)
+  b = loop.train_and_evaluate(cfg, str(tmp_path / "b"), log=_quiet)
   assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
   jax.tree_util.tree_map(np.testing.assert_array_equal, a.params, b.params)
   names = set().union(*_metrics(tmp_path / "a"))
@@ -37,15 +38,15 @@ def test_two_runs_give_bit_identical_metrics(tiny_cfg, tmp_path):
 
 def test_resumed_run_matches_uninterrupted(tiny_cfg, tmp_path):
   cfg = resolved(tiny_cfg, **{"train.peak_flops": 1.0, "train.num_samples": 0})
-  full = train.train_and_evaluate(cfg, str(tmp_path / "full"), log=_quiet)
-  train.train_and_evaluate(cfg, str(tmp_path / "resumed"), log=_quiet, stop_at=10)
-  resumed = train.train_and_evaluate(cfg, str(tmp_path / "resumed"), log=_quiet)
+  full = loop.train_and_evaluate(cfg, str(tmp_path / "full"), log=_quiet)
+  loop.train_and_evaluate(cfg, str(tmp_path / "resumed"), log=_quiet, stop_at=10)
+  resumed = loop.train_and_evaluate(cfg, str(tmp_path / "resumed"), log=_quiet)
   assert int(resumed.step) == cfg.train.steps
   jax.tree_util.tree_map(np.testing.assert_array_equal, full.params, resumed.params)
 
 
 def test_latent_samples_differ_per_step_and_repeat_per_key(tiny_cfg):
-  trainer = train.Trainer.create(tiny_cfg)
+  trainer = Trainer.create(tiny_cfg)
   params = train.init_params(trainer.model, 0)
   batch = trainer.batch(0)
 
@@ -62,7 +63,7 @@ def test_loss_falls_on_the_synthetic_task(tiny_cfg, tmp_path):
   cfg = resolved(tiny_cfg, **{"train.steps": 80, "train.batch_size": 8, "train.log_every": 2,
                               "train.eval_every": 80, "train.peak_flops": 1.0,
                               "train.num_samples": 0})
-  train.train_and_evaluate(cfg, str(tmp_path), log=_quiet)
+  loop.train_and_evaluate(cfg, str(tmp_path), log=_quiet)
   rows = [r for r in _metrics(tmp_path) if "ce" in r]
   assert rows[0]["ce"] > 1.5 and rows[-1]["ce"] < 0.8, rows
   assert [r for r in _metrics(tmp_path) if "eval_ce" in r][-1]["eval_ce"] < 0.8
@@ -71,13 +72,13 @@ def test_loss_falls_on_the_synthetic_task(tiny_cfg, tmp_path):
 def test_baseline_trains_and_reports_eval_ce(tiny_cfg, tmp_path):
   cfg = resolved(tiny_cfg, **{"model.latent.enabled": False, "train.peak_flops": 1.0,
                               "train.num_samples": 0})
-  train.train_and_evaluate(cfg, str(tmp_path), log=_quiet)
+  loop.train_and_evaluate(cfg, str(tmp_path), log=_quiet)
   rows = _metrics(tmp_path)
   assert "kl" not in rows[0] and rows[-1]["eval_ce"] == rows[-1]["eval_elbo"]
 
 
 def test_eval_step_reports_uniform_z_ce_and_elbo(tiny_cfg):
-  trainer = train.Trainer.create(tiny_cfg)
+  trainer = Trainer.create(tiny_cfg)
   params = train.init_params(trainer.model, 0)
   out = trainer.eval_step(params, trainer.batch(0, "validation"), jax.random.key(0))
   assert set(out) == {"eval_ce", "eval_elbo", "eval_kl"}  # never CE with encoder-inferred Z alone

@@ -1,0 +1,274 @@
+"""The training loop and its host-side run control: progress lines, one-step-late metrics,
+cadence of logs, evals and saves, SIGTERM, the non-finite policy and end-of-run samples."""
+
+import dataclasses
+import math
+import os
+import signal
+import threading
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ftjax import distributed, metrics as metrics_lib, sampling, sharding
+from ftjax.model import make_model
+from ftjax.trainer import Trainer
+
+LOG2 = math.log(2)
+
+
+class NonFiniteError(RuntimeError):
+  """Raised by the loop with train.on_nonfinite="stop"; the message names the step."""
+
+
+def format_progress(step: int, total: int, m: dict, tokens_per_step: int) -> str:
+  """One readable line: step, loss, ce, kl in bits, tokens/s, MFU, ETA."""
+  parts = [f"step {step}/{total}", f"loss {m['loss']:.4f}", f"ce {m['ce']:.4f}"]
+  if "kl" in m:
+    parts.append(f"kl {m['kl'] / LOG2:.3f} bits")
+  if "tokens_per_sec" in m:
+    eta_s = int((total - step) * tokens_per_step / max(m["tokens_per_sec"], 1e-9))
+    parts += [f"{m['tokens_per_sec']:,.0f} tok/s", f"MFU {100 * m['mfu']:.1f}%",
+              f"ETA {eta_s // 60}m{eta_s % 60:02d}s"]
+  return " | ".join(parts)
+
+
+def _describe(cfg, trainer, state):
+  """Start-up lines: parameters, latent, mesh and how much of the parameters is replicated."""
+  lat = cfg.model.latent
+  latent = (f"latent on (H={lat.num_bits}, kappa={lat.kappa:.4f} nats)" if lat.enabled else
+            "latent off (baseline)")
+  lines = [f"model: {metrics_lib.count_params(state.params):,} parameters; {latent}"]
+  if trainer.mesh.devices.size > 1:
+    replicated = sharding.replicated_fraction(state.params, trainer.state_sharding.params)
+    lines.append(f"mesh {dict(trainer.mesh.shape)}: {100 * replicated:.1f}% of the parameter "
+                 "bytes replicated on every device")
+  return lines
+
+
+class _Preemption:
+  """Turns SIGTERM/SIGINT into a flag the loop polls: it saves a checkpoint and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _agreed(*flags_):
+  """Host-side decisions all processes take together (any process asking is enough)."""
+  flags_ = np.array(flags_, bool)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    flags_ = np.asarray(multihost_utils.process_allgather(flags_)).any(axis=0)
+  return [bool(f) for f in flags_]
+
+
+def _check_nonfinite(state, cfg, manager):
+  """The count of skipped non-finite steps; raises NonFiniteError under on_nonfinite="stop"."""
+  count, first = (int(x) for x in distributed.fetch(
+      (state.nonfinite_steps, state.first_nonfinite_step)))
+  if not count:
+    return 0
+  if cfg.train.on_nonfinite == "stop":
+    steps = manager.all_steps()
+    raise NonFiniteError(
+        f"non-finite loss or gradients at step {first}; stopped (train.on_nonfinite=stop). "
+        + (f"The newest checkpoint, step {steps[-1]}, is from before it." if steps else
+           "No checkpoint was written."))
+  return count
+
+
+class ThroughputMeter:
+  """Tokens/s between host-synced points. After anything that is not training (compilation,
+  evaluation, a save) call `restart`: the next step syncs once and the clock starts there."""
+
+  def __init__(self, tokens_per_step: int):
+    self.tokens_per_step = tokens_per_step
+    self._since: Optional[tuple] = None  # (time, step)
+
+  def restart(self) -> None:
+    self._since = None
+
+  def start_if_stopped(self, state, step: int) -> None:
+    if self._since is None:
+      jax.block_until_ready(state)
+      self._since = (time.perf_counter(), step)
+
+  def lap(self, step: int) -> Optional[float]:
+    """Tokens/s from the last lap (or start) to `step` (its metrics just fetched); None when no
+    step was timed."""
+    now = time.perf_counter()
+    since_time, since_step = self._since
+    self._since = (now, step)
+    if step <= since_step:
+      return None
+    return (step - since_step) * self.tokens_per_step / max(now - since_time, 1e-9)
+
+
+@dataclasses.dataclass(frozen=True)
+class Due:
+  """What the loop does after a step."""
+  log: bool
+  eval: bool
+  save: bool
+
+  @classmethod
+  def after(cls, done: int, end: int, cfg) -> "Due":
+    t, c = cfg.train, cfg.checkpoint
+    return cls(log=done % t.log_every == 0 or done == end,
+               eval=done % t.eval_every == 0 or done == end,
+               save=bool(c.every_steps) and done % c.every_steps == 0)
+
+
+def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Optional[int] = None):
+  """Trains a resolved config in `workdir`; resumes from its newest readable checkpoint.
+  Returns the final TrainState.
+
+  Checkpoints: every `checkpoint.every_steps` steps and `checkpoint.every_seconds` seconds
+  (async), at the end, and on SIGTERM/SIGINT (then the function returns early). `stop_at` ends
+  the run at that step with a checkpoint, as a preemption would; the schedule stays that of
+  `train.steps`.
+  """
+  from ftjax import checkpoint as ckpt_lib  # orbax is heavy to import; only the loop needs it
+
+  if jax.process_index() != 0:  # one process logs and writes files; all of them compute
+    log = lambda *_: None
+  else:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+  trainer = Trainer.create(cfg, run_dir=workdir)
+  if jax.process_index() == 0 and trainer.source.tokenizer is not None:
+    from ftjax.data import tokenizers
+    tokenizers.save_with_run(trainer.source.tokenizer, workdir)
+  t, c = cfg.train, cfg.checkpoint
+  manager = ckpt_lib.Manager(os.path.join(workdir, "checkpoints"), cfg, log=log)
+  stream = trainer.stream("train")
+  state, data_state = manager.restore_or(trainer.init_state, trainer.abstract_state())
+  if data_state is not None:
+    stream.set_state(data_state)
+  start = int(state.step)
+  if start:
+    log(f"resumed from step {start}")
+  for line in _describe(cfg, trainer, state):
+    log(line)
+  peak = t.peak_flops or metrics_lib.measure_matmul_peak(jnp.dtype(cfg.model.dtype))
+  flops_per_token = metrics_lib.flops_per_token(cfg.model)
+  tokens_per_step = t.batch_size * cfg.model.seq_len
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start)
+  meter = ThroughputMeter(tokens_per_step)
+  reported_nonfinite = 0
+  pending = None  # (step, device metrics): fetched one step late, so the step never syncs
+  last_save = time.monotonic()
+
+  def flush():
+    """Fetches and logs the pending step's metrics."""
+    nonlocal pending
+    step, device_metrics = pending
+    pending = None
+    row = distributed.fetch(device_metrics)
+    rate = meter.lap(step)
+    if rate is not None:
+      row.update(tokens_per_sec=rate, mfu=rate * flops_per_token / peak)
+    writer.write(step, row)
+    log(format_progress(step, t.steps, row, tokens_per_step))
+
+  end = t.steps if stop_at is None else min(stop_at, t.steps)
+  with _Preemption() as preemption:
+    try:
+      for step in range(start, end):
+        state, device_metrics = trainer.train_step(state, trainer.to_global(next(stream)))
+        done = step + 1
+        if pending is not None:
+          flush()
+        meter.start_if_stopped(state, done)
+        due = Due.after(done, end, cfg)
+        if due.log:
+          pending = (done, device_metrics)
+        preempted = timed_save = False
+        if jax.process_count() == 1 or due.log:  # multi-process: agree at log steps only
+          preempted, timed_save = _agreed(preemption.requested,
+                                          bool(c.every_seconds) and
+                                          time.monotonic() - last_save >= c.every_seconds)
+        save = due.save or timed_save or preempted
+        if (due.eval or save) and pending is not None:
+          flush()
+        if due.log or due.eval or save:
+          count = _check_nonfinite(state, cfg, manager)
+          if count > reported_nonfinite:
+            log(f"warning: {count} step(s) with non-finite loss or gradients skipped so far "
+                f"(the first at step {int(state.first_nonfinite_step)})")
+            reported_nonfinite = count
+        if due.eval:
+          ev = trainer.evaluate(state.params)
+          writer.write(done, ev)
+          log(f"eval step {done} | " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+          meter.restart()
+        if save:
+          manager.save(done, state, stream.get_state())
+          last_save = time.monotonic()
+          meter.restart()
+        if preempted:
+          manager.wait()
+          log(f"stopped by a signal at step {done}: checkpoint saved; run the same command "
+              "to resume")
+          writer.close()
+          return state
+      if pending is not None:
+        flush()
+      _check_nonfinite(state, cfg, manager)
+      manager.save(int(state.step), state, stream.get_state())
+    finally:
+      manager.close()
+      stream.close()
+  if t.num_samples and jax.process_count() > 1:
+    log("samples are printed by single-process runs only")
+  elif t.num_samples:
+    text = show_samples(trainer, state.params, t.num_samples, log)
+    writer.write_text(int(state.step), "samples", text)
+  writer.close()
+  return state
+
+
+def sample_texts(trainer: Trainer, params, num_samples: int, key: jax.Array,
+                 temperature: float = 1.0) -> list:
+  """`num_samples` sequences from the source's prompts to the training length, Z uniform per
+  token (KV-cache decoding), decoded to text."""
+  cfg = trainer.cfg
+  prompts_BP = jnp.asarray(trainer.source.prompts(num_samples))
+  out = sampling.generate(make_model(cfg.model, decode=True), params, prompts_BP,
+                          jnp.zeros((num_samples,), jnp.int32), key,
+                          max_new_tokens=cfg.model.seq_len + 1 - prompts_BP.shape[1],
+                          temperature=temperature)
+  return [trainer.source.decode(row) for row in np.asarray(out["tokens"])]
+
+
+def show_samples(trainer: Trainer, params, num_samples: int, log: Callable = print,
+                 temperature: float = 1.0) -> str:
+  """Logs samples (Z uniform per token); for the synthetic task also the share well-formed."""
+  from ftjax.data import synthetic
+  cfg = trainer.cfg
+  texts = sample_texts(trainer, params, num_samples, jax.random.key(cfg.seed + 2), temperature)
+  log(f"samples (Z uniform per token, temperature {temperature}):")
+  for s in texts:
+    log("  " + s.replace("\n", "\\n"))
+  if trainer.source.name == "synthetic":
+    log(f"well-formed: {sum(synthetic.well_formed(texts, cfg.data.block_len))}/{len(texts)}")
+  return "\n".join(texts)

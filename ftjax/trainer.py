@@ -1,0 +1,88 @@
+"""`Trainer`: a config's model, data source, mesh and compiled steps, built once.
+
+Used by the training loop (`ftjax.loop`), by `checkpoint.load_run` (sampling, evaluation) and by
+tests and benchmarks that step a model by hand.
+"""
+
+import dataclasses
+import functools
+from typing import Any, Callable, Iterator, Optional
+
+import jax
+import numpy as np
+
+from ftjax import data as data_lib
+from ftjax import distributed, sharding, train
+from ftjax.model import Transformer
+
+@dataclasses.dataclass
+class Trainer:
+  """Everything a training loop needs, built once from a resolved config and a mesh.
+
+  The train state lives sharded by `ftjax.sharding.LOGICAL_RULES`; batches are split over the
+  `data` and `fsdp` axes. Call the steps through `init_state`, `train_step`, `eval_step` (they
+  enter the mesh and the logical-axis rules).
+  """
+  cfg: Any
+  model: Transformer
+  source: data_lib.Source
+  mesh: jax.sharding.Mesh
+  state_sharding: Any
+  _init: Any
+  _train_step: Any
+  _eval_step: Any
+
+  @classmethod
+  def create(cls, cfg, devices=None, run_dir=None):
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    model, state_sh, init, step = train.compile_ready_steps(cfg, mesh)
+    source = data_lib.make_source(cfg, run_dir)
+    evaluate = functools.partial(train.eval_step, model=model, bytes_per_token=source.bytes_per_token)
+    evaluate = jax.jit(evaluate, in_shardings=(state_sh.params, sharding.batch_sharding(mesh), None))
+    return cls(cfg, model, source, mesh, state_sh, init, step, evaluate)
+
+  def _in_mesh(self, fn, *args):
+    with sharding.in_mesh(self.mesh):
+      return fn(*args)
+
+  def init_state(self):
+    return self._in_mesh(self._init)
+
+  def abstract_state(self):
+    """Shapes, dtypes and shardings of the train state, nothing allocated."""
+    return self._in_mesh(jax.eval_shape, self._init)
+
+  def train_step(self, state, batch):
+    return self._in_mesh(self._train_step, state, batch)
+
+  def eval_step(self, params, batch, key):
+    return self._in_mesh(self._eval_step, params, batch, key)
+
+  def stream(self, split="train"):
+    """This process's stream of `split` batches, from its start (see ftjax.data)."""
+    size = self.cfg.train.batch_size
+    rows = distributed.process_rows(sharding.batch_sharding(self.mesh),
+                                    (size, self.cfg.model.seq_len))
+    return self.source.stream(split, size, rows, jax.process_index(), jax.process_count())
+
+  def to_global(self, local_batch):
+    """A global batch from this process's rows."""
+    return distributed.global_batch(local_batch, sharding.batch_sharding(self.mesh),
+                                    self.cfg.train.batch_size)
+
+  def batch(self, step, split="train"):
+    """Global batch number `step` of `split`, read from a fresh stream (tests, benchmarks)."""
+    stream = self.stream(split)
+    for _ in range(step):
+      next(stream)
+    return self.to_global(next(stream))
+
+  def evaluate(self, params, split="validation", num_batches=None, key=None):
+    """Mean of the eval metrics over the first `num_batches` (default `train.eval_batches`)
+    batches of `split`, with fixed keys."""
+    key = jax.random.key(self.cfg.seed + 1) if key is None else key
+    stream = self.stream(split)
+    rows = [self.eval_step(params, self.to_global(next(stream)), jax.random.fold_in(key, i))
+            for i in range(num_batches or self.cfg.train.eval_batches)]
+    rows = distributed.fetch(rows)
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}

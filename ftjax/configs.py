@@ -11,17 +11,19 @@ import math
 import ml_collections
 from ml_collections import config_dict
 
-REMAT_POLICIES = (
-    "none",  # no rematerialisation: keep every activation
-    "full",  # recompute the whole block in the backward pass
-    "dots",  # save the outputs of matmuls (jax.checkpoint_policies.checkpoint_dots)
-    "dots_no_batch",  # save matmuls without batch dims (checkpoint_dots_with_no_batch_dims)
-    "nothing",  # save nothing (nothing_saveable), like "full"
-)
-DATASETS = ("synthetic", "shakespeare", "python_stdlib")
+# Remat policy name → the jax.checkpoint_policies attribute it uses (None: no policy argument).
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation: keep every activation
+    "full": None,  # recompute the whole block in the backward pass
+    "dots": "checkpoint_dots",  # save the outputs of matmuls
+    "dots_no_batch": "checkpoint_dots_with_no_batch_dims",  # save matmuls without batch dims
+    "nothing": "nothing_saveable",  # save nothing, like "full"
+}
+DATASETS = ("synthetic", "shakespeare", "python_stdlib", "prepared")
 LOADERS = ("memory", "grain")
 DTYPES = ("float32", "bfloat16")
 POST_SAMPLERS = ("onehot", "bits")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 
 
 class ConfigError(ValueError):
@@ -48,10 +50,19 @@ def default_config():
   c.model.seq_len = 64
   c.model.rope_theta = 10_000.0
   c.model.norm_eps = 1e-5
-  c.model.dtype = "float32"  # compute dtype; parameters stay float32
+  c.model.rope_scaling = ml_collections.ConfigDict()  # RoPE frequency rescaling
+  c.model.rope_scaling.type = "none"  # "none", or "llama3" (Llama 3.1+ checkpoints)
+  c.model.rope_scaling.factor = 8.0  # llama3: long wavelengths stretched by this
+  c.model.rope_scaling.low_freq_factor = 1.0
+  c.model.rope_scaling.high_freq_factor = 4.0
+  c.model.rope_scaling.original_max_position_embeddings = 8192
+  c.model.dtype = "float32"  # compute dtype (parameters: model.param_dtype)
   c.model.remat_policy = "none"
   c.model.ce_chunk_tokens = 0  # 0: plain CE; else CE over chunks of this many tokens
-  c.model.attention_q_chunk = 0  # 0: dense attention; else queries in chunks of this many
+  c.model.attention_q_chunk = 0  # xla attention: 0 dense; else queries in chunks of this many
+  # "auto" (cuDNN flash attention on GPU with bfloat16, else "xla"), "xla" (einsum), "cudnn"
+  c.model.attention_impl = "auto"
+  c.model.param_dtype = "float32"  # parameters (and the Adam moments' source); or "bfloat16"
 
   c.model.latent = ml_collections.ConfigDict()
   c.model.latent.enabled = True  # False: the plain baseline decoder
@@ -81,6 +92,9 @@ def default_config():
   c.train.num_samples = 8  # samples printed at the end of a run
   c.train.peak_flops = 0.0  # FLOP/s used for MFU; 0: measure a matmul peak at start-up
   c.train.on_nonfinite = "skip"  # non-finite loss/gradients: "skip" the update, or "stop" the run
+  # Microbatches per step: the batch is split into this many inside the jitted step and the
+  # gradients summed (float32) before one update; memory scales with batch_size / this.
+  c.train.grad_accum_steps = 1
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 0  # save every this many steps (0: only at the end and on SIGTERM)
@@ -104,8 +118,14 @@ def default_config():
   c.data.loader = "memory"  # text: "memory" (random crops) or "grain" (tfds + grain, packed)
   c.data.data_dir = ""  # grain: prepared datasets ("": $FTJAX_DATA_DIR or ~/.cache/ftjax/datasets)
   c.data.worker_count = 0  # grain: worker processes (the batch order depends on this count)
-  c.data.tokenizer = "bytes"  # text: "bytes" or "sentencepiece" (trained on the corpus; grain)
+  # text: "bytes" or "sentencepiece" (trained on the corpus; grain). data.name="prepared": "auto"
+  # (the data's own), or "bytes" / a tokenizer file, checked against the data's metadata
+  c.data.tokenizer = "bytes"
   c.data.sentencepiece_vocab = 1024  # sentencepiece: vocabulary size (model.vocab_size >= it)
+  c.data.path = ""  # data.name="prepared": a directory made by `python -m launch.prepare_data`
+  # data.name="prepared": several such directories mixed by weight, "dirA:0.7,dirB:0.3" (instead
+  # of data.path; weights are normalised; deterministic and resumable)
+  c.data.mixture = ""
   return c
 
 
@@ -146,11 +166,25 @@ def _check_model(m):
   _require(m.head_dim >= 0, "model.head_dim", f"must be >= 0 (0: d_model/num_heads), got {m.head_dim}")
   _require(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {m.dtype!r}")
   _require(m.remat_policy in REMAT_POLICIES, "model.remat_policy",
-           f"must be one of {REMAT_POLICIES}, got {m.remat_policy!r}")
+           f"must be one of {tuple(REMAT_POLICIES)}, got {m.remat_policy!r}")
   _require(m.ce_chunk_tokens >= 0, "model.ce_chunk_tokens", f"must be >= 0, got {m.ce_chunk_tokens}")
   _require(m.attention_q_chunk >= 0, "model.attention_q_chunk",
            f"must be >= 0, got {m.attention_q_chunk}")
   _require(m.rope_theta > 0, "model.rope_theta", f"must be > 0, got {m.rope_theta}")
+  r = m.rope_scaling
+  _require(r.type in ("none", "llama3"), "model.rope_scaling.type",
+           f"must be 'none' or 'llama3', got {r.type!r}")
+  if r.type == "llama3":
+    _require(r.factor > 0 and 0 < r.low_freq_factor < r.high_freq_factor, "model.rope_scaling",
+             f"llama3 needs factor > 0 and 0 < low_freq_factor < high_freq_factor, got "
+             f"{r.factor}, {r.low_freq_factor}, {r.high_freq_factor}")
+    _require(r.original_max_position_embeddings > 0,
+             "model.rope_scaling.original_max_position_embeddings",
+             f"must be > 0, got {r.original_max_position_embeddings}")
+  _require(m.param_dtype in DTYPES, "model.param_dtype",
+           f"must be one of {DTYPES}, got {m.param_dtype!r}")
+  _require(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl",
+           f"must be one of {ATTENTION_IMPLS}, got {m.attention_impl!r}")
 
 
 def _check_latent(m):
@@ -189,6 +223,10 @@ def _check_train(t):
   _require(t.num_samples >= 0, "train.num_samples", f"must be >= 0, got {t.num_samples}")
   _require(t.on_nonfinite in ("skip", "stop"), "train.on_nonfinite",
            f"must be 'skip' or 'stop', got {t.on_nonfinite!r}")
+  _require(isinstance(t.grad_accum_steps, int) and t.grad_accum_steps >= 1,
+           "train.grad_accum_steps", f"must be a positive integer, got {t.grad_accum_steps!r}")
+  _require(t.batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
+           f"must divide train.batch_size={t.batch_size}, got {t.grad_accum_steps}")
 
 
 def _check_checkpoint(c):
@@ -216,6 +254,13 @@ def _check_data(cfg):
   _require(d.worker_count >= 0, "data.worker_count", f"must be >= 0, got {d.worker_count}")
   _require(d.loader == "grain" or d.name != "python_stdlib", "data.loader",
            "data.name='python_stdlib' is read with data.loader='grain'")
+  _require(not (d.path and d.mixture), "data.mixture", "set data.path or data.mixture, not both")
+  if d.mixture:
+    parse_mixture(d.mixture)  # raises ConfigError
+  if d.name == "prepared":  # the data itself is checked when the source is made (dry runs
+    return  # need none): its tokenizer against data.tokenizer, its vocabulary against the model
+  _require(not d.path and not d.mixture, "data.path",
+           "data.path and data.mixture are for data.name='prepared'")
   _require(d.tokenizer in ("bytes", "sentencepiece"), "data.tokenizer",
            f"must be 'bytes' or 'sentencepiece', got {d.tokenizer!r}")
   _require(d.tokenizer == "bytes" or d.loader == "grain", "data.tokenizer",
@@ -239,6 +284,22 @@ def _check_data(cfg):
     vocab = text.VOCAB_SIZE
   _require(cfg.model.vocab_size >= vocab, "model.vocab_size",
            f"data.name={d.name!r} needs at least {vocab}, got {cfg.model.vocab_size}")
+
+
+def parse_mixture(text):
+  """[(directory, weight)] of a `data.mixture` string "dirA:0.7,dirB:0.3" (weights normalised)."""
+  items = []
+  for item in text.split(","):
+    path, sep, weight = item.strip().rpartition(":")
+    try:
+      value = float(weight)
+    except ValueError:
+      value = -1.0
+    _require(sep and path and value > 0, "data.mixture",
+             f"expected 'dir:weight,dir:weight' with weights > 0, got item {item!r}")
+    items.append((path, value))
+  total = sum(w for _, w in items)
+  return [(path, w / total) for path, w in items]
 
 
 def with_overrides(cfg, overrides):

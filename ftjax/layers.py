@@ -19,21 +19,31 @@ ACTIVATION_AXES = ("batch", "length", "embed")  # logical axes of the residual s
 
 @flax.struct.dataclass
 class Span:
-  """Where one call's T tokens sit in the sequence buffer.
+  """Where one call's T tokens sit in the sequence buffer, and which keys each query may see.
 
-  offset:  buffer index of the call's first token (0 in training; the cache index when decoding).
-  start_B: buffer index of each sequence's first real token; prompts of different lengths are
-           left-padded, and keys before start_B are masked out.
+  offset:        buffer index of the call's first token (0 in training; the cache index when
+                 decoding).
+  start_B:       buffer index of each sequence's first real token; prompts of different lengths
+                 are left-padded, and keys before start_B are masked out.
+  segment_ids_BT: packed documents (training, scoring): 1, 2, … per document in a row, 0 for
+                 padding; a query sees only keys of its own segment. None: one segment.
+  positions_BT:  RoPE positions (each document's from 0); None: buffer index − start_B.
+  left_padded:   static; False when start_B is known to be 0 (no start mask needed).
   """
   offset: Any
   start_B: Any
+  segment_ids_BT: Any = None
+  positions_BT: Any = None
+  left_padded: bool = flax.struct.field(pytree_node=False, default=True)
 
   @classmethod
   def full(cls, batch):
-    return cls(jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32))
+    return cls(jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32), left_padded=False)
 
   def positions(self, t):
     """RoPE positions (B, T) of the call's tokens: buffer index − start, 0 in the padding."""
+    if self.positions_BT is not None:
+      return self.positions_BT
     return jnp.maximum(self.offset + jnp.arange(t, dtype=jnp.int32) - self.start_B[:, None], 0)
 
 
@@ -79,10 +89,27 @@ class RMSNorm(nn.Module):
     return (x * scale_D).astype(self.dtype)
 
 
-def rope(x_BTNE, positions_BT, theta):
-  """Rotary position embedding (rotate-half convention), computed in float32."""
-  half = x_BTNE.shape[-1] // 2
+def rope_frequencies(half, theta, scaling=None):
+  """RoPE's `half` angular frequencies in float32. `scaling` = (factor, low_freq_factor,
+  high_freq_factor, original_max_position_embeddings) applies Llama 3's rescaling: wavelengths
+  above original/low_freq_factor are stretched by `factor`, those below original/high_freq_factor
+  kept, those between interpolated (as Hugging Face's rope_type "llama3")."""
   freq_E = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  if scaling is None:
+    return freq_E
+  factor, low, high, original = scaling
+  wavelen_E = 2 * jnp.pi / freq_E
+  smooth_E = (original / wavelen_E - low) / (high - low)
+  scaled_E = jnp.where(wavelen_E > original / low, freq_E / factor, freq_E)
+  medium_E = (wavelen_E <= original / low) & (wavelen_E >= original / high)
+  return jnp.where(medium_E, (1 - smooth_E) * freq_E / factor + smooth_E * freq_E, scaled_E)
+
+
+def rope(x_BTNE, positions_BT, theta, scaling=None):
+  """Rotary position embedding (rotate-half convention, as Hugging Face Llama), computed in
+  float32; `scaling`: see `rope_frequencies`."""
+  half = x_BTNE.shape[-1] // 2
+  freq_E = rope_frequencies(half, theta, scaling)
   angle_BTE = positions_BT[..., None].astype(jnp.float32) * freq_E
   sin, cos = jnp.sin(angle_BTE)[:, :, None, :], jnp.cos(angle_BTE)[:, :, None, :]
   x = x_BTNE.astype(jnp.float32)
@@ -90,45 +117,110 @@ def rope(x_BTNE, positions_BT, theta):
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_BTNE.dtype)
 
 
-def _attend_block(q_BTKGE, k_BSKE, v_BSKE, q_offset, key_start_B, causal):
+def resolve_attention_impl(impl, dtype, head_dim, backend=None):
+  """The implementation `impl` names on `backend` (default: jax's): "auto" picks cuDNN flash
+  attention on GPU for 16-bit compute with a head dim it supports, XLA otherwise. A kernel the
+  backend lacks is a ValueError naming the backend."""
+  backend = backend or jax.default_backend()
+  if impl == "auto":
+    cudnn_ok = jnp.dtype(dtype).itemsize == 2 and head_dim % 8 == 0 and head_dim <= 128
+    return "cudnn" if backend == "gpu" and cudnn_ok else "xla"
+  if impl == "cudnn" and backend != "gpu":
+    raise ValueError(f"attention_impl='cudnn' needs a GPU; the backend is {backend!r}")
+  if impl == "cudnn" and jnp.dtype(dtype).itemsize != 2:
+    raise ValueError("attention_impl='cudnn' needs model.dtype='bfloat16'")
+  if impl == "splash":
+    raise ValueError("attention_impl='splash' (the TPU Pallas kernel) is not implemented yet; "
+                     "use 'xla' or 'auto'")
+  return impl
+
+
+def attention_mask(q_offset, t, s, span, q_segment_ids_BT, causal):
+  """(B, T, S) bool: which keys each query sees, or None when every key is visible. Queries
+  are the buffer indices q_offset.. q_offset + t; keys 0..s."""
+  key_S = jnp.arange(s)
+  mask_BTS = None
+  if span.left_padded:
+    mask_BTS = (key_S >= span.start_B[:, None])[:, None, :]
+  if causal:
+    q_T = q_offset + jnp.arange(t)
+    causal_1TS = (q_T[:, None] >= key_S[None, :])[None]
+    mask_BTS = causal_1TS if mask_BTS is None else mask_BTS & causal_1TS
+  if span.segment_ids_BT is not None:
+    same_BTS = q_segment_ids_BT[:, :, None] == span.segment_ids_BT[:, None, :]
+    mask_BTS = same_BTS if mask_BTS is None else mask_BTS & same_BTS
+  return mask_BTS
+
+
+def _attend_block(q_BTKGE, k_BSKE, v_BSKE, q_offset, span, q_segment_ids_BT, causal):
   """Softmax attention of a block of queries (the first at buffer index q_offset) over the keys
-  at buffer indices key_start_B.. (and, when causal, up to the query's own index)."""
-  e = q_BTKGE.shape[-1]
+  that `attention_mask` lets it see."""
+  b, t, _, _, e = q_BTKGE.shape
   logits_BKGTS = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE,
                             preferred_element_type=jnp.float32) * e**-0.5
-  key_S = jnp.arange(k_BSKE.shape[1])
-  mask_BTS = (key_S >= key_start_B[:, None])[:, None, :]
-  if causal:
-    q_T = q_offset + jnp.arange(q_BTKGE.shape[1])
-    mask_BTS = mask_BTS & (q_T[:, None] >= key_S[None, :])[None]
-  logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
+  mask_BTS = attention_mask(q_offset, t, k_BSKE.shape[1], span, q_segment_ids_BT, causal)
+  if mask_BTS is not None:
+    mask_BTS = jnp.broadcast_to(mask_BTS, (b, t, k_BSKE.shape[1]))
+    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
   probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKE.dtype)
   return jnp.einsum("bkgts,bske->btkge", probs_BKGTS, v_BSKE)
 
 
-def attend(q_BTKGE, k_BSKE, v_BSKE, *, causal, q_chunk=0, span=None):
-  """Grouped-query attention; G query heads share each of the K key/value heads.
-
-  With `q_chunk` > 0 the queries are processed `q_chunk` at a time under jax.checkpoint, so the
-  score matrix held in either pass is q_chunk × S instead of T × S (the memory that decides
-  whether long contexts fit). Same result as the dense form. `span` (default: the whole buffer)
-  places the queries and masks left padding.
-  """
-  t = q_BTKGE.shape[1]
-  span = Span.full(q_BTKGE.shape[0]) if span is None else span
+def _attend_xla(q_BTKGE, k_BSKE, v_BSKE, causal, q_chunk, span):
+  """The einsum form; with `q_chunk` > 0 the queries go `q_chunk` at a time under
+  jax.checkpoint, so the score matrix held in either pass is q_chunk × S instead of T × S."""
+  b, t = q_BTKGE.shape[:2]
+  q_seg_BT = span.segment_ids_BT
   if q_chunk <= 0 or q_chunk >= t:
-    return _attend_block(q_BTKGE, k_BSKE, v_BSKE, span.offset, span.start_B, causal)
+    return _attend_block(q_BTKGE, k_BSKE, v_BSKE, span.offset, span, q_seg_BT, causal)
   num_chunks = -(-t // q_chunk)
   pad = num_chunks * q_chunk - t
   q_BTKGE = jnp.pad(q_BTKGE, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
-  q_cBtKGE = jnp.moveaxis(q_BTKGE.reshape(q_BTKGE.shape[0], num_chunks, q_chunk,
-                                          *q_BTKGE.shape[2:]), 1, 0)
-  block = jax.checkpoint(
-      lambda q, offset: _attend_block(q, k_BSKE, v_BSKE, offset, span.start_B, causal))
+  q_cBtKGE = jnp.moveaxis(q_BTKGE.reshape(b, num_chunks, q_chunk, *q_BTKGE.shape[2:]), 1, 0)
+  if q_seg_BT is None:
+    q_seg_cBt = jnp.zeros((num_chunks,), jnp.int32)  # unused placeholder to scan over
+  else:
+    q_seg_cBt = jnp.moveaxis(jnp.pad(q_seg_BT, ((0, 0), (0, pad))).reshape(b, num_chunks, q_chunk),
+                             1, 0)
+  block = jax.checkpoint(lambda q, offset, seg: _attend_block(
+      q, k_BSKE, v_BSKE, offset, span, None if q_seg_BT is None else seg, causal))
   offsets = span.offset + jnp.arange(num_chunks) * q_chunk
-  _, out_cBtKGE = jax.lax.scan(lambda _, xs: (None, block(*xs)), None, (q_cBtKGE, offsets))
-  out_BTKGE = jnp.moveaxis(out_cBtKGE, 0, 1).reshape(q_BTKGE.shape[0], -1, *q_BTKGE.shape[2:])
+  _, out_cBtKGE = jax.lax.scan(lambda _, xs: (None, block(*xs)), None,
+                               (q_cBtKGE, offsets, q_seg_cBt))
+  out_BTKGE = jnp.moveaxis(out_cBtKGE, 0, 1).reshape(b, -1, *q_BTKGE.shape[2:])
   return out_BTKGE[:, :t]
+
+
+def _attend_dot_product(q_BTKGE, k_BSKE, v_BSKE, causal, span, implementation):
+  """`jax.nn.dot_product_attention` (cuDNN flash attention with implementation="cudnn").
+  Queries must start at buffer index 0 (training, scoring, prefill). Causal attention without
+  padding or packing runs the kernel's own causal mask; otherwise a (B, 1, T, S) mask is passed."""
+  b, t, k, g, e = q_BTKGE.shape
+  mask = None
+  if span.left_padded or span.segment_ids_BT is not None:
+    mask = attention_mask(0, t, k_BSKE.shape[1], span, span.segment_ids_BT, causal)
+    mask = jnp.broadcast_to(mask, (b, t, k_BSKE.shape[1]))[:, None]
+  out_BTNE = jax.nn.dot_product_attention(
+      q_BTKGE.reshape(b, t, k * g, e), k_BSKE, v_BSKE, mask=mask,
+      is_causal=causal and mask is None, implementation=implementation)
+  return out_BTNE.reshape(b, t, k, g, e)
+
+
+def attend(q_BTKGE, k_BSKE, v_BSKE, *, causal, q_chunk=0, span=None, impl="xla"):
+  """Grouped-query attention; G query heads share each of the K key/value heads.
+
+  `impl`: "xla" (the einsum form, optionally query-chunked: see `_attend_xla`), "cudnn" (cuDNN
+  flash attention through jax.nn.dot_product_attention), or "dot_product_xla" (the same call
+  with XLA's implementation, which runs anywhere: tests check it against "xla"). `span`
+  (default: the whole buffer) places the queries and masks padding and other documents.
+  """
+  span = Span.full(q_BTKGE.shape[0]) if span is None else span
+  if impl == "xla":
+    return _attend_xla(q_BTKGE, k_BSKE, v_BSKE, causal, q_chunk, span)
+  if impl in ("cudnn", "dot_product_xla"):
+    return _attend_dot_product(q_BTKGE, k_BSKE, v_BSKE, causal, span,
+                               "cudnn" if impl == "cudnn" else "xla")
+  raise ValueError(f"unknown attention implementation {impl!r}")
 
 
 class Attention(nn.Module):
@@ -146,6 +238,8 @@ class Attention(nn.Module):
   dtype: Dtype = jnp.float32
   q_chunk: int = 0  # > 0: attend this many queries at a time (see `attend`)
   decode: bool = False  # keys/values go to a pre-allocated cache (collection "cache")
+  impl: str = "xla"  # a resolved attention implementation (see `attend`); decoding uses "xla"
+  rope_scaling: Any = None  # Llama 3 RoPE rescaling (see `rope_frequencies`); None: off
 
   @nn.compact
   def __call__(self, xq_BTD, xkv_BSD, span, *, causal):
@@ -157,8 +251,8 @@ class Attention(nn.Module):
     b, t = q_BTNE.shape[:2]
     if self.use_rope:
       positions_BT = span.positions(t)
-      q_BTNE = rope(q_BTNE, positions_BT, self.rope_theta)
-      k_BSKE = rope(k_BSKE, positions_BT, self.rope_theta)
+      q_BTNE = rope(q_BTNE, positions_BT, self.rope_theta, self.rope_scaling)
+      k_BSKE = rope(k_BSKE, positions_BT, self.rope_theta, self.rope_scaling)
     if self.decode:  # the cache's length is the length of the call that created it
       k_cache = self.variable("cache", "cached_key", jnp.zeros, k_BSKE.shape, k_BSKE.dtype)
       v_cache = self.variable("cache", "cached_value", jnp.zeros, v_BSKE.shape, v_BSKE.dtype)
@@ -167,7 +261,8 @@ class Attention(nn.Module):
       v_cache.value = jax.lax.dynamic_update_slice(v_cache.value, v_BSKE, where)
       k_BSKE, v_BSKE = k_cache.value, v_cache.value
     q_BTKGE = q_BTNE.reshape(b, t, k, n // k, e)
-    out_BTKGE = attend(q_BTKGE, k_BSKE, v_BSKE, causal=causal, q_chunk=self.q_chunk, span=span)
+    out_BTKGE = attend(q_BTKGE, k_BSKE, v_BSKE, causal=causal, q_chunk=self.q_chunk, span=span,
+                       impl="xla" if self.decode else self.impl)
     out_BTNE = out_BTKGE.reshape(b, t, n, e).astype(self.dtype)
     return dense("out", "btne,ned->btd", (n, e, d), ("heads", "head_dim", "embed"), 2)(out_BTNE)
 
@@ -183,6 +278,15 @@ class SwiGLU(nn.Module):
     up_BTF = Einsum("btd,df->btf", (d, f), ("embed", "mlp"), 1, self.dtype, name="up")(x_BTD)
     return Einsum("btf,fd->btd", (f, d), ("mlp", "embed"), 1, self.dtype, name="down")(
         nn.silu(gate_BTF) * up_BTF)
+
+
+def rope_scaling_args(m):
+  """The `rope_scaling` tuple of a model config (None without model.rope_scaling or its type
+  "none"; configs saved before the key existed have none)."""
+  r = m.get("rope_scaling")
+  if r is None or r.type == "none":
+    return None
+  return (r.factor, r.low_freq_factor, r.high_freq_factor, r.original_max_position_embeddings)
 
 
 class Block(nn.Module):
@@ -209,8 +313,10 @@ class Block(nn.Module):
     h_BTD, hkv_BSD = norm(x_BTD), norm(kv_in)
     if kv_extra_BTD is not None and not add_before:
       hkv_BSD = hkv_BSD + kv_extra_BTD.astype(dtype)
+    impl = resolve_attention_impl(m.attention_impl, dtype, m.head_dim)
     attn = Attention(m.num_heads, m.num_kv_heads, m.head_dim, m.rope_theta, self.use_rope, dtype,
-                     m.attention_q_chunk, self.decode, name="attn")
+                     m.attention_q_chunk, self.decode, impl, name="attn",
+                     rope_scaling=rope_scaling_args(m))
     x_BTD = x_BTD + attn(h_BTD, hkv_BSD, span, causal=self.causal).astype(x_BTD.dtype)
     mlp_in = RMSNorm(m.norm_eps, dtype, name="mlp_norm")(x_BTD)
     x_BTD = x_BTD + SwiGLU(m.mlp_dim, dtype, name="mlp")(mlp_in).astype(x_BTD.dtype)

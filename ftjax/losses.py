@@ -39,6 +39,6 @@ def cross_entropy(x_BTD, unembed_DV, targets_BT, *, chunk_tokens=0, dtype=jnp.fl
   return nll_kc.reshape(-1)[:n].reshape(b, t)
 
 
-def free_bits_kl(kl_BT, kappa):
-  """(1/T) Σ_t max(0, KL_t − κ), averaged over the batch: the KL term of the loss."""
-  return jnp.mean(jnp.maximum(kl_BT - kappa, 0.0))
+def free_bits_kl_BT(kl_BT, kappa):
+  """max(0, KL_t − κ) per token: the KL term of the loss before averaging over tokens."""
+  return jnp.maximum(kl_BT - kappa, 0.0)

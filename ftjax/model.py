@@ -22,16 +22,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from ftjax import latent as latent_lib
+from ftjax.configs import REMAT_POLICIES
 from ftjax.layers import ACTIVATION_AXES, Block, Einsum, RMSNorm, Span
 
 Z_MODES = ("encoder", "encoder_argmax", "uniform", "given", "zero")
 
-_REMAT_POLICIES = {
-    "full": None,
-    "nothing": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
 
 
 class _ScannedBlock(nn.Module):
@@ -49,10 +44,17 @@ def block_stack(cfg, length, name, decode=False):
   nn.scan; rematerialised by the config's policy when training."""
   block = _ScannedBlock
   if cfg.remat_policy != "none" and not decode:
-    block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+    policy = REMAT_POLICIES[cfg.remat_policy]
+    block = nn.remat(block, policy=policy and getattr(jax.checkpoint_policies, policy),
+                     prevent_cse=False)
   return nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
                  in_axes=nn.broadcast, length=length,
                  metadata_params={nn.PARTITION_NAME: "layers"})(cfg, decode, name=name)
+
+
+def _per_row(key):
+  """True for a batch of keys, one per row (training: see `train.row_keys`)."""
+  return key is not None and key.ndim == 1
 
 
 class LatentPath(nn.Module):
@@ -82,12 +84,16 @@ class LatentPath(nn.Module):
       logits_NH = logits_BTH.reshape(b * t, h)
       if z_mode == "encoder_argmax":  # the most likely code
         bits_NH = (logits_NH > 0).astype(jnp.int32)
+      elif _per_row(key):
+        bits_NH = jax.vmap(latent_lib.sample_bits)(key, logits_BTH).reshape(b * t, h)
       else:
         bits_NH = latent_lib.sample_bits(key, logits_NH)
       codes_N = latent_lib.bits_to_codes(bits_NH)
       aux = {"kl_BT": latent_lib.kl_from_logits(logits_BTH), "latent_logits_BTH": logits_BTH}
     else:
-      if z_mode == "uniform":
+      if z_mode == "uniform" and _per_row(key):
+        codes_BT = jax.vmap(lambda k: latent_lib.uniform_codes(k, (t,), h))(key)
+      elif z_mode == "uniform":
         codes_BT = latent_lib.uniform_codes(key, (b, t), h)
       elif z_mode == "zero":
         return jnp.zeros_like(x_BTD), {}
@@ -111,6 +117,7 @@ class Transformer(nn.Module):
     "encoder": Z sampled from the encoder's posterior (training; needs `latent_key`),
     "encoder_argmax": Z = the posterior's most likely code (every bit with logit > 0),
     "uniform": Z uniform over the 2^H codes per token (generation; needs `latent_key`),
+  `latent_key` is one key, or one key per row (B,): then row b's Z depends on its key alone.
     "given":   Z = `codes_BT`,
     "zero":    R = 0 (the FT then computes the baseline function of its shared weights).
   Returns (logits_BTV, aux), or (x_BTD after the final norm, aux) with `return_hidden=True`.
@@ -120,28 +127,36 @@ class Transformer(nn.Module):
   (keys before it are masked, RoPE positions count from it). With `decode=True` the decoder
   blocks keep their keys/values in the "cache" collection (allocated by `init` at the length of
   the tokens it is given) and each call appends its tokens at the cache index.
+
+  Packed rows (several documents) pass `segment_ids_BT` (1, 2, … per document, 0 for padding)
+  and `positions_BT` (each document's positions from 0): attention, the encoder's included,
+  stays inside a document and RoPE restarts with it.
   """
   cfg: Any
   decode: bool = False
 
   @nn.compact
   def __call__(self, tokens_BT, *, z_mode="encoder", latent_key=None,
-               codes_BT: Optional[jax.Array] = None, return_hidden=False, start_B=None):
+               codes_BT: Optional[jax.Array] = None, return_hidden=False, start_B=None,
+               segment_ids_BT: Optional[jax.Array] = None,
+               positions_BT: Optional[jax.Array] = None):
     m = self.cfg
     if z_mode not in Z_MODES:
       raise ValueError(f"z_mode must be one of {Z_MODES}, got {z_mode!r}")
     b, t = tokens_BT.shape
+    left_padded = start_B is not None
     start_B = jnp.zeros((b,), jnp.int32) if start_B is None else start_B
     offset = jnp.zeros((), jnp.int32)
     if self.decode:
       index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
       offset = index.value
       index.value = offset + t
-    span = Span(offset, start_B)
+    span = Span(offset, start_B, segment_ids_BT, positions_BT, left_padded=left_padded)
     embed_VD = self.param("embed", nn.with_logical_partitioning(nn.initializers.normal(1.0),
                                                                 ("vocab", "embed")),
                           (m.vocab_size, m.d_model), jnp.float32)
-    x_BTD = nn.with_logical_constraint(jnp.take(embed_VD, tokens_BT, axis=0), ACTIVATION_AXES)
+    x_BTD = jnp.take(embed_VD, tokens_BT, axis=0).astype(jnp.float32)  # float32 residual stream
+    x_BTD = nn.with_logical_constraint(x_BTD, ACTIVATION_AXES)
     inject = m.latent.inject_layer
     if inject > 0:
       x_BTD, _ = block_stack(m, inject, "layers_lo", self.decode)(x_BTD, span)

@@ -66,19 +66,41 @@ def make_mesh(mesh_cfg, devices=None):
                            axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
-def check_divisible(cfg, shape):
-  """Config errors for model dimensions that the mesh cannot split evenly."""
-  data, fsdp, tensor = shape
-  m = cfg.model
-  if cfg.train.batch_size % (data * fsdp):
-    raise ConfigError("train.batch_size", f"must be divisible by mesh data*fsdp = {data * fsdp}, "
+def _axes_size(mesh, axes):
+  """Devices along the mesh axes one spec entry names (None, a name or a tuple of names)."""
+  if axes is None:
+    return 1
+  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
+def batch_spec():
+  """PartitionSpec of a (B, T, …) batch array: rows split as the `batch` rule says."""
+  return P(dict(LOGICAL_RULES)["batch"], None)
+
+
+def check_batch_divisible(cfg, mesh):
+  """ConfigError unless every microbatch splits evenly over the batch's mesh axes."""
+  rows = _axes_size(mesh, batch_spec()[0])
+  accum = cfg.train.grad_accum_steps
+  if cfg.train.batch_size % (rows * accum):
+    raise ConfigError("train.batch_size", f"must be divisible by the batch's devices ({rows}) × "
+                      f"train.grad_accum_steps ({accum}) = {rows * accum}, "
                       f"got {cfg.train.batch_size}")
-  for key in ("d_model",):
-    if m[key] % fsdp:
-      raise ConfigError(f"model.{key}", f"must be divisible by mesh.fsdp = {fsdp}, got {m[key]}")
-  for key in ("num_heads", "num_kv_heads", "mlp_dim", "vocab_size"):
-    if m[key] % tensor:
-      raise ConfigError(f"model.{key}", f"must be divisible by mesh.tensor = {tensor}, got {m[key]}")
+
+
+def check_params_divisible(abstract_params, params_sharding, mesh):
+  """ConfigError naming the first parameter with a dimension its mesh axes do not divide."""
+  leaves = jax.tree_util.tree_leaves_with_path(abstract_params)
+  shardings = jax.tree_util.tree_leaves(params_sharding,
+                                        is_leaf=lambda x: isinstance(x, NamedSharding))
+  for (path, leaf), s in zip(leaves, shardings):
+    for dim, axes in zip(leaf.shape, s.spec):
+      size = _axes_size(mesh, axes)
+      if dim % size:
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        raise ConfigError("mesh", f"parameter {name} of shape {leaf.shape}: dimension {dim} is "
+                          f"split over mesh axes {axes} of {size} devices, which do not divide "
+                          f"it; change the mesh or the model size")
 
 
 def logical_to_sharding(logical_specs, mesh):
@@ -101,7 +123,7 @@ def opt_state_shardings(optimizer, abstract_params, params_sharding, mesh):
 
 
 def batch_sharding(mesh):
-  return NamedSharding(mesh, P(("data", "fsdp"), None))
+  return NamedSharding(mesh, batch_spec())
 
 
 def check_replication(abstract_params, params_sharding, mesh, tolerance):

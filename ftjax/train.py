@@ -2,8 +2,9 @@
 on a mesh (`compile_ready_steps`). The loop lives in `ftjax.loop`, the `Trainer` in
 `ftjax.trainer`.
 
-Randomness: the key of step s is fold_in(key(seed), s), split into the latent's key and
-nothing else, so Z differs per step, runs are reproducible, and a resumed run draws the same Z.
+Randomness: the key of step s is fold_in(key(seed), s); batch row r draws its latent Z from
+fold_in(that key, r), so Z differs per step and row, runs are reproducible, a resumed run draws
+the same Z, and gradient accumulation does not change which Z a row gets.
 """
 
 import functools
@@ -18,6 +19,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ftjax import losses, sharding
+from ftjax.configs import ConfigError
+from ftjax.layers import resolve_attention_impl
 from ftjax.model import make_model
 
 LOG2 = math.log(2)
@@ -62,55 +65,116 @@ def init_variables(model, seed):
   return model.init(jax.random.key(seed), tokens, z_mode="encoder", latent_key=jax.random.key(0))
 
 
+def _cast_floats(tree, dtype):
+  return jax.tree_util.tree_map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
 def init_params(model, seed):
-  """Parameters for `model`, unboxed from their logical-axis metadata."""
-  return nn.meta.unbox(init_variables(model, seed)["params"])
+  """Parameters for `model` in `model.param_dtype`, unboxed from their logical-axis metadata."""
+  params = nn.meta.unbox(init_variables(model, seed)["params"])
+  return _cast_floats(params, jnp.dtype(model.cfg.param_dtype))
 
 
 def init_train_state(cfg, model):
+  """Step 0: fresh parameters; the optimizer state (Adam moments) is float32 whatever the
+  parameters' dtype."""
   params = init_params(model, cfg.seed)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=make_optimizer(cfg.train).init(params),
+                    opt_state=make_optimizer(cfg.train).init(_cast_floats(params, jnp.float32)),
                     nonfinite_steps=jnp.zeros((), jnp.int32),
                     first_nonfinite_step=jnp.full((), -1, jnp.int32))
+
+
+def token_mask(batch):
+  """(B, T) float32: 1 for tokens that count in the loss, 0 for padding (segment id 0 in
+  packed batches)."""
+  if "segment_ids" in batch:
+    return (batch["segment_ids"] > 0).astype(jnp.float32)
+  return jnp.ones(batch["targets"].shape, jnp.float32)
+
+
+def row_keys(key, rows_B):
+  """One latent key per batch row: a row draws the same Z whatever microbatch it is in."""
+  return jax.vmap(lambda r: jax.random.fold_in(key, r))(rows_B)
 
 
 def _nll(model, params, batch, z_mode, key):
   """Per-token NLL (B, T) and the model's aux for one z_mode."""
   m = model.cfg
   x_BTD, aux = model.apply({"params": params}, batch["inputs"], z_mode=z_mode, latent_key=key,
-                           return_hidden=True)
+                           return_hidden=True, segment_ids_BT=batch.get("segment_ids"),
+                           positions_BT=batch.get("positions"))
   nll_BT = losses.cross_entropy(x_BTD, params["unembed"]["kernel"], batch["targets"],
                                 chunk_tokens=m.ce_chunk_tokens, dtype=jnp.dtype(m.dtype))
   return nll_BT, aux
 
 
-def loss_fn(params, batch, key, model):
-  """CE + (1/T) Σ_t max(0, KL_t − κ); returns (loss, metrics)."""
+def loss_fn(params, batch, keys_B, model, mask_BT, num_tokens):
+  """(Σ_t CE_t + Σ_t max(0, KL_t − κ)) / num_tokens over the tokens `mask_BT` keeps; returns
+  (loss, metrics). Metrics are sums divided by `num_tokens` too, so the metrics of the
+  microbatches of one step add up to those of the whole batch."""
   lat = model.cfg.latent
-  nll_BT, aux = _nll(model, params, batch, "encoder", key)
-  ce = jnp.mean(nll_BT)
+  nll_BT, aux = _nll(model, params, batch, "encoder", keys_B)
+  mean = lambda x_BT: jnp.sum(x_BT * mask_BT) / num_tokens
+  ce = mean(nll_BT)
   if not lat.enabled:
     return ce, {"loss": ce, "ce": ce}
   kl_BT = aux["kl_BT"]
-  kl_clipped = losses.free_bits_kl(kl_BT, lat.kappa)
+  kl_clipped = mean(losses.free_bits_kl_BT(kl_BT, lat.kappa))
   loss = ce + kl_clipped
-  return loss, {"loss": loss, "ce": ce, "kl": jnp.mean(kl_BT), "kl_clipped": kl_clipped,
-                "kl_frac_above_kappa": jnp.mean((kl_BT > lat.kappa).astype(jnp.float32))}
+  return loss, {"loss": loss, "ce": ce, "kl": mean(kl_BT), "kl_clipped": kl_clipped,
+                "kl_frac_above_kappa": mean((kl_BT > lat.kappa).astype(jnp.float32))}
 
 
-def train_step(state, batch, *, model, optimizer, schedule, seed):
+def accumulated_grads(params, batch, key, model, num_micro):
+  """(float32 gradients, metrics) of the token-weighted mean loss of `batch`, computed over
+  `num_micro` microbatches in a lax.scan (one microbatch's activations live at a time).
+
+  Microbatch a holds rows a, a + A, a + 2A, … (A = num_micro), so that each device's rows split
+  evenly; each row's latent key depends only on its index, so the result equals one pass over
+  the whole batch (up to float summation order)."""
+  mask_BT = token_mask(batch)
+  num_tokens = jnp.maximum(jnp.sum(mask_BT), 1.0)
+  b = mask_BT.shape[0]
+  full = {**batch, "keys": row_keys(key, jnp.arange(b)), "mask": mask_BT}
+  grad_fn = jax.grad(lambda p, mb: loss_fn(p, {k: v for k, v in mb.items()
+                                               if k not in ("keys", "mask")},
+                                           mb["keys"], model, mb["mask"], num_tokens),
+                     has_aux=True)
+  if num_micro == 1:
+    grads, metrics = grad_fn(params, full)
+    return _cast_floats(grads, jnp.float32), metrics
+  micro = jax.tree_util.tree_map(
+      lambda x: jnp.swapaxes(x.reshape(b // num_micro, num_micro, *x.shape[1:]), 0, 1), full)
+
+  def body(carry, mb):
+    grads, metrics = grad_fn(params, mb)
+    return jax.tree_util.tree_map(jnp.add, carry, (_cast_floats(grads, jnp.float32), metrics)), None
+
+  first = jax.tree_util.tree_map(lambda x: x[0], micro)
+  zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, jnp.float32),
+                                 jax.eval_shape(grad_fn, params, first))
+  (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
+  return grads, metrics
+
+
+def train_step(state, batch, *, model, optimizer, schedule, seed, grad_accum_steps=1):
   """One optimizer step. Jit it with `donate_argnums=0`.
 
-  A step whose loss or gradients are not finite leaves the parameters and optimizer state as
-  they were (and is counted in the state); the loop decides whether to go on.
+  Gradients are float32 (summed over `grad_accum_steps` microbatches); the optimizer runs on
+  float32 copies of the parameters and the result is stored in their dtype. A step whose loss
+  or gradients are not finite leaves the parameters and optimizer state as they were (and is
+  counted in the state); the loop decides whether to go on.
   """
-  grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch,
-                                                    step_key(seed, state.step), model)
+  grads, metrics = accumulated_grads(state.params, batch, step_key(seed, state.step), model,
+                                     grad_accum_steps)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  params_f32 = _cast_floats(state.params, jnp.float32)
+  updates, opt_state = optimizer.update(grads, state.opt_state, params_f32)
+  params = jax.tree_util.tree_map(lambda new, old: new.astype(old.dtype),
+                                  optax.apply_updates(params_f32, updates), state.params)
   keep_if_bad = lambda new, old: jnp.where(finite, new, old)
   first_bad = jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step,
                         state.first_nonfinite_step)
@@ -128,16 +192,22 @@ def eval_step(params, batch, key, *, model, bytes_per_token=0.0):
   the baseline) and `eval_elbo` is CE with encoder-sampled Z plus the unclipped KL, a bound on
   the NLL. CE with encoder-inferred Z alone sees the targets through the non-causal encoder and
   is deliberately not reported. For the baseline, eval_elbo = eval_ce (the exact NLL)."""
+  mask_BT = token_mask(batch)
+  mean = lambda x_BT: jnp.sum(x_BT * mask_BT) / jnp.maximum(jnp.sum(mask_BT), 1.0)
   if model.cfg.latent.enabled:
     uniform_key, encoder_key = jax.random.split(key)
-    ce = jnp.mean(_nll(model, params, batch, "uniform", uniform_key)[0])
+    ce = mean(_nll(model, params, batch, "uniform", uniform_key)[0])
     nll_BT, aux = _nll(model, params, batch, "encoder", encoder_key)
-    out = {"eval_ce": ce, "eval_elbo": jnp.mean(nll_BT + aux["kl_BT"]),
-           "eval_kl": jnp.mean(aux["kl_BT"])}
+    out = {"eval_ce": ce, "eval_elbo": mean(nll_BT + aux["kl_BT"]), "eval_kl": mean(aux["kl_BT"])}
   else:
-    ce = jnp.mean(_nll(model, params, batch, "zero", None)[0])
+    ce = mean(_nll(model, params, batch, "zero", None)[0])
     out = {"eval_ce": ce, "eval_elbo": ce}
-  if bytes_per_token:
+  if "target_bytes" in batch:  # exact bits per byte: Trainer.evaluate divides the totals
+    scored_BT = batch["segment_ids"] > 0  # the tokens eval_ce averages over
+    scored = jnp.sum(scored_BT)
+    out.update(eval_nats_sum=out["eval_ce"] * scored, eval_elbo_nats_sum=out["eval_elbo"] * scored,
+               eval_bytes_sum=jnp.sum(jnp.where(scored_BT, batch["target_bytes"], 0)))
+  elif bytes_per_token:
     out["eval_bpb"] = out["eval_ce"] / (LOG2 * bytes_per_token)
     out["eval_elbo_bpb"] = out["eval_elbo"] / (LOG2 * bytes_per_token)
   return out
@@ -149,11 +219,17 @@ def compile_ready_steps(cfg, mesh):
   Nothing is allocated: `jax.eval_shape` gives the shapes, the logical-axis rules the
   shardings. The step donates the state and splits batches over `data` and `fsdp`.
   """
-  sharding.check_divisible(cfg, tuple(mesh.shape.values()))
+  sharding.check_batch_divisible(cfg, mesh)
+  m = cfg.model
+  try:
+    resolve_attention_impl(m.attention_impl, jnp.dtype(m.dtype), m.head_dim)
+  except ValueError as e:
+    raise ConfigError("model.attention_impl", str(e)) from None
   model = make_model(cfg.model)
   optimizer = make_optimizer(cfg.train)
   params_sh = sharding.param_shardings(model, mesh, lambda: init_variables(model, cfg.seed))
   abstract_params = jax.eval_shape(lambda: init_params(model, cfg.seed))
+  sharding.check_params_divisible(abstract_params, params_sh, mesh)
   sharding.check_replication(abstract_params, params_sh, mesh, cfg.mesh.max_replicated_fraction)
   replicated = NamedSharding(mesh, P())
   state_sh = TrainState(
@@ -162,7 +238,8 @@ def compile_ready_steps(cfg, mesh):
       nonfinite_steps=replicated, first_nonfinite_step=replicated)
   init = jax.jit(lambda: init_train_state(cfg, model), out_shardings=state_sh)
   step = functools.partial(train_step, model=model, optimizer=optimizer,
-                           schedule=lr_schedule(cfg.train), seed=cfg.seed)
+                           schedule=lr_schedule(cfg.train), seed=cfg.seed,
+                           grad_accum_steps=cfg.train.grad_accum_steps)
   step = jax.jit(step, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
                  out_shardings=(state_sh, None), donate_argnums=0)
   return model, state_sh, init, step

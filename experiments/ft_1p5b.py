@@ -5,7 +5,10 @@ from ftjax.configs import default_config
 
 def get_config():
   c = default_config()
-  c.data.name = "shakespeare"  # placeholder corpus until a large tokenised corpus is configured
+  # A corpus tokenised with `python -m launch.prepare_data` (e.g. with Llama 3's tokenizer.json):
+  # --config.data.path=DIR (or --config.data.mixture=dirA:0.7,dirB:0.3)
+  c.data.name = "prepared"
+  c.data.tokenizer = "auto"  # the prepared data's tokenizer (model.vocab_size must hold it)
   c.model.num_layers = 24
   c.model.d_model = 2048
   c.model.num_heads = 16

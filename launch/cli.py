@@ -56,7 +56,12 @@ def restored_run(argv, workdir, step):
     fail("flag error: --workdir is required")
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it touches at INFO
   from ftjax import checkpoint  # after flag checks: errors stay fast
+  from ftjax.data.text import CorpusError
   try:
     return checkpoint.load_run(workdir, step)
   except checkpoint.CheckpointError as e:
     fail(f"checkpoint error: {e}")
+  except CorpusError as e:  # the run's data moved or is damaged
+    fail(f"data error: {e}")
+  except ConfigError as e:
+    fail(str(e))

@@ -33,12 +33,15 @@ def main(argv):
   from ftjax import distributed, loop  # after flag parsing: `--help` and errors stay fast
   from ftjax.checkpoint import CheckpointError
   from ftjax.configs import ConfigError
+  from ftjax.data.text import CorpusError
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                          auto=_MULTIPROCESS.value)
   try:
     loop.train_and_evaluate(cfg, _WORKDIR.value)
   except ConfigError as e:  # found once the devices are known (mesh, divisibility)
     cli.fail(str(e))
+  except CorpusError as e:  # missing, unprepared or corrupt data
+    cli.fail(f"data error: {e}")
   except CheckpointError as e:  # e.g. the run's checkpoints do not match a changed config
     cli.fail(f"checkpoint error: {e}")
   except loop.NonFiniteError as e:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ftjax import loop, trainer as trainer_lib
-from ftjax.data import corpora, pipeline, text
+from ftjax.data import _DocumentArrays, corpora, pipeline, text, tokenizers
 from tests.conftest import resolved
 
 
@@ -20,17 +20,23 @@ def data_dir(tmp_path_factory):
 
 
 def _batches(data_dir, n, split="train", **kw):
-  it = pipeline.batches(corpora.data_source("shakespeare", split, data_dir), text.encode,
-                        seed=kw.pop("seed", 0), seq_len=32, batch_size=4, **kw)
-  return it, [next(it)["tokens"] for _ in range(n)]
+  it = pipeline.batches(corpora.data_source("shakespeare", split, data_dir),
+                        _DocumentArrays(tokenizers.ByteTokenizer()), seed=kw.pop("seed", 0),
+                        seq_len=32, batch_size=4, **kw)
+  return it, [_tokens(next(it)) for _ in range(n)]
+
+
+def _tokens(batch):  # (B, T + 1): the packed rows
+  return np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1)
 
 
 def test_corpus_splits_and_documents(data_dir):
   train_src = corpora.data_source("shakespeare", "train", data_dir)
   val_src = corpora.data_source("shakespeare", "validation", data_dir)
   assert len(train_src) > 30_000 and 0.03 < len(val_src) / len(train_src) < 0.07
-  tokens = corpora.document_tokens(train_src[0], text.encode)
+  tokens, nbytes = tokenizers.document_arrays(tokenizers.ByteTokenizer(), train_src[0]["text"])
   assert tokens[-1] == text.EOS and text.decode(tokens[:-1]) == train_src[0]["text"].decode()
+  assert nbytes.sum() == len(train_src[0]["text"]) and nbytes[-1] == 0
 
 
 def test_same_seed_same_batches_and_packing(data_dir):
@@ -46,11 +52,14 @@ def test_same_seed_same_batches_and_packing(data_dir):
 def test_iterator_resumes_exactly(data_dir, workers):
   it, _ = _batches(data_dir, 5, worker_count=workers)
   state = it.get_state()
-  expected = [next(it)["tokens"] for _ in range(4)]
+  expected = [next(it) for _ in range(4)]
   resumed, _ = _batches(data_dir, 0, worker_count=workers)
   resumed.set_state(state)
   for want in expected:
-    np.testing.assert_array_equal(next(resumed)["tokens"], want)
+    got = next(resumed)
+    assert sorted(got) == sorted(pipeline.BATCH_KEYS)
+    for key in pipeline.BATCH_KEYS:
+      np.testing.assert_array_equal(got[key], want[key])
 
 
 def test_processes_read_different_documents(data_dir):

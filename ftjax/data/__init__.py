@@ -1,12 +1,15 @@
-"""Data sources: `make_source(cfg)` gives streams of {'inputs', 'targets'} batches.
+"""Data sources: `make_source(cfg)` gives streams of {'inputs', 'targets', ...} batches.
 
 A stream yields this process's rows of each global batch and has `get_state()`/`set_state()`
 (a JSON-able dict saved with the checkpoints), so a resumed run reads exactly the batches that
 would have come next. Two kinds:
   in memory (the synthetic task; text crops with `data.loader="memory"`): batch s is a pure
       function of (seed, split, s); the state is the step;
-  grain (`data.loader="grain"`): tfds array_record corpora, shuffled, tokenised, packed and
-      batched by `ftjax.data.pipeline`; the state is grain's iterator state.
+  grain (`data.loader="grain"`, and `data.name="prepared"`): tfds array_record corpora, or
+      corpora tokenised by `launch.prepare_data` (`ftjax.data.prepared`; several mixed by weight
+      with `data.mixture`), shuffled, packed and batched by `ftjax.data.pipeline`; the state is
+      grain's iterator state. Their batches also carry `segment_ids`, `positions` and
+      `target_bytes` (see `ftjax.data.pipeline`).
 """
 
 import dataclasses
@@ -41,14 +44,13 @@ class StepStream:
 
 
 class GrainStream:
-  """Batches of the grain pipeline, as {'inputs', 'targets'}."""
+  """Batches of the grain pipeline (`ftjax.data.pipeline.BATCH_KEYS`)."""
 
   def __init__(self, iterator):
     self._iterator = iterator
 
   def __next__(self):
-    tokens = next(self._iterator)["tokens"]
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    return next(self._iterator)
 
   def get_state(self):
     return self._iterator.get_state()
@@ -96,6 +98,8 @@ def make_source(cfg, run_dir=None):
     return Source("synthetic", _step_keyed(make_tokens), prompts, synthetic.decode,
                   lambda string, start=True: synthetic.encode(string, bos=start), 0.0)
 
+  if d.name == "prepared":
+    return _prepared_source(cfg, run_dir)
   from ftjax.data import tokenizers
   tokenizer = tokenizers.make_tokenizer(cfg, run_dir)
   bytes_per_token = 1.0
@@ -116,12 +120,25 @@ def make_source(cfg, run_dir=None):
 
 
 def _bytes_per_token(cfg, tokenizer, documents=500):
-  """UTF-8 bytes per token on the first held-out documents (for bits per byte)."""
+  """UTF-8 bytes per token on the first held-out documents (end-of-document tokens not
+  counted): informational; bits per byte come from the batches' `target_bytes`."""
   from ftjax.data import corpora
   source = corpora.data_source(cfg.data.name, "validation", cfg.data.data_dir)
   docs = [source[i]["text"] for i in range(min(documents, len(source)))]
   tokens = sum(len(tokenizer.encode(doc.decode("utf-8", errors="replace"))) for doc in docs)
   return sum(len(doc) for doc in docs) / max(tokens, 1)
+
+
+class _DocumentArrays:
+  """example -> {'tokens', 'nbytes'} of a text example (a picklable callable for grain)."""
+
+  def __init__(self, tokenizer):
+    self.tokenizer = tokenizer
+
+  def __call__(self, example):
+    from ftjax.data import tokenizers
+    ids, nbytes = tokenizers.document_arrays(self.tokenizer, example["text"])
+    return {"tokens": ids, "nbytes": nbytes}
 
 
 def _grain_stream(cfg, tokenizer):
@@ -132,7 +149,76 @@ def _grain_stream(cfg, tokenizer):
     local = len(range(*rows.indices(batch_size)))
     source = corpora.data_source(d.name, split, d.data_dir)
     return GrainStream(pipeline.batches(
-        source, tokenizer.encode, seed=cfg.seed, seq_len=cfg.model.seq_len, batch_size=local,
-        shard_index=process_index, shard_count=process_count,
+        source, _DocumentArrays(tokenizer), seed=cfg.seed, seq_len=cfg.model.seq_len,
+        batch_size=local, shard_index=process_index, shard_count=process_count,
         worker_count=d.worker_count if split == "train" else 0))
   return stream
+
+
+def _prepared_tokenizer(cfg, components, run_dir):
+  """The tokenizer of prepared data, checked against data.tokenizer and the run's own copy."""
+  from ftjax.configs import ConfigError
+  from ftjax.data import prepared, tokenizers
+  (path, meta), *others = components
+  ident = meta["tokenizer"]
+  for other_path, other in others:
+    if other["tokenizer"]["sha256"] != ident["sha256"]:
+      raise ConfigError("data.mixture", f"{other_path} was prepared with another tokenizer "
+                        f"({other['tokenizer']['kind']}) than {path} ({ident['kind']})")
+  want = cfg.data.tokenizer
+  if want != "auto":
+    try:
+      given = tokenizers.load(want)
+    except tokenizers.TokenizerError as e:
+      raise ConfigError("data.tokenizer", str(e)) from e
+    if given.sha256 != ident["sha256"]:
+      raise ConfigError("data.tokenizer", f"{want!r} is not the tokenizer {path} was prepared "
+                        f"with ({ident['kind']}, sha256 {ident['sha256'][:12]}); set "
+                        "data.tokenizer='auto' to use the data's")
+  saved = tokenizers.run_copy(run_dir)
+  if saved:
+    tok = tokenizers.load(saved, prepared._eos_token(ident))
+    if tok.sha256 != ident["sha256"]:
+      raise ConfigError("data.path", f"the run in {run_dir} was trained with another tokenizer "
+                        f"than {path} was prepared with")
+    return tok
+  return prepared.tokenizer_of(path, meta)
+
+
+def _prepared_source(cfg, run_dir):
+  """Documents of one or more directories made by `launch.prepare_data`, packed by grain."""
+  from ftjax.configs import ConfigError, parse_mixture
+  from ftjax.data import pipeline, prepared
+  d = cfg.data
+  mixture = parse_mixture(d.mixture) if d.mixture else [(d.path, 1.0)] if d.path else []
+  if not mixture:
+    raise ConfigError("data.path", "no prepared data: set data.path (or data.mixture) to a "
+                      f"directory made by `{prepared.PREPARE_COMMAND}`")
+  components = [(path, prepared.load_metadata(path)) for path, _ in mixture]
+  tokenizer = _prepared_tokenizer(cfg, components, run_dir)
+  vocab = components[0][1]["tokenizer"]["vocab_size"]
+  if cfg.model.vocab_size < vocab:
+    raise ConfigError("model.vocab_size", f"the tokenizer of {components[0][0]} has {vocab:,} "
+                      f"ids, more than model.vocab_size={cfg.model.vocab_size:,}")
+  weights = [w for _, w in mixture]
+
+  def stream(split, batch_size, rows, process_index, process_count):
+    local = len(range(*rows.indices(batch_size)))
+    docs = [pipeline.documents(prepared.ShardSource(path, split, meta), _identity,
+                               seed=cfg.seed + i, shard_index=process_index,
+                               shard_count=process_count)
+            for i, (path, meta) in enumerate(components)]
+    return GrainStream(pipeline.pack_and_batch(
+        pipeline.mix(docs, weights), seq_len=cfg.model.seq_len, batch_size=local,
+        worker_count=d.worker_count if split == "train" else 0))
+
+  def prompts(n):  # the first 16 tokens of held-out rows
+    return next(stream("validation", n, slice(None), 0, 1))["inputs"][:, :16]
+  val = [meta["splits"]["validation"] for _, meta in components]
+  bytes_per_token = sum(s["bytes"] for s in val) / max(sum(s["tokens"] for s in val), 1)
+  return Source("prepared", stream, prompts, tokenizer.decode,
+                lambda string, start=True: tokenizer.encode(string), bytes_per_token, tokenizer)
+
+
+def _identity(example):
+  return example

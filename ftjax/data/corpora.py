@@ -92,9 +92,3 @@ def data_source(name, split, path=""):
     raise text.CorpusError(f"unknown corpus {name!r}; known: {sorted(BUILDERS)}")
   return prepare(name, path).as_data_source(split=split)
 
-
-def document_tokens(example, encode):
-  """Tokens of one document followed by the end-of-document token."""
-  doc = example["text"]
-  doc = doc.decode("utf-8", errors="replace") if isinstance(doc, bytes) else doc
-  return np.concatenate([encode(doc), [text.EOS]]).astype(np.int32)

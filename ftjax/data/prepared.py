@@ -124,7 +124,9 @@ class ShardSource:
         reader.close()
         decode_record(first)
       except (OSError, RuntimeError, ValueError, CorpusError) as e:
-        raise CorpusError(f"cannot read shard {file}: {str(e).strip().splitlines()[0]}") from e
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CorpusError(f"cannot read shard {file} ({reason}): missing, corrupt or truncated "
+                          "(prepare it again)") from e
       if count != entry["documents"]:
         raise CorpusError(f"shard {file} holds {count} records, {METADATA} says "
                           f"{entry['documents']}: corrupt or truncated (prepare it again)")

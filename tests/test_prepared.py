@@ -255,6 +255,7 @@ def test_evaluate_bits_per_byte_is_total_nats_over_total_bytes(tiny_cfg, corpus,
 
 
 def test_mixture_is_deterministic_resumable_and_weighted(tiny_cfg, tmp_path):
+  """(With grain workers the same pipeline is tested in test_pipeline.py.)"""
   for name, letter in (("a", "a"), ("b", "b")):
     (tmp_path / f"{name}.txt").write_text("\n".join(letter * 5 for _ in range(200)))
     prepared.prepare(prepared.Settings(inputs=(str(tmp_path / f"{name}.txt"),), tokenizer="bytes",
@@ -274,6 +275,8 @@ def test_mixture_is_deterministic_resumable_and_weighted(tiny_cfg, tmp_path):
   s3.set_state(state)
   for want in later:
     np.testing.assert_array_equal(next(s3)["inputs"], want["inputs"])
+  for stream in (s1, s2, s3):
+    stream.close()
   tokens = np.concatenate([b["inputs"] for b in first + later])
   a, b = (tokens == ord("a") + text.BYTE_OFFSET).sum(), (tokens == ord("b") + text.BYTE_OFFSET).sum()
   assert 2.2 < a / b < 4.0  # 3:1 by documents (all the same length)

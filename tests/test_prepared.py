@@ -307,3 +307,16 @@ def test_training_on_hf_prepared_data_checks_tokenizer_and_vocabulary(tiny_cfg, 
   assert trainer.source.decode(trainer.source.encode("héllo wörld")) == "héllo wörld"
   rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
   assert any("eval_bpb" in r and r["eval_bpb"] > 0 for r in rows)
+
+
+def test_large_configs_train_on_prepared_data_and_say_how_to_make_it(tmp_path):
+  from experiments import ft_1p5b, ft_8b
+  for module in (ft_1p5b, ft_8b):
+    cfg = configs.resolve(module.get_config())  # resolves (and dry-runs) without data
+    assert cfg.data.name == "prepared" and cfg.data.tokenizer == "auto" and not cfg.data.path
+  result = subprocess.run([sys.executable, "-m", "launch.train", "--config=experiments/ft_8b.py",
+                           f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and "data.path" in lines[0] and "launch.prepare_data" in lines[0]

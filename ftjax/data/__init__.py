@@ -168,7 +168,7 @@ def _prepared_tokenizer(cfg, components, run_dir):
   want = cfg.data.tokenizer
   if want != "auto":
     try:
-      given = tokenizers.load(want)
+      given = tokenizers.load(want, prepared._eos_token(ident))
     except tokenizers.TokenizerError as e:
       raise ConfigError("data.tokenizer", str(e)) from e
     if given.sha256 != ident["sha256"]:

@@ -320,3 +320,41 @@ def test_large_configs_train_on_prepared_data_and_say_how_to_make_it(tmp_path):
   assert result.returncode == 2, result.stderr[-2000:]
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and "data.path" in lines[0] and "launch.prepare_data" in lines[0]
+
+
+def test_packed_documents_score_as_if_alone_through_the_pipeline(tiny_cfg):
+  """The data side's segment ids and positions, fed to the model: a document's per-token loss
+  in a packed row equals its loss in a row of its own (baseline decoder)."""
+  from ftjax import train
+  from ftjax.model import make_model
+  cfg = resolved(tiny_cfg, **{"data.name": "shakespeare", "model.latent.enabled": False,
+                              "model.vocab_size": 264,
+                              "model.seq_len": 32})
+  model = make_model(cfg.model)
+  params = train.init_params(model, 0)
+  tok = tokenizers.ByteTokenizer()
+  docs = ["first doc", "the second", "third one"]  # 31 tokens: all fit in a row of 33
+  packed = next(pipeline.batches(
+      [{"d": d} for d in docs], lambda ex: dict(zip(("tokens", "nbytes"),
+                                                    tokenizers.document_arrays(tok, ex["d"]))),
+      seed=0, seq_len=32, batch_size=1, repeat=False))
+
+  nll_BT = jax.jit(lambda batch: train._nll(model, params, batch, "zero", None)[0])
+  nll = lambda batch: np.asarray(nll_BT({k: np.asarray(v) for k, v in batch.items()}))[0]
+
+  seg = packed["segment_ids"][0]
+  for s in (2, 3):  # every segment but the first starts at the previous document's EOS
+    where = np.flatnonzero(seg == s)
+    n = len(where)
+    alone = {k: np.zeros((1, 32), np.int32) for k in packed}  # [EOS, doc] alone, then padding
+    alone["inputs"][0, :n] = packed["inputs"][0, where]
+    alone["targets"][0, :n] = packed["targets"][0, where]
+    alone["segment_ids"][0, :n] = 1
+    alone["positions"][0, :n] = np.arange(n)
+    assert alone["inputs"][0, 0] == text.EOS and alone["targets"][0, n - 1] == text.EOS
+    np.testing.assert_allclose(nll(alone)[:n], nll(packed)[where], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(nll(packed)[where[:3]], nll(_unsegmented(packed))[where[:3]])
+
+
+def _unsegmented(batch):  # the same row with the document boundaries dropped
+  return {"inputs": batch["inputs"], "targets": batch["targets"]}

@@ -55,6 +55,94 @@ def pair_rates(groups):
   return {k: (same[k], diff[k]) for k in same}
 
 
+def strict_stats(texts, block_len=8, noise_prob=1 / 16, seed=0, draws=10000):
+  """Checks stricter than `well_formed`, on decoded 'X>body' samples:
+  - `in_block_bang`: share of '!' among the `block_len` characters from the block's first letter
+    (the data: `noise_prob`);
+  - `block_letters_mean`: mean count of the prompt's letter in the body (the data: block_len ×
+    (1 − noise_prob) = 7.5);
+  - `strict_well_formed`: well-formed and at least block_len − 2 letters in the block;
+  - start positions (the data: uniform over 0..64 − block_len): min, max, mean, and
+    `start_uniform_p`, a Monte-Carlo p-value of the Kolmogorov–Smirnov distance to the uniform
+    (`draws` uniform samples of the same size; small p: not uniform)."""
+  body_len = synthetic.BODY_LEN
+  bangs, letters, starts, strict = [], [], [], []
+  ok = synthetic.well_formed(texts, block_len)
+  for t, good in zip(texts, ok):
+    body, letter = t[2:], t[0]
+    idx = [i for i, c in enumerate(body) if c == letter]
+    letters.append(len(idx))
+    if not idx:
+      strict.append(False)
+      continue
+    region = body[idx[0]:idx[0] + block_len]
+    bangs.append(region.count("!") / block_len)
+    starts.append(idx[0])
+    strict.append(bool(good) and region.count(letter) >= block_len - 2)
+  out = {"n": len(texts), "in_block_bang": float(np.mean(bangs)) if bangs else None,
+         "block_letters_mean": float(np.mean(letters)) if letters else None,
+         "strict_well_formed": float(np.mean(strict)) if strict else None,
+         "data_in_block_bang": noise_prob, "data_block_letters_mean": block_len * (1 - noise_prob)}
+  if starts:
+    positions = body_len - block_len + 1
+    grid = np.arange(positions)
+
+    def ks(sample):
+      cdf = np.searchsorted(np.sort(sample), grid, side="right") / len(sample)
+      return np.max(np.abs(cdf - (grid + 1) / positions))
+    rng = np.random.default_rng(seed)
+    observed = ks(np.asarray(starts))
+    null = np.array([ks(rng.integers(0, positions, len(starts))) for _ in range(draws)])
+    out.update(start_min=int(min(starts)), start_max=int(max(starts)),
+               start_mean=float(np.mean(starts)), data_start_mean=(positions - 1) / 2,
+               start_ks=float(observed),
+               start_uniform_p=float((1 + np.sum(null >= observed)) / (1 + draws)))
+  return out
+
+
+def permutation_test(texts, groups, seed=0, draws=10000):
+  """For each agreement statistic of `pair_rates` (position, letter, noise overlap): the observed
+  rate over pairs sharing a Z minus over pairs with different Z, and a one-sided permutation
+  p-value over the Z-group labels (labels shuffled `draws` times; small p: samples that share a Z
+  agree more than chance, i.e. Z encodes that property)."""
+  parsed = [body_stats(t) for t in texts]
+  groups = np.asarray(groups)
+  n = len(parsed)
+  pos = np.array([[a[1] is not None and a[1] == b[1] for b in parsed] for a in parsed], float)
+  let = np.array([[a[0] is not None and a[0] == b[0] for b in parsed] for a in parsed], float)
+  noise = np.array([[len(a[2] & b[2]) / max(len(a[2] | b[2]), 1) for b in parsed]
+                    for a in parsed])
+  upper = np.triu(np.ones((n, n), bool), 1)
+
+  def diff(labels, m):
+    same = (labels[:, None] == labels[None, :]) & upper
+    other = (labels[:, None] != labels[None, :]) & upper
+    return m[same].mean() - m[other].mean()
+  rng = np.random.default_rng(seed)
+  perms = [rng.permutation(groups) for _ in range(draws)]
+  out = {}
+  for name, m in (("position", pos), ("letter", let), ("noise_jaccard", noise)):
+    observed = diff(groups, m)
+    null = np.array([diff(g, m) for g in perms])
+    out[name] = {"same_minus_other": float(observed),
+                 "p_value": float((1 + np.sum(null >= observed - 1e-12)) / (1 + draws))}
+  return out
+
+
+def read_render(path):
+  """(texts, group labels) from a <run>.txt written by this script ('Z #k' blocks)."""
+  texts, groups, k = [], [], -1
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      line = line.rstrip("\n")
+      if line.startswith("Z #"):
+        k = int(line[3:])
+      elif line:
+        texts.append(line)
+        groups.append(k)
+  return texts, groups
+
+
 def sample(trainer, state, letters, key, z_mode, codes_BT=None):
   import jax
   import jax.numpy as jnp
@@ -100,17 +188,34 @@ def render(blocks, title, path):
 
 
 def study(workdir, num_z, per_z, seed):
-  import jax
-
   from ftjax import checkpoint
   trainer, state = checkpoint.load_run(workdir)
+  return study_state(trainer, state, os.path.basename(workdir), num_z, per_z, seed)
+
+
+def write_zstudy(trainer, state, workdir, num_z=8, per_z=8, seed=0):
+  """Samples of a trained run, written to `workdir`/zstudy.json: the `study_state` statistics plus
+  the raw texts (fixed Z: `fixed_texts` with `fixed_groups`, the Z draw of each; Z uniform:
+  `uniform_texts`), so that permutation tests can be computed later without the checkpoint."""
+  result, blocks = study_state(trainer, state, os.path.basename(workdir), num_z, per_z, seed,
+                               keep_texts=True)
+  with open(os.path.join(workdir, "zstudy.json"), "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=1)
+  return result
+
+
+def study_state(trainer, state, name, num_z, per_z, seed, keep_texts=False):
+  import jax
+
   lat = trainer.cfg.model.latent
   rng = np.random.default_rng(seed)
   n = num_z * per_z
   letters = rng.integers(0, 26, n)
-  result = {"run": os.path.basename(workdir), "latent": bool(lat.enabled)}
+  result = {"run": name, "latent": bool(lat.enabled), "step": int(state.step)}
   uniform = sample(trainer, state, letters, jax.random.key(seed), "uniform")
   result["well_formed_uniform"] = float(np.mean(synthetic.well_formed(uniform)))
+  if keep_texts:
+    result["uniform_texts"] = uniform
   if not lat.enabled:
     return result, None
   result.update(num_bits=lat.num_bits, kappa_bits=lat.kappa / np.log(2),
@@ -125,6 +230,9 @@ def study(workdir, num_z, per_z, seed):
   result["letter_follows_prompt"] = float(np.mean(
       [p[0] == t[0] for b, pb in zip(blocks, parsed) for t, p in zip(b, pb)]))
   result["well_formed_fixed"] = float(np.mean(synthetic.well_formed(texts)))
+  if keep_texts:
+    result["fixed_texts"] = texts
+    result["fixed_groups"] = [i // per_z for i in range(len(texts))]
   return result, blocks
 
 

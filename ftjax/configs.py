@@ -23,6 +23,7 @@ DATASETS = ("synthetic", "shakespeare", "python_stdlib", "prepared")
 LOADERS = ("memory", "grain")
 DTYPES = ("float32", "bfloat16")
 POST_SAMPLERS = ("onehot", "bits")
+KL_CONTROLS = ("free_bits", "target_rate")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 
 
@@ -75,6 +76,18 @@ def default_config():
   c.model.latent.add_before_norm = True  # R enters the key/value input before its RMSNorm
   c.model.latent.encoder_rope = True  # RoPE in the encoder block's attention
   c.model.latent.zero_init_post_sampler = True  # at step 0 the FT computes the baseline
+  # The KL term: "free_bits" (the paper: mean over tokens of max(0, KL_t - kappa)) or
+  # "target_rate" (beta * mean KL, beta adapted every step so that the KL tracks target_bits)
+  c.model.latent.kl_control = "free_bits"
+  c.model.latent.target_bits = config_dict.placeholder(float)  # target_rate: bits per token
+  # target_rate controller (ftjax.train.update_latent_ctl): a PI controller on log(beta), on the
+  # relative error (kl_ema - target) / target, started after train.warmup_steps
+  c.model.latent.control_ki = 0.02  # integral gain per step
+  c.model.latent.control_kp = 0.5  # proportional gain
+  c.model.latent.control_ema = 0.9  # smoothing of the measured batch KL (0: none)
+  c.model.latent.control_beta_init = 1.0  # beta until the controller starts (1: the ELBO)
+  c.model.latent.control_beta_min = 1e-4  # beta is clamped to [min, max]
+  c.model.latent.control_beta_max = 100.0  # upper clamp of beta
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000
@@ -198,7 +211,23 @@ def _check_latent(m):
   _require(lat.post_sampler in POST_SAMPLERS, "model.latent.post_sampler",
            f"must be one of {POST_SAMPLERS}, got {lat.post_sampler!r}")
   _require(lat.chunk_tokens > 0, "model.latent.chunk_tokens", f"must be > 0, got {lat.chunk_tokens}")
+  _require(lat.kl_control in KL_CONTROLS, "model.latent.kl_control",
+           f"must be one of {KL_CONTROLS}, got {lat.kl_control!r}")
+  _require(lat.control_ki >= 0 and lat.control_kp >= 0, "model.latent.control_ki",
+           f"control_ki and control_kp must be >= 0, got {lat.control_ki}, {lat.control_kp}")
+  _require(0 <= lat.control_ema < 1, "model.latent.control_ema",
+           f"must be in [0, 1), got {lat.control_ema}")
+  _require(0 < lat.control_beta_min <= lat.control_beta_init <= lat.control_beta_max,
+           "model.latent.control_beta_init", "need 0 < control_beta_min <= control_beta_init <= "
+           f"control_beta_max, got {lat.control_beta_min}, {lat.control_beta_init}, "
+           f"{lat.control_beta_max}")
   if not lat.enabled:
+    return
+  if lat.kl_control == "target_rate":
+    _require(lat.target_bits is not None and lat.target_bits > 0, "model.latent.target_bits",
+             f"kl_control=target_rate needs target_bits > 0, got {lat.target_bits}")
+    _require(lat.kappa is None or lat.kappa_bits is None, "model.latent.kappa",
+             "set at most one of model.latent.kappa and model.latent.kappa_bits")
     return
   _require((lat.kappa is None) != (lat.kappa_bits is None), "model.latent.kappa",
            "set exactly one of model.latent.kappa (nats) and model.latent.kappa_bits (bits), got "

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax import distributed, metrics as metrics_lib, sampling, sharding
+from ftjax import distributed, metrics as metrics_lib, sampling, sharding, train
 from ftjax.model import make_model
 from ftjax.trainer import Trainer
 
@@ -132,14 +132,18 @@ class Due:
   @classmethod
   def after(cls, done: int, end: int, cfg) -> "Due":
     t, c = cfg.train, cfg.checkpoint
-    return cls(log=done % t.log_every == 0 or done == end,
+    # Step 1 is always logged: its metrics are those of the initial parameters (step-0 KL).
+    return cls(log=done % t.log_every == 0 or done == end or done == 1,
                eval=done % t.eval_every == 0 or done == end,
                save=bool(c.every_steps) and done % c.every_steps == 0)
 
 
-def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Optional[int] = None):
+def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Optional[int] = None,
+                       trainer: Optional[Trainer] = None):
   """Trains a resolved config in `workdir`; resumes from its newest readable checkpoint.
-  Returns the final TrainState.
+  Returns the final TrainState. `trainer` reuses compiled steps built for a config that differs
+  from `cfg` at most in κ and the target rate (traced values of the state; `launch.sweep
+  --in_process`).
 
   Checkpoints: every `checkpoint.every_steps` steps and `checkpoint.every_seconds` seconds
   (async), at the end, and on SIGTERM/SIGINT (then the function returns early). `stop_at` ends
@@ -154,7 +158,7 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
-  trainer = Trainer.create(cfg, run_dir=workdir)
+  trainer = trainer or Trainer.create(cfg, run_dir=workdir)
   if jax.process_index() == 0 and trainer.source.tokenizer is not None:
     from ftjax.data import tokenizers
     tokenizers.save_with_run(trainer.source.tokenizer, workdir)
@@ -162,6 +166,7 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
   manager = ckpt_lib.Manager(os.path.join(workdir, "checkpoints"), cfg, log=log)
   stream = trainer.stream("train")
   state, data_state = manager.restore_or(trainer.init_state, trainer.abstract_state())
+  state = train.set_latent_targets(state, cfg.model.latent, trainer.state_sharding)
   if data_state is not None:
     stream.set_state(data_state)
   start = int(state.step)

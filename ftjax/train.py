@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ftjax import losses, sharding
+from ftjax import losses, sharding, zdiag
 from ftjax.configs import ConfigError
 from ftjax.layers import resolve_attention_impl
 from ftjax.model import make_model
@@ -32,6 +32,31 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: Any
   nonfinite_steps: jax.Array  # steps whose loss or gradients were not finite (update skipped)
   first_nonfinite_step: jax.Array  # the first of them, -1 if none
+  # float32 scalars of the KL term, traced (changing κ does not recompile): "kappa" (free bits,
+  # nats), "target" (target_rate: nats per token), "beta" (target_rate: the multiplier on the
+  # mean KL), "log_beta_i" (its integral term), "kl_ema" (running mean of the batch KL, nats).
+  latent_ctl: Any = None
+
+
+def latent_ctl_init(lat):
+  """The KL-term scalars of a fresh run of the resolved `model.latent` config."""
+  f = lambda v: jnp.asarray(v, jnp.float32)
+  log_beta = math.log(lat.control_beta_init)
+  return {"kappa": f(lat.kappa or 0.0), "target": f(bits_target(lat)),
+          "beta": f(lat.control_beta_init), "log_beta_i": f(log_beta), "kl_ema": f(0.0)}
+
+
+def bits_target(lat):
+  return 0.0 if lat.target_bits is None else lat.target_bits * LOG2
+
+
+def set_latent_targets(state, lat, state_sharding):
+  """`state` with κ and the target rate taken from the config `lat` (placed like the state):
+  the config decides them, also on resume and when a compiled step is reused for another κ."""
+  ctl = dict(state.latent_ctl)
+  for name, value in (("kappa", lat.kappa or 0.0), ("target", bits_target(lat))):
+    ctl[name] = jax.device_put(jnp.asarray(value, jnp.float32), state_sharding.latent_ctl[name])
+  return state.replace(latent_ctl=ctl)
 
 
 def lr_schedule(t):
@@ -83,7 +108,8 @@ def init_train_state(cfg, model):
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=make_optimizer(cfg.train).init(_cast_floats(params, jnp.float32)),
                     nonfinite_steps=jnp.zeros((), jnp.int32),
-                    first_nonfinite_step=jnp.full((), -1, jnp.int32))
+                    first_nonfinite_step=jnp.full((), -1, jnp.int32),
+                    latent_ctl=latent_ctl_init(cfg.model.latent))
 
 
 def token_mask(batch):
@@ -110,24 +136,52 @@ def _nll(model, params, batch, z_mode, key):
   return nll_BT, aux
 
 
-def loss_fn(params, batch, keys_B, model, mask_BT, num_tokens):
-  """(Σ_t CE_t + Σ_t max(0, KL_t − κ)) / num_tokens over the tokens `mask_BT` keeps; returns
-  (loss, metrics). Metrics are sums divided by `num_tokens` too, so the metrics of the
-  microbatches of one step add up to those of the whole batch."""
+def loss_fn(params, batch, keys_B, model, mask_BT, num_tokens, ctl=None):
+  """(Σ_t CE_t + KL term) / num_tokens over the tokens `mask_BT` keeps; returns (loss, metrics).
+  The KL term is Σ_t max(0, KL_t − κ) (`kl_control="free_bits"`, κ = ctl["kappa"]) or
+  β Σ_t KL_t (`"target_rate"`, β = ctl["beta"], held constant in the gradient). `ctl` is the
+  state's `latent_ctl` (None: from the config). Metrics are sums divided by `num_tokens` too, so
+  the metrics of the microbatches of one step add up to those of the whole batch."""
   lat = model.cfg.latent
   nll_BT, aux = _nll(model, params, batch, "encoder", keys_B)
   mean = lambda x_BT: jnp.sum(x_BT * mask_BT) / num_tokens
   ce = mean(nll_BT)
   if not lat.enabled:
     return ce, {"loss": ce, "ce": ce}
+  ctl = latent_ctl_init(lat) if ctl is None else ctl
   kl_BT = aux["kl_BT"]
-  kl_clipped = mean(losses.free_bits_kl_BT(kl_BT, lat.kappa))
+  kl = mean(kl_BT)
+  if lat.kl_control == "target_rate":
+    kl_term = jax.lax.stop_gradient(ctl["beta"]) * kl
+    loss = ce + kl_term
+    return loss, {"loss": loss, "ce": ce, "kl": kl, "kl_weighted": kl_term}
+  kappa = ctl["kappa"]
+  kl_clipped = mean(losses.free_bits_kl_BT(kl_BT, kappa))
   loss = ce + kl_clipped
-  return loss, {"loss": loss, "ce": ce, "kl": mean(kl_BT), "kl_clipped": kl_clipped,
-                "kl_frac_above_kappa": mean((kl_BT > lat.kappa).astype(jnp.float32))}
+  return loss, {"loss": loss, "ce": ce, "kl": kl, "kl_clipped": kl_clipped,
+                "kl_frac_above_kappa": mean((kl_BT > kappa).astype(jnp.float32))}
 
 
-def accumulated_grads(params, batch, key, model, num_micro):
+def update_latent_ctl(ctl, kl, step, lat, start_step):
+  """The target-rate controller after a step whose mean KL was `kl` (nats per token).
+
+  A PI controller on log β, GECO-style (multiplicative in β): e = (kl_ema − target) / target
+  clipped to [−1, 1],
+  integral I ← clip(I + ki·e), log β = clip(I + kp·e), both clipped to [log β_min, log β_max]
+  (anti-windup); kl_ema ← ρ·kl_ema + (1 − ρ)·kl. Before `start_step` (the warm-up) β stays at
+  its initial value and only kl_ema moves."""
+  rho = lat.control_ema
+  kl_ema = jnp.where(step == 0, kl, rho * ctl["kl_ema"] + (1 - rho) * kl)
+  err = jnp.clip((kl_ema - ctl["target"]) / jnp.maximum(ctl["target"], 1e-6), -1.0, 1.0)
+  lo, hi = math.log(lat.control_beta_min), math.log(lat.control_beta_max)
+  on = step >= start_step
+  integral = jnp.where(on, jnp.clip(ctl["log_beta_i"] + lat.control_ki * err, lo, hi),
+                       ctl["log_beta_i"])
+  beta = jnp.where(on, jnp.exp(jnp.clip(integral + lat.control_kp * err, lo, hi)), ctl["beta"])
+  return {**ctl, "kl_ema": kl_ema, "log_beta_i": integral, "beta": beta}
+
+
+def accumulated_grads(params, batch, key, model, num_micro, ctl=None):
   """(float32 gradients, metrics) of the token-weighted mean loss of `batch`, computed over
   `num_micro` microbatches in a lax.scan (one microbatch's activations live at a time).
 
@@ -140,7 +194,7 @@ def accumulated_grads(params, batch, key, model, num_micro):
   full = {**batch, "keys": row_keys(key, jnp.arange(b)), "mask": mask_BT}
   grad_fn = jax.grad(lambda p, mb: loss_fn(p, {k: v for k, v in mb.items()
                                                if k not in ("keys", "mask")},
-                                           mb["keys"], model, mb["mask"], num_tokens),
+                                           mb["keys"], model, mb["mask"], num_tokens, ctl),
                      has_aux=True)
   if num_micro == 1:
     grads, metrics = grad_fn(params, full)
@@ -159,39 +213,50 @@ def accumulated_grads(params, batch, key, model, num_micro):
   return grads, metrics
 
 
-def train_step(state, batch, *, model, optimizer, schedule, seed, grad_accum_steps=1):
+def train_step(state, batch, *, model, optimizer, schedule, seed, grad_accum_steps=1,
+               control_start=0):
   """One optimizer step. Jit it with `donate_argnums=0`.
 
   Gradients are float32 (summed over `grad_accum_steps` microbatches); the optimizer runs on
   float32 copies of the parameters and the result is stored in their dtype. A step whose loss
   or gradients are not finite leaves the parameters and optimizer state as they were (and is
-  counted in the state); the loop decides whether to go on.
+  counted in the state); the loop decides whether to go on. With the target-rate KL control
+  the controller's state moves after every finite step (from `control_start` on).
   """
   grads, metrics = accumulated_grads(state.params, batch, step_key(seed, state.step), model,
-                                     grad_accum_steps)
+                                     grad_accum_steps, state.latent_ctl)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+  keep_if_bad = lambda new, old: jnp.where(finite, new, old)
   params_f32 = _cast_floats(state.params, jnp.float32)
   updates, opt_state = optimizer.update(grads, state.opt_state, params_f32)
   params = jax.tree_util.tree_map(lambda new, old: new.astype(old.dtype),
                                   optax.apply_updates(params_f32, updates), state.params)
-  keep_if_bad = lambda new, old: jnp.where(finite, new, old)
   first_bad = jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step,
                         state.first_nonfinite_step)
   metrics = {**metrics, "grad_norm": grad_norm, "lr": schedule(state.step),
              "nonfinite": (~finite).astype(jnp.float32)}
+  ctl = state.latent_ctl
+  lat = model.cfg.latent
+  if lat.enabled and lat.kl_control == "target_rate":
+    new_ctl = update_latent_ctl(ctl, metrics["kl"], state.step, lat, control_start)
+    ctl = jax.tree_util.tree_map(keep_if_bad, new_ctl, ctl)
+    metrics.update(kl_beta=ctl["beta"], kl_ema=ctl["kl_ema"], kl_target=ctl["target"])
   return state.replace(
       step=state.step + 1, params=jax.tree_util.tree_map(keep_if_bad, params, state.params),
       opt_state=jax.tree_util.tree_map(keep_if_bad, opt_state, state.opt_state),
       nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
-      first_nonfinite_step=first_bad), metrics
+      first_nonfinite_step=first_bad, latent_ctl=ctl), metrics
 
 
 def eval_step(params, batch, key, *, model, bytes_per_token=0.0):
   """Held-out metrics. For the FT, `eval_ce` uses Z uniform (what generation sees; comparable to
   the baseline) and `eval_elbo` is CE with encoder-sampled Z plus the unclipped KL, a bound on
   the NLL. CE with encoder-inferred Z alone sees the targets through the non-causal encoder and
-  is deliberately not reported. For the baseline, eval_elbo = eval_ce (the exact NLL)."""
+  is deliberately not reported as a metric; `eval_z_use` (uniform-Z CE minus encoder-Z CE) is
+  its one diagnostic use, and `eval_z_*` are the diagnostics of `ftjax.zdiag` (KL per bit,
+  active bits, I(X; Z) estimates, code usage). For the baseline, eval_elbo = eval_ce (the exact
+  NLL)."""
   mask_BT = token_mask(batch)
   mean = lambda x_BT: jnp.sum(x_BT * mask_BT) / jnp.maximum(jnp.sum(mask_BT), 1.0)
   if model.cfg.latent.enabled:
@@ -199,6 +264,11 @@ def eval_step(params, batch, key, *, model, bytes_per_token=0.0):
     ce = mean(_nll(model, params, batch, "uniform", uniform_key)[0])
     nll_BT, aux = _nll(model, params, batch, "encoder", encoder_key)
     out = {"eval_ce": ce, "eval_elbo": mean(nll_BT + aux["kl_BT"]), "eval_kl": mean(aux["kl_BT"])}
+    # Diagnostic only (never a model comparison): how much the decoder reads Z, the uniform-Z CE
+    # minus the CE with Z sampled from the encoder (which sees the targets). ≈ 0: Z unused.
+    out["eval_z_use"] = ce - mean(nll_BT)
+    out.update({f"eval_z_{k}": v for k, v in zdiag.diagnostics(
+        aux["latent_logits_BTH"], aux["codes_BT"], mask_BT).items()})
   else:
     ce = mean(_nll(model, params, batch, "zero", None)[0])
     out = {"eval_ce": ce, "eval_elbo": ce}
@@ -235,11 +305,13 @@ def compile_ready_steps(cfg, mesh):
   state_sh = TrainState(
       step=replicated, params=params_sh,
       opt_state=sharding.opt_state_shardings(optimizer, abstract_params, params_sh, mesh),
-      nonfinite_steps=replicated, first_nonfinite_step=replicated)
+      nonfinite_steps=replicated, first_nonfinite_step=replicated,
+      latent_ctl=jax.tree_util.tree_map(lambda _: replicated, latent_ctl_init(cfg.model.latent)))
   init = jax.jit(lambda: init_train_state(cfg, model), out_shardings=state_sh)
   step = functools.partial(train_step, model=model, optimizer=optimizer,
                            schedule=lr_schedule(cfg.train), seed=cfg.seed,
-                           grad_accum_steps=cfg.train.grad_accum_steps)
+                           grad_accum_steps=cfg.train.grad_accum_steps,
+                           control_start=cfg.train.warmup_steps)
   step = jax.jit(step, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
                  out_shardings=(state_sh, None), donate_argnums=0)
   return model, state_sh, init, step

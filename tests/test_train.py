@@ -81,8 +81,21 @@ def test_eval_step_reports_uniform_z_ce_and_elbo(tiny_cfg):
   trainer = Trainer.create(tiny_cfg)
   params = train.init_params(trainer.model, 0)
   out = trainer.eval_step(params, trainer.batch(0, "validation"), jax.random.key(0))
-  assert set(out) == {"eval_ce", "eval_elbo", "eval_kl"}  # never CE with encoder-inferred Z alone
+  # never CE with encoder-inferred Z alone: besides the three, only the Z diagnostics
+  assert {"eval_ce", "eval_elbo", "eval_kl"} <= set(out)
+  assert all(k.startswith("eval_z_") for k in set(out) - {"eval_ce", "eval_elbo", "eval_kl"})
   assert float(out["eval_elbo"]) >= float(out["eval_kl"])
+  h = tiny_cfg.model.latent.num_bits
+  per_bit = [float(out[f"eval_z_kl_bit{i:02d}"]) for i in range(h)]
+  np.testing.assert_allclose(sum(per_bit), float(out["eval_kl"]), rtol=1e-4)
+  assert float(out["eval_z_active_bits"]) == sum(v > 0.01 for v in per_bit)
+  # Σ_h I(X; B_h) is at most the mean KL; the Monte-Carlo I(X; Z) at most log(tokens used)
+  assert -1e-6 <= float(out["eval_z_mi_bits_bound"]) <= float(out["eval_kl"]) + 1e-6
+  assert float(out["eval_z_mi"]) <= np.log(1024) + 1e-4
+  assert 1.0 <= float(out["eval_z_code_ppl_argmax"]) and 1.0 <= float(out["eval_z_code_ppl"])
+  np.testing.assert_allclose(float(out["eval_z_use"]),
+                             float(out["eval_ce"]) - float(out["eval_elbo"]) + float(out["eval_kl"]),
+                             atol=1e-5)
 
 
 def test_launcher_writes_run_files_and_samples(tmp_path):

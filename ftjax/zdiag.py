@@ -1,0 +1,83 @@
+"""Diagnostics of the latent Z, computed from one eval batch's encoder logits and codes.
+
+Shape letters: B batch, T tokens, N = B*T, M tokens in the pairwise subset, H bits.
+
+All quantities are in nats per token unless the name says otherwise; the eval step prefixes them
+with `eval_z_` (see `ftjax.train.eval_step`):
+
+- `kl_bitHH`: mean over the batch's tokens of KL(Bernoulli(p_h) ‖ Bernoulli(1/2)) for bit h; they
+  sum to the mean KL (the bits are independent given the input).
+- `active_bits`: how many bits have `kl_bitHH` > ACTIVE_BIT_NATS (0.01 nats) on this batch.
+- `mi_bits_bound`: mean KL minus Σ_h KL(Bernoulli(q̄_h) ‖ Bernoulli(1/2)), with q̄_h the mean of
+  p_h over the batch's tokens (the per-bit aggregate posterior). It equals Σ_h I(X; B_h) under the
+  empirical distribution of the batch's tokens, an UPPER bound on I(X; Z) (H(Z) ≤ Σ_h H(B_h)) and
+  a lower bound on the mean KL (mean KL = I(X; Z) + KL(q̄(Z) ‖ uniform)).
+- `mi`: a Monte-Carlo estimate of I(X; Z) = E_n E_{z~q_n}[log q_n(z) − log q̄(z)], with the full
+  aggregate posterior q̄ = mean_m q_m over M ≤ MI_TOKENS tokens of the batch (evenly strided), one
+  sampled code per token. Bounded by log M (≈ 6.93 nats at M = 1024): it measures how well Z tells
+  those M tokens apart, so read it against log M.
+- `code_ppl`, `code_ppl_argmax`: exp of the plug-in entropy of the sampled codes (resp. the most
+  likely code of each token) over the same M tokens: how many distinct codes are in use (≤ M).
+
+X here is "which token of the batch, with its whole sequence": the encoder sees the sequence
+non-causally, so I(X; Z) is the information per token that Z carries about the sequence.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+ACTIVE_BIT_NATS = 0.01
+MI_TOKENS = 1024
+LOG2 = math.log(2)
+
+
+def bit_kl_NH(logits_NH):
+  """KL(Bernoulli(sigmoid(l)) ‖ Bernoulli(1/2)) per token and bit, nats."""
+  l = logits_NH.astype(jnp.float32)
+  log_p, log_q = jax.nn.log_sigmoid(l), jax.nn.log_sigmoid(-l)
+  return LOG2 + jnp.exp(log_p) * log_p + jnp.exp(log_q) * log_q
+
+
+def _bernoulli_kl_to_half(p):
+  p = jnp.clip(p, 1e-12, 1 - 1e-12)
+  return LOG2 + p * jnp.log(p) + (1 - p) * jnp.log1p(-p)
+
+
+def _code_entropy(codes_M, w_M):
+  """Plug-in entropy (nats) of the codes weighted by w (pairwise equality, M × M)."""
+  total = jnp.maximum(jnp.sum(w_M), 1.0)
+  count_M = jnp.sum(jnp.where(codes_M[:, None] == codes_M[None, :], w_M[None, :], 0.0), axis=1)
+  return -jnp.sum(w_M * jnp.log(jnp.maximum(count_M, 1e-12) / total)) / total
+
+
+def diagnostics(logits_BTH, codes_BT, mask_BT):
+  """A dict of float32 scalars (see the module docstring) for one batch."""
+  h = logits_BTH.shape[-1]
+  logits_NH = logits_BTH.reshape(-1, h).astype(jnp.float32)
+  w_N = mask_BT.reshape(-1).astype(jnp.float32)
+  total = jnp.maximum(jnp.sum(w_N), 1.0)
+  kl_H = jnp.sum(bit_kl_NH(logits_NH) * w_N[:, None], axis=0) / total
+  out = {f"kl_bit{i:02d}": kl_H[i] for i in range(h)}
+  out["active_bits"] = jnp.sum((kl_H > ACTIVE_BIT_NATS).astype(jnp.float32))
+  p_mean_H = jnp.sum(jax.nn.sigmoid(logits_NH) * w_N[:, None], axis=0) / total
+  out["mi_bits_bound"] = jnp.sum(kl_H) - jnp.sum(_bernoulli_kl_to_half(p_mean_H))
+
+  n = logits_NH.shape[0]
+  m = min(n, MI_TOKENS)
+  idx = jnp.arange(m) * (n // m)
+  l_MH, w_M = logits_NH[idx], w_N[idx]
+  codes_M = codes_BT.reshape(-1)[idx]
+  bits_MH = ((codes_M[:, None] >> jnp.arange(h, dtype=jnp.int32)) & 1).astype(jnp.float32)
+  log_p_MH, log_q_MH = jax.nn.log_sigmoid(l_MH), jax.nn.log_sigmoid(-l_MH)
+  # log q_k(z_j) for every pair: row j = the code sampled for token j, column k = token k's posterior
+  log_q_MM = bits_MH @ log_p_MH.T + (1 - bits_MH) @ log_q_MH.T
+  w_total = jnp.maximum(jnp.sum(w_M), 1.0)
+  log_w_M = jnp.log(jnp.maximum(w_M, 1e-30))
+  log_agg_M = jax.nn.logsumexp(log_q_MM + log_w_M[None, :], axis=1) - jnp.log(w_total)
+  out["mi"] = jnp.sum(w_M * (jnp.diagonal(log_q_MM) - log_agg_M)) / w_total
+  out["code_ppl"] = jnp.exp(_code_entropy(codes_M, w_M))
+  argmax_M = jnp.sum((l_MH > 0).astype(jnp.int32) << jnp.arange(h, dtype=jnp.int32), axis=-1)
+  out["code_ppl_argmax"] = jnp.exp(_code_entropy(argmax_M, w_M))
+  return out

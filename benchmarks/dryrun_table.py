@@ -2,10 +2,12 @@
 
   python -m benchmarks.dryrun_table [--configs=ft_1p5b,ft_8b] [--devices=8,64,256]
       [--remat=full] [--hbm_gb=80]
+  python -m benchmarks.dryrun_table --points=ft_8b:8,ft_1p5b:1   # one node: what fits
 
 Each point runs `launch.dryrun` in its own process (the fake device count is fixed when jax
 starts) with the config's mesh (fsdp over all devices by default) and the paper's sequence length
-and global batch (4M tokens).
+and global batch (4M tokens). A point that does not fit gets the dry run's search: the smallest
+train.grad_accum_steps (then remat_policy=full) that fits, in the "fits with" columns.
 """
 
 import json
@@ -20,6 +22,7 @@ _CONFIGS = flags.DEFINE_list("configs", ["ft_1p5b", "ft_8b"], "Experiment config
 _DEVICES = flags.DEFINE_list("devices", ["8", "64", "256"], "Simulated device counts.")
 _REMAT = flags.DEFINE_list("remat", ["full"], "Remat policies.")
 _HBM_GB = flags.DEFINE_float("hbm_gb", 80.0, "Memory per device.")
+_POINTS = flags.DEFINE_list("points", [], "config:devices pairs (instead of --configs x --devices).")
 
 
 def run_point(config, devices, remat):
@@ -35,21 +38,26 @@ def run_point(config, devices, remat):
 
 def main(argv):
   del argv
+  points = ([tuple(p.split(":")) for p in _POINTS.value] if _POINTS.value else
+            [(c, d) for c in _CONFIGS.value for d in _DEVICES.value])
   rows = []
-  for config in _CONFIGS.value:
+  for config, devices in points:
     for remat in _REMAT.value:
-      for devices in _DEVICES.value:
-        r = run_point(config, devices, remat)
-        gb = r["per_device_gb"]
-        rows.append([config, f"{r['config_params'] / 1e9:.2f}B", devices,
-                     ",".join(f"{k}={v}" for k, v in r["mesh"].items()), remat,
-                     f"{gb['arguments']:.2f}", f"{gb['temporaries']:.2f}", f"{gb['total']:.2f}",
-                     "yes" if r["fits"] else "no",
-                     f"{r['flops_per_step_per_device'] / 1e12:.0f}"])
-        print(rows[-1], flush=True)
+      r = run_point(config, devices, remat)
+      gb = r["per_device_gb"]
+      found = r.get("fits_with")
+      rows.append([config, f"{r['config_params'] / 1e9:.2f}B", devices,
+                   ",".join(f"{k}={v}" for k, v in r["mesh"].items()), remat,
+                   f"{gb['arguments']:.2f}", f"{gb['temporaries']:.2f}", f"{gb['total']:.2f}",
+                   "yes" if r["fits"] else "no",
+                   ", ".join(f"{k.split('.')[-1]}={v}" for k, v in found["overrides"].items())
+                   if found else "", f"{found['per_device_gb']['total']:.2f}" if found else "",
+                   f"{r['flops_per_step_per_device'] / 1e12:.0f}"])
+      print(rows[-1], flush=True)
   table = common.markdown_table(
       ["config", "params", "devices", "mesh", "remat", "args GB/dev", "temps GB/dev",
-       "total GB/dev", f"fits {_HBM_GB.value:g} GB", "TFLOP/step/dev"], rows)
+       "total GB/dev", f"fits {_HBM_GB.value:g} GB", "fits with", "its total GB/dev",
+       "TFLOP/step/dev"], rows)
   common.record("Dry run: per-device memory of the train step (seq 4096, 4M-token batch)", table,
                 "Compiled ahead of time by XLA:CPU on fake devices; buffer sizes from "
                 "`compiled.memory_analysis()` (GPU/TPU compilers assign buffers differently, so "

@@ -18,7 +18,7 @@ import tempfile
 from absl import app, flags
 
 from benchmarks import common
-from ftjax.configs import default_config, resolve
+from ftjax.configs import ConfigError, default_config, resolve
 from launch import dryrun
 
 _BITS = flags.DEFINE_list("bits", ["8", "12", "16", "20"], "H values.")
@@ -40,7 +40,13 @@ def base_config(**model):
 
 
 def temporaries_mb(c):
-  return dryrun.dry_run(resolve(c), 1)["per_device_gb"]["temporaries"] * 1e9 / MB
+  """Compiled temporaries in MB; NaN when the config guards refuse the point."""
+  try:
+    cfg = resolve(c)
+  except ConfigError as e:
+    print(f"refused: {e}")
+    return float("nan")
+  return dryrun.dry_run(cfg, 1)["per_device_gb"]["temporaries"] * 1e9 / MB
 
 
 def vs_bits():

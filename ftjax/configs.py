@@ -25,6 +25,7 @@ DTYPES = ("float32", "bfloat16")
 POST_SAMPLERS = ("onehot", "bits")
 KL_CONTROLS = ("free_bits", "target_rate")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+ONEHOT_CHUNK_BYTES = 2 * 2**30  # bound on one backward chunk of the one-hot post-sampler
 
 
 class ConfigError(ValueError):
@@ -38,27 +39,27 @@ class ConfigError(ValueError):
 def default_config():
   """The schema: every valid key with its default. Experiments override fields of this."""
   c = ml_collections.ConfigDict()
-  c.seed = 0
+  c.seed = 0  # parameters, data order and Z all follow from it
 
   c.model = ml_collections.ConfigDict()
-  c.model.num_layers = 4
-  c.model.d_model = 128
-  c.model.num_heads = 4
-  c.model.num_kv_heads = 2
+  c.model.num_layers = 4  # L decoder blocks (the FT adds one encoder block)
+  c.model.d_model = 128  # D, the residual width
+  c.model.num_heads = 4  # query heads
+  c.model.num_kv_heads = 2  # key/value heads (grouped-query attention; divides num_heads)
   c.model.head_dim = 0  # 0: d_model // num_heads
-  c.model.mlp_dim = 512
-  c.model.vocab_size = 32
-  c.model.seq_len = 64
-  c.model.rope_theta = 10_000.0
-  c.model.norm_eps = 1e-5
+  c.model.mlp_dim = 512  # F, SwiGLU hidden width
+  c.model.vocab_size = 32  # V, at least the tokenizer's vocabulary
+  c.model.seq_len = 64  # T, tokens per training sequence
+  c.model.rope_theta = 10_000.0  # RoPE base
+  c.model.norm_eps = 1e-5  # RMSNorm epsilon
   c.model.rope_scaling = ml_collections.ConfigDict()  # RoPE frequency rescaling
   c.model.rope_scaling.type = "none"  # "none", or "llama3" (Llama 3.1+ checkpoints)
   c.model.rope_scaling.factor = 8.0  # llama3: long wavelengths stretched by this
-  c.model.rope_scaling.low_freq_factor = 1.0
-  c.model.rope_scaling.high_freq_factor = 4.0
-  c.model.rope_scaling.original_max_position_embeddings = 8192
+  c.model.rope_scaling.low_freq_factor = 1.0  # llama3: wavelengths above orig/this are scaled
+  c.model.rope_scaling.high_freq_factor = 4.0  # llama3: wavelengths below orig/this are kept
+  c.model.rope_scaling.original_max_position_embeddings = 8192  # llama3: the pretraining length
   c.model.dtype = "float32"  # compute dtype (parameters: model.param_dtype)
-  c.model.remat_policy = "none"
+  c.model.remat_policy = "none"  # one of REMAT_POLICIES: none, full, dots, dots_no_batch, nothing
   c.model.ce_chunk_tokens = 0  # 0: plain CE; else CE over chunks of this many tokens
   c.model.attention_q_chunk = 0  # xla attention: 0 dense; else queries in chunks of this many
   # "auto" (cuDNN flash attention on GPU with bfloat16, else "xla"), "xla" (einsum), "cudnn"
@@ -74,7 +75,9 @@ def default_config():
   c.model.latent.post_sampler = "onehot"  # "onehot": 2^H x D table (paper); "bits": H x D map
   c.model.latent.chunk_tokens = 256  # tokens per chunk in the mapper's backward pass
   c.model.latent.add_before_norm = True  # R enters the key/value input before its RMSNorm
-  c.model.latent.encoder_rope = True  # RoPE in the encoder block's attention
+  # RoPE in the encoder block's attention. Must stay True: without it the constant queries ζ
+  # see the same unmasked keys at every position, so every token gets the same posterior.
+  c.model.latent.encoder_rope = True
   c.model.latent.zero_init_post_sampler = True  # at step 0 the FT computes the baseline
   # The KL term: "free_bits" (the paper: mean over tokens of max(0, KL_t - kappa)) or
   # "target_rate" (beta * mean KL, beta adapted every step so that the KL tracks target_bits)
@@ -90,18 +93,18 @@ def default_config():
   c.model.latent.control_beta_max = 100.0  # upper clamp of beta
 
   c.train = ml_collections.ConfigDict()
-  c.train.steps = 1000
-  c.train.batch_size = 32
-  c.train.lr = 1e-3
-  c.train.warmup_steps = 100
+  c.train.steps = 1000  # optimizer steps (the cosine schedule's length)
+  c.train.batch_size = 32  # sequences per optimizer step (global, over all devices)
+  c.train.lr = 1e-3  # peak learning rate
+  c.train.warmup_steps = 100  # linear warm-up steps
   c.train.lr_final_fraction = 0.1  # cosine decays to lr * this
-  c.train.b1 = 0.9
-  c.train.b2 = 0.95
-  c.train.weight_decay = 0.1
-  c.train.grad_clip = 1.0
-  c.train.log_every = 50
-  c.train.eval_every = 250
-  c.train.eval_batches = 4
+  c.train.b1 = 0.9  # AdamW beta1
+  c.train.b2 = 0.95  # AdamW beta2
+  c.train.weight_decay = 0.1  # AdamW decay of kernels and embeddings
+  c.train.grad_clip = 1.0  # global gradient-norm clip (0: off)
+  c.train.log_every = 50  # log metrics every this many steps (and step 1 and the last)
+  c.train.eval_every = 250  # evaluate every this many steps (and at the end)
+  c.train.eval_batches = 4  # batches per evaluation
   c.train.num_samples = 8  # samples printed at the end of a run
   c.train.peak_flops = 0.0  # FLOP/s used for MFU; 0: measure a matmul peak at start-up
   c.train.on_nonfinite = "skip"  # non-finite loss/gradients: "skip" the update, or "stop" the run
@@ -117,14 +120,14 @@ def default_config():
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the other axes
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
+  c.mesh.fsdp = 1  # parameters and optimizer state sharded over this many devices (and the batch)
+  c.mesh.tensor = 1  # heads, MLP, vocabulary and codes split over this many devices
   # Error if more of the parameter bytes sit whole on every device (1.0: plain data parallelism
   # allowed; the large configs set 0.05).
   c.mesh.max_replicated_fraction = 1.0
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = "synthetic"
+  c.data.name = "synthetic"  # one of DATASETS (synthetic: the paper's toy task)
   c.data.noise_prob = 1 / 16  # synthetic: probability that a character is replaced by '!'
   c.data.block_len = 8  # synthetic: length of the repeated-letter block
   c.data.eval_fraction = 0.05  # text, loader "memory": share of each document held out
@@ -140,6 +143,26 @@ def default_config():
   # of data.path; weights are normalised; deterministic and resumable)
   c.data.mixture = ""
   return c
+
+
+def key_help():
+  """[(dotted key, default, comment)] for every key of the schema, comments taken from the
+  source of `default_config` (the line's own comment, or the comment lines just above it)."""
+  import inspect
+  import re
+  comments, above = {}, []
+  for line in inspect.getsource(default_config).splitlines():
+    stripped = line.strip()
+    match = re.match(r"c\.([\w.]+) = (.*?)(?:\s+#\s*(.*))?$", stripped)
+    if stripped.startswith("#"):
+      above.append(stripped.lstrip("# "))
+    elif match:
+      comments[match.group(1)] = match.group(3) or " ".join(above)
+      above = []
+    else:
+      above = []
+  return [(key, value, comments.get(key, ""))
+          for key, value in _flat_keys(default_config()).items()]
 
 
 def _flat_keys(cfg, prefix=""):
@@ -211,6 +234,16 @@ def _check_latent(m):
   _require(lat.post_sampler in POST_SAMPLERS, "model.latent.post_sampler",
            f"must be one of {POST_SAMPLERS}, got {lat.post_sampler!r}")
   _require(lat.chunk_tokens > 0, "model.latent.chunk_tokens", f"must be > 0, got {lat.chunk_tokens}")
+  _require(lat.encoder_rope, "model.latent.encoder_rope",
+           "False makes every position's posterior identical (the constant queries ζ see the "
+           "same keys without positions): not supported")
+  chunk_bytes = 2 * 4 * lat.chunk_tokens * 2**lat.num_bits
+  _require(lat.post_sampler != "onehot" or chunk_bytes <= ONEHOT_CHUNK_BYTES,
+           "model.latent.num_bits",
+           f"the one-hot post-sampler's backward holds 2 x chunk_tokens x 2^H float32 values "
+           f"({chunk_bytes / 2**30:.1f} GiB at H={lat.num_bits}, chunk_tokens="
+           f"{lat.chunk_tokens}), above {ONEHOT_CHUNK_BYTES / 2**30:.0f} GiB: lower "
+           "model.latent.chunk_tokens or num_bits, or use model.latent.post_sampler=bits")
   _require(lat.kl_control in KL_CONTROLS, "model.latent.kl_control",
            f"must be one of {KL_CONTROLS}, got {lat.kl_control!r}")
   _require(lat.control_ki >= 0 and lat.control_kp >= 0, "model.latent.control_ki",

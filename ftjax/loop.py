@@ -36,6 +36,13 @@ def format_progress(step: int, total: int, m: dict, tokens_per_step: int) -> str
   return " | ".join(parts)
 
 
+def format_eval(step: int, ev: dict) -> str:
+  """The eval line a person reads: KL values in bits (metrics.jsonl keeps nats)."""
+  in_nats = lambda k: "kl" in k.split("_") and not {"bits", "frac", "active"} & set(k.split("_"))
+  parts = [f"{k} {v / LOG2:.4f} bits" if in_nats(k) else f"{k} {v:.4f}" for k, v in ev.items()]
+  return f"eval step {step} | " + " | ".join(parts)
+
+
 def _describe(cfg, trainer, state):
   """Start-up lines: parameters, latent, mesh and how much of the parameters is replicated."""
   lat = cfg.model.latent
@@ -199,11 +206,16 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
   with _Preemption() as preemption:
     try:
       for step in range(start, end):
+        if step == start:
+          log("compiling the train step…")
+          compile_start = time.perf_counter()
         state, device_metrics = trainer.train_step(state, trainer.to_global(next(stream)))
         done = step + 1
         if pending is not None:
           flush()
         meter.start_if_stopped(state, done)
+        if step == start:
+          log(f"compiled and ran the first step in {time.perf_counter() - compile_start:.1f} s")
         due = Due.after(done, end, cfg)
         if due.log:
           pending = (done, device_metrics)
@@ -224,7 +236,7 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
         if due.eval:
           ev = trainer.evaluate(state.params)
           writer.write(done, ev)
-          log(f"eval step {done} | " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+          log(format_eval(done, ev))
           meter.restart()
         if save:
           manager.save(done, state, stream.get_state())
@@ -249,6 +261,8 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
     text = show_samples(trainer, state.params, t.num_samples, log)
     writer.write_text(int(state.step), "samples", text)
   writer.close()
+  log(f"outputs in {workdir}: config.json, metrics.jsonl, tb/ (TensorBoard), checkpoints/ "
+      f"(step {int(state.step)})")
   return state
 
 
@@ -276,4 +290,7 @@ def show_samples(trainer: Trainer, params, num_samples: int, log: Callable = pri
     log("  " + s.replace("\n", "\\n"))
   if trainer.source.name == "synthetic":
     log(f"well-formed: {sum(synthetic.well_formed(texts, cfg.data.block_len))}/{len(texts)}")
+    if cfg.model.latent.enabled:  # what Z does: samples grouped by shared Z draws
+      from ftjax import zdiag
+      texts += zdiag.show_shared_z_samples(trainer, params, log)
   return "\n".join(texts)

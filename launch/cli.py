@@ -21,7 +21,18 @@ def parse_flags(argv):
   except flags.Error as e:
     fail(f"flag error: {e}".splitlines()[0])
   except (AttributeError, KeyError, TypeError, ValueError) as e:  # raised by config overrides
-    fail(f"config error: {str(e).strip(chr(34) + chr(39))}".splitlines()[0])
+    unknown = isinstance(e, KeyError) or (e.args and isinstance(e.args[0], KeyError))
+    fail(("config error: unknown key " if unknown else "config error: ") + _as_text(e))
+
+
+def _as_text(error):
+  """One line of an exception's message as text (KeyError's str() is the quoted repr)."""
+  while error.args and isinstance(error.args[0], BaseException):  # a KeyError in an AttributeError
+    error = error.args[0]
+  text = str(error.args[0]) if error.args else str(error)
+  text = text.encode().decode("unicode_escape") if "\\n" in text or "\\'" in text else text
+  lines = [line.strip(" '\"") for line in text.splitlines() if line.strip()]
+  return ": ".join(lines[:1] + [" ".join(lines[1:])] if len(lines) > 1 else lines)
 
 
 def resolved_config(config_flag):
@@ -41,6 +52,15 @@ def resolve_or_fail(cfg):
     return resolve(cfg)
   except ConfigError as e:
     fail(str(e))
+
+
+def print_config_help():
+  """Every config key with its default and comment (`--config_help`)."""
+  from ftjax.configs import key_help
+  rows = key_help()
+  width = max(len(k) for k, _, _ in rows)
+  for key, value, comment in rows:
+    print(f"{key:<{width}}  {value!r:<14}  {comment}")
 
 
 def no_extra_args(argv):

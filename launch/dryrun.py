@@ -6,7 +6,8 @@
 No parameter is allocated: shapes come from jax.eval_shape and the step is lowered and compiled
 for a mesh of `num_devices` fake CPU devices. Prints a table (and --json a JSON line) with the
 per-device bytes of arguments, outputs and temporaries, and exits 1 when the total per device
-exceeds --hbm_gb.
+exceeds --hbm_gb; it then compiles candidates and names the smallest train.grad_accum_steps (and,
+if needed, remat_policy=full) that fits.
 """
 
 import json
@@ -25,6 +26,9 @@ _MESH = flags.DEFINE_string("mesh", "", "Mesh sizes, e.g. data=2,fsdp=64,tensor=
                             "the config's mesh.*).")
 _HBM_GB = flags.DEFINE_float("hbm_gb", 80.0, "Memory per device to check the total against.")
 _JSON = flags.DEFINE_bool("json", False, "Also print the report as one JSON line.")
+_SEARCH = flags.DEFINE_bool("search", True, "When the config does not fit, compile candidates and "
+                            "name the smallest train.grad_accum_steps (then remat_policy=full) "
+                            "that fits.")
 
 GB = 1e9
 
@@ -70,6 +74,7 @@ def dry_run(cfg, num_devices):
       "config_params": params, "num_devices": num_devices,
       "mesh": dict(zip(sharding.MESH_AXES, sharding.mesh_shape(cfg.mesh, num_devices))),
       "remat_policy": cfg.model.remat_policy, "dtype": cfg.model.dtype,
+      "param_dtype": cfg.model.param_dtype, "grad_accum_steps": cfg.train.grad_accum_steps,
       "global_batch_tokens": tokens,
       "replicated_param_fraction": sharding.replicated_fraction(abstract_state.params,
                                                                 state_sh.params),
@@ -86,8 +91,9 @@ def format_report(r, hbm_gb):
   lines = [
       f"parameters            {r['config_params']:,}",
       f"devices / mesh        {r['num_devices']} / {r['mesh']}",
-      f"remat / dtype         {r['remat_policy']} / {r['dtype']}",
-      f"global batch          {r['global_batch_tokens']:,} tokens",
+      f"remat / dtype         {r['remat_policy']} / {r['dtype']} (parameters {r['param_dtype']})",
+      f"global batch          {r['global_batch_tokens']:,} tokens in {r['grad_accum_steps']} "
+      "microbatch(es)",
       f"replicated params     {100 * r['replicated_param_fraction']:.2f}% of bytes",
       f"per device: args      {gb['arguments']:.2f} GB",
       f"per device: outputs   {gb['outputs']:.2f} GB (aliased with args: {gb['aliased']:.2f} GB)",
@@ -99,6 +105,45 @@ def format_report(r, hbm_gb):
       f"({r['flops_per_step_per_device'] / 1e12:.1f} TFLOP per device)",
   ]
   return "\n".join(lines), fits
+
+
+def _with(cfg, **overrides):
+  from ftjax.configs import resolve, with_overrides
+  return resolve(with_overrides(cfg, overrides))
+
+
+def fit_search(cfg, num_devices, hbm_gb, log=print):
+  """(overrides, report) of the cheapest variant of `cfg` that fits `hbm_gb` per device: the
+  smallest power-of-two `train.grad_accum_steps` (binary search: memory falls as microbatches
+  shrink) with the config's remat policy, then with remat_policy="full"; None when none fits."""
+  from ftjax import sharding
+  data, fsdp, _ = sharding.mesh_shape(cfg.mesh, num_devices)
+  rows = cfg.train.batch_size // (data * fsdp)  # batch rows per data-parallel replica
+  accums = [a for a in (2**i for i in range(rows.bit_length())) if rows % a == 0
+            and a > cfg.train.grad_accum_steps]
+  policies = [cfg.model.remat_policy] + (["full"] if cfg.model.remat_policy != "full" else [])
+  for policy in policies:
+    fits_at = {}
+
+    def fits(accum):
+      variant = {"train.grad_accum_steps": accum, "model.remat_policy": policy}
+      report = dry_run(_with(cfg, **variant), num_devices)
+      total = report["per_device_gb"]["total"]
+      log(f"  grad_accum_steps={accum}, remat_policy={policy}: {total:.2f} GB per device")
+      fits_at[accum] = (variant, report)
+      return total <= hbm_gb
+
+    lo, hi = 0, len(accums) - 1
+    if not accums or not fits(accums[hi]):
+      continue
+    while lo < hi:  # invariant: accums[hi] fits
+      mid = (lo + hi) // 2
+      if fits(accums[mid]):
+        hi = mid
+      else:
+        lo = mid + 1
+    return fits_at[accums[hi]]
+  return None
 
 
 def main(argv):
@@ -116,8 +161,25 @@ def main(argv):
     cli.fail(str(e))
   text, fits = format_report(report, _HBM_GB.value)
   print(text)
+  found = None
+  if not fits and _SEARCH.value:
+    print(f"searching for a variant that fits {_HBM_GB.value:g} GB:")
+    try:
+      found = fit_search(cfg, _NUM_DEVICES.value, _HBM_GB.value)
+    except ConfigError as e:
+      cli.fail(str(e))
+    if found is None:
+      print("no gradient accumulation or remat policy fits: use more devices, a larger "
+            "mesh.fsdp, or a smaller batch")
+    else:
+      overrides, found_report = found
+      flags_ = " ".join(f"--config.{k}={v}" for k, v in overrides.items())
+      print(f"fits with {flags_}: {found_report['per_device_gb']['total']:.2f} GB per device")
   if _JSON.value:
-    print(json.dumps({**report, "hbm_gb": _HBM_GB.value, "fits": fits}))
+    out = {**report, "hbm_gb": _HBM_GB.value, "fits": fits}
+    if found is not None:
+      out["fits_with"] = {"overrides": found[0], "per_device_gb": found[1]["per_device_gb"]}
+    print(json.dumps(out))
   sys.exit(0 if fits else 1)
 
 

@@ -20,12 +20,17 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
                                    "multi-process runs outside SLURM/TPU VMs.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_CONFIG_HELP = flags.DEFINE_bool("config_help", False, "Print every config key (override with "
+                                  "--config.<key>=value) with its default and meaning, and exit.")
 _MULTIPROCESS = flags.DEFINE_bool("multiprocess", False, "Start jax.distributed and let jax "
                                   "detect the cluster (TPU VM slices); SLURM is detected anyway.")
 
 
 def main(argv):
   cli.no_extra_args(argv)
+  if _CONFIG_HELP.value:
+    cli.print_config_help()
+    return
   if not _WORKDIR.value:
     cli.fail("flag error: --workdir is required")
   cfg = cli.resolved_config(_CONFIG)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from ftjax.configs import ConfigError, default_config, resolve
+from ftjax.configs import _flat_keys, ConfigError, default_config, resolve
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = ["tiny", "synthetic", "shakespeare", "ft_1p5b", "ft_8b"]
@@ -66,6 +66,12 @@ BAD_OVERRIDES = [
     ("--config.mesh.data=0", "mesh.data"),
     ("--config.data.name=imagenet", "data.name"),
     ("--config.model.num_layers=two", "num_layers"),
+    ("--config.train.batchsize=3", 'unknown key batchsize: Did you mean "batch_size"'),
+    ("--config.model.latent.encoder_rope=False", "model.latent.encoder_rope"),
+    ("--config.model.latent.num_bits=24", "post_sampler=bits"),
+    ("--config.model.attention_impl=flash", "model.attention_impl"),
+    ("--config.model.param_dtype=int8", "model.param_dtype"),
+    ("--config.train.grad_accum_steps=3", "train.grad_accum_steps"),
 ]
 
 
@@ -93,3 +99,12 @@ def test_config_error_names_the_key():
   with pytest.raises(ConfigError) as e:
     resolve(cfg)
   assert e.value.key == "model.num_heads"
+
+
+def test_config_help_lists_every_key_with_a_comment():
+  result = _run_train("--config_help")
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.splitlines()
+  assert len(lines) == len(_flat_keys(default_config()))
+  assert any(l.startswith("train.grad_accum_steps") and "Microbatches" in l for l in lines)
+  assert all(len(l.split(None, 2)) == 3 for l in lines), [l for l in lines if len(l.split()) < 3]

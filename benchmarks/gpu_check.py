@@ -70,7 +70,8 @@ def run_worker(name):
 
   if name == "matmul":
     print(json.dumps({"device_kind": jax.devices()[0].device_kind,
-                      "matmul_peak": metrics.measure_matmul_peak(jnp.bfloat16, 8192, 10)}))
+                      "matmul_peak": metrics.measure_matmul_peak(jnp.bfloat16, 8192, 10),
+                      "attention_max_err": attention_errors()}))
     return
 
   cfg = model_config(name == "ft")
@@ -115,6 +116,42 @@ def run_worker(name):
       "bytes_limit": stats.get("bytes_limit")}))
 
 
+def attention_errors():
+  """{case: max |cuDNN − XLA| over the output and the q/k/v gradients} in bfloat16 at the 1.5B
+  head shape (GQA 16/8 heads of 128), causal, non-causal and packed; {} without a GPU."""
+  import jax
+  import jax.numpy as jnp
+
+  from ftjax import layers
+  if jax.default_backend() != "gpu":
+    return {}
+  b, t, k, g, e = 2, 1024, 8, 2, 128
+  keys = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(keys[0], (b, t, k, g, e), jnp.bfloat16)
+  kv = [jax.random.normal(x, (b, t, k, e), jnp.bfloat16) for x in keys[1:]]
+  segments = jnp.concatenate([jnp.ones((b, 300), jnp.int32), jnp.full((b, t - 300), 2)], 1)
+  spans = {"causal": (True, layers.Span.full(b)), "full": (False, layers.Span.full(b)),
+           "packed_causal": (True, layers.Span(jnp.zeros((), jnp.int32), jnp.zeros((b,), jnp.int32),
+                                               segments, None, left_padded=False))}
+  errors = {}
+  for case, (causal, span) in spans.items():
+    def loss(impl, q, k, v):
+      out = layers.attend(q, k, v, causal=causal, span=span, impl=impl).astype(jnp.float32)
+      return jnp.sum(out * jnp.cos(out)), out
+    try:
+      results = [jax.jit(jax.value_and_grad(lambda *a, i=impl: loss(i, *a), argnums=(0, 1, 2),
+                                            has_aux=True))(q, *kv) for impl in ("xla", "cudnn")]
+    except Exception as e:  # noqa: BLE001 (report a kernel that refuses the case, go on)
+      errors[case] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+      continue
+    (_, out_x), grads_x = results[0]
+    (_, out_c), grads_c = results[1]
+    diffs = [jnp.max(jnp.abs(a.astype(jnp.float32) - c.astype(jnp.float32)))
+             for a, c in zip((out_x, *grads_x), (out_c, *grads_c))]
+    errors[case] = float(max(diffs))
+  return errors
+
+
 def run_part(name):
   """One part in its own process (so that each model's peak memory is its own)."""
   cmd = [sys.executable, "-m", "benchmarks.gpu_check", f"--worker={name}"]
@@ -140,6 +177,8 @@ def main(argv):
   if device is None:
     sys.exit(1)
   kind, matmul_peak = device["device_kind"], device["matmul_peak"]
+  print(f"cuDNN vs XLA attention, max abs difference (bf16; output and gradients): "
+        f"{device['attention_max_err']}", flush=True)
   table_peak = known_peak(kind)
   print(f"{kind}: measured bf16 matmul {matmul_peak / 1e12:.0f} TFLOP/s; "
         f"table peak {table_peak / 1e12 if table_peak else float('nan'):.0f} TFLOP/s", flush=True)
@@ -185,7 +224,9 @@ def main(argv):
               f"(difference {100 * (measured - analytic):+.1f} points).")
     results["ft_over_baseline"] = {"measured": measured, "analytic": analytic}
   table = common.markdown_table(header, rows)
+  notes += f"\n\ncuDNN vs XLA attention, max abs difference in bf16: {device['attention_max_err']}"
   results.update(device_kind=kind, matmul_peak=matmul_peak, table_peak=table_peak,
+                 attention_max_err=device["attention_max_err"],
                  overrides=_OVERRIDES.value)
   if _RECORD.value:
     common.record("GPU check: 1.5B shape, baseline vs FT (H=16)", table, notes)

@@ -563,11 +563,9 @@ def import_run(hf_dir, workdir, cfg, log=print):
   trainer = Trainer.create(cfg, run_dir=workdir)
   state = trainer.init_state()
   state = state.replace(params=load_params(ckpt, cfg.model, state.params, tied))
-  stream = trainer.stream("train")
-  data_state = stream.get_state()
-  stream.close()
   manager = ckpt_lib.Manager(checkpoints, cfg, log=log)
-  manager.save(0, state, data_state)
+  # No data-stream state: training starts a fresh stream, whatever data config it then uses.
+  manager.save(0, state, None)
   manager.close()
   lat = cfg.model.latent
   log(f"imported {hf_dir} ({cfg.model.num_layers} layers, d_model {cfg.model.d_model}, "

@@ -3,6 +3,7 @@
   python -m launch.lm_eval --workdir=RUN --tasks=hellaswag,arc_easy [--num_fewshot=0]
       [--limit=100] [--include_path=DIR] [--output_path=DIR] [--log_samples] [--batch_size=8]
       [--z_mode=uniform|fixed|encoder] [--code=N] [--seed=0] [--max_length=N] [--add_bos_token]
+      [--confirm_run_unsafe_code]
 
 The model is `ftjax.harness.FtjaxLM` ("ftjax" in lm_eval's registry): log-likelihoods with a
 full forward pass, generation with the KV cache. --z_mode picks a Free Transformer's Z: a code
@@ -36,6 +37,8 @@ _MAX_LENGTH = flags.DEFINE_integer("max_length", None, "Tokens per forward pass 
                                    "imported checkpoint's max_position_embeddings, else "
                                    "model.seq_len).")
 _ADD_BOS = flags.DEFINE_bool("add_bos_token", False, "Prepend BOS to every context.")
+_UNSAFE = flags.DEFINE_bool("confirm_run_unsafe_code", False, "Let code tasks (humaneval, "
+                            "mbpp) execute the generated code (also set HF_ALLOW_CODE_EVAL=1).")
 
 
 def main(argv):
@@ -71,7 +74,8 @@ def main(argv):
   results = lm_eval.simple_evaluate(
       model=lm, tasks=_TASKS.value, num_fewshot=_NUM_FEWSHOT.value, limit=_LIMIT.value,
       batch_size=_BATCH_SIZE.value, log_samples=_LOG_SAMPLES.value, evaluation_tracker=tracker,
-      task_manager=task_manager, random_seed=_SEED.value)
+      task_manager=task_manager, random_seed=_SEED.value,
+      confirm_run_unsafe_code=_UNSAFE.value)
   samples = results.pop("samples", None)
   if tracker is not None:
     tracker.general_config_tracker.model_name = f"ftjax:{_WORKDIR.value}"

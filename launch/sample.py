@@ -4,8 +4,9 @@
       --z_mode=fixed --code=1234 [--step=N] [--output=samples.jsonl]
 
 Restores the parameters onto the devices at hand (one by default, whatever mesh trained the run),
-and the config and tokenizer saved with the run. Prints the samples and writes JSON lines
-{prompt, sample, z_mode, codes, seed}.
+and the config and tokenizer saved with the run (for a run made by launch.import_hf: the
+checkpoint's own tokenizer, RUN/hf_tokenizer/tokenizer.json). Prints the samples and writes
+JSON lines {prompt, sample, z_mode, codes, seed}.
 """
 
 import json
@@ -44,13 +45,17 @@ def main(argv):
 
   from ftjax import sampling
   from ftjax.model import make_model
+  from ftjax import hf
   cfg, source = trainer.cfg, trainer.source
+  hf_tokenizer = hf.run_tokenizer(_WORKDIR.value)  # an imported checkpoint's own tokenizer
+  encode = (lambda string, start: hf_tokenizer.encode(string)) if hf_tokenizer else source.encode
+  decode = hf_tokenizer.decode if hf_tokenizer else source.decode
   prompts = list(_PROMPT.value)
   if _PROMPTS_FILE.value:
     with open(_PROMPTS_FILE.value, encoding="utf-8") as f:
       prompts += [line.rstrip("\n") for line in f if line.strip()]
   try:
-    tokens = ([source.encode(p, True) for p in prompts] if prompts else
+    tokens = ([encode(p, True) for p in prompts] if prompts else
               list(source.prompts(max(_NUM_SAMPLES.value, 1))))
   except ValueError as e:
     cli.fail(f"flag error: a prompt has characters outside the run's vocabulary ({e})")
@@ -72,7 +77,7 @@ def main(argv):
   rows = []
   for i, row in enumerate(np.asarray(out["tokens"])):
     p = prompt_BP.shape[1]
-    record = {"prompt": source.decode(row[start_B[i]:p]), "sample": source.decode(row[p:]),
+    record = {"prompt": decode(row[start_B[i]:p]), "sample": decode(row[p:]),
               "z_mode": _Z_MODE.value, "seed": _SEED.value}
     if "codes" in out:
       record["codes"] = np.asarray(out["codes"][i, start_B[i]:]).tolist()

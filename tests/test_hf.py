@@ -211,8 +211,9 @@ def _run(module, *args):
 
 
 def test_cli_import_train_export(tmp_path):
-  """import_hf → launch.train continues the run from step 0 → export_hf of step 0 gives the
-  checkpoint's tensors back; bad input is one line and exit 2."""
+  """import_hf → launch.train continues the run from step 0 → launch.sample reads it with the
+  checkpoint's tokenizer → export_hf of step 0 gives the checkpoint's tensors back; bad input
+  is one line and exit 2."""
   run, out = str(tmp_path / "run"), str(tmp_path / "out")
   r = _run("launch.import_hf", f"--hf_dir={UNTIED}", f"--workdir={run}",
            "--config=experiments/tiny.py", "--config.model.latent.enabled=True")
@@ -223,6 +224,11 @@ def test_cli_import_train_export(tmp_path):
   assert r.returncode == 0, r.stderr[-2000:]
   steps = [json.loads(line)["step"] for line in open(os.path.join(run, "metrics.jsonl"))]
   assert steps[0] == 1 and steps[-1] == 2  # continued from the imported step 0
+  r = _run("launch.sample", f"--workdir={run}", "--prompt=the cat sat on", "--temperature=0",
+           "--max_new_tokens=3", f"--output={tmp_path}/s.jsonl")
+  assert r.returncode == 0, r.stderr[-2000:]
+  record = json.loads(open(f"{tmp_path}/s.jsonl").readline())
+  assert record["prompt"] == "the cat sat on"  # the checkpoint's own (word-level) tokenizer
   r = _run("launch.export_hf", f"--workdir={run}", f"--out={out}", "--step=0")
   assert r.returncode == 0, r.stderr[-2000:]
   original, exported = _tensors(UNTIED), _tensors(out)

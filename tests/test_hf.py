@@ -61,6 +61,19 @@ def test_imported_logits_equal_transformers(imported, name, latent):
     assert float(jnp.abs(state.params["latent"]["zeta"]).max()) > 0  # freshly initialised
 
 
+def test_import_into_a_sharded_mesh(tmp_path):
+  """Loaded shard by shard into fsdp x tensor shardings: the same logits, arrays split."""
+  cfg = config_for(UNTIED, **{"model.latent.enabled": True, "mesh.data": 2, "mesh.fsdp": 2,
+                              "mesh.tensor": 2})
+  state = hf.import_run(UNTIED, str(tmp_path / "run"), cfg, log=lambda *_: None)
+  query = state.params["layers_lo"]["block"]["attn"]["query"]["kernel"]
+  assert len(query.sharding.device_set) == 8
+  assert query.addressable_shards[0].data.shape == (2, 16, 2, 8)  # layers, D/fsdp, N/tensor, E
+  expected = np.load(os.path.join(UNTIED, "expected.npz"))
+  np.testing.assert_allclose(logits(cfg, state.params, expected["tokens"], "uniform"),
+                             expected["logits"], atol=1e-4, rtol=1e-4)
+
+
 def test_config_mapping(imported):
   m = imported["tied", False][0].model
   assert (m.num_layers, m.d_model, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim) == (

@@ -1,23 +1,49 @@
 """Checkpoints with orbax: the train state and the resolved config, under `workdir/checkpoints`.
 
-The data streams are pure functions of (seed, step), so the step in the train state is all the
-data position a resumed run needs. `load_run` restores a run for sampling or evaluation onto the
-devices at hand, whatever mesh trained it.
+A step directory `checkpoints/<step>` is committed by orbax's atomic rename; just before it, in
+the save's background thread, process 0 writes `checkpoints/<step>/checksums.json`: the size and
+SHA-256 of every other file of the step, so that a committed step carries integrity data for all
+of its bytes. Each process's data-stream state is a small file next to it,
+`checkpoints/data_state/<step>.process<i>.json`, with its own SHA-256 in its first line. Restoring
+verifies both (`checkpoint.verify`); a step that fails is skipped for the previous one with one
+warning line naming the step and the file. `load_run` restores a run for sampling or evaluation
+onto the devices at hand, whatever mesh trained it, and refuses a damaged step.
 """
 
+import glob
+import hashlib
 import json
 import os
+import re
+import sys
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from ftjax.configs import resolve
+from ftjax.configs import default_config, resolve
+from ftjax.metrics import WriteError
 from ftjax.trainer import Trainer
+
+CHECKSUMS = "checksums.json"  # in each step directory, written as part of the commit
+# The first step saved with checksums in a directory: steps before it (saved by an older ftjax)
+# restore unverified; a step from it on without valid checksums is damaged.
+CHECKSUMS_SINCE = "checksums_since.json"
+_CHUNK = 1 << 22
+# orbax's own marker, written into the step directory after the rename: not covered.
+_NOT_COVERED = {CHECKSUMS, "commit_success.txt"}
+# orbax adds the commit time to the step's metadata file when it renames the directory: that
+# file is covered as JSON without that field.
+_STEP_METADATA, _COMMIT_TIME = "_CHECKPOINT_METADATA", "commit_timestamp_nsecs"
 
 
 class CheckpointError(RuntimeError):
   """A run directory without a usable checkpoint; the message names the directory."""
+
+
+class SaveError(WriteError):
+  """A checkpoint (or another file of the run) could not be written; the message is one line:
+  the cause, the step not saved, the newest complete checkpoint and what to do."""
 
 
 def _path_name(path):
@@ -37,13 +63,162 @@ def shape_mismatches(saved_metadata, abstract_state):
   return lines
 
 
+def state_bytes(abstract_state):
+  """Bytes of the arrays of a (abstract) train state: a checkpoint's size before compression."""
+  return sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(abstract_state)
+             if hasattr(x, "dtype"))
+
+
+def file_sha256(path):
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(_CHUNK), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def _write_checked(path, obj):
+  """Writes `obj` as JSON behind a first line holding the SHA-256 of the JSON bytes, atomically."""
+  body = json.dumps(obj, sort_keys=True).encode()
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(b"sha256:" + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _read_checked(path, legacy_ok=False):
+  """The object `_write_checked` wrote; _Unreadable if the bytes do not match their checksum.
+  `legacy_ok`: a plain JSON file (written before checksums existed) is accepted as it is."""
+  try:
+    with open(path, "rb") as f:
+      raw = f.read()
+  except OSError as e:
+    raise _Unreadable(f"{os.path.basename(path)}: {e.strerror or e}", path) from e
+  head, _, body = raw.partition(b"\n")
+  if not head.startswith(b"sha256:"):
+    if legacy_ok and raw.startswith(b"{"):
+      try:
+        return json.loads(raw)
+      except ValueError:
+        pass
+    raise _Unreadable(f"{os.path.basename(path)}: not a checksummed file", path)
+  if hashlib.sha256(body).hexdigest().encode() != head[len(b"sha256:"):]:
+    raise _Unreadable(f"{os.path.basename(path)}: checksum mismatch", path)
+  return json.loads(body)
+
+
+def _digest(step_dir, rel):
+  """SHA-256 of a file of a step (for the step metadata: of its JSON without the commit time);
+  None when that file is not valid JSON."""
+  path = os.path.join(step_dir, rel)
+  if rel != _STEP_METADATA:
+    return file_sha256(path)
+  try:
+    with open(path, "rb") as f:
+      meta = json.loads(f.read())
+    meta.pop(_COMMIT_TIME, None)
+  except (ValueError, AttributeError):
+    return None
+  return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
+def write_checksums(step_dir):
+  """Writes `step_dir/checksums.json`: size and SHA-256 of every file under `step_dir`."""
+  files = {}
+  for root, _, names in os.walk(step_dir):
+    for name in names:
+      path = os.path.join(root, name)
+      rel = os.path.relpath(path, step_dir)
+      if rel not in _NOT_COVERED:
+        files[rel] = [None if rel == _STEP_METADATA else os.path.getsize(path),
+                      _digest(step_dir, rel)]
+  _write_checked(os.path.join(step_dir, CHECKSUMS), {"files": files})
+
+
+def verify_files(step_dir, share=(0, 1)):
+  """Checks the files of a committed step against its checksums; raises _Unreadable naming the
+  first file that differs. `share` = (i, n): check only every n-th file from the i-th (each of n
+  processes checks its share)."""
+  manifest = _read_checked(os.path.join(step_dir, CHECKSUMS))
+  files = manifest["files"]
+  on_disk = {os.path.relpath(os.path.join(root, name), step_dir)
+             for root, _, names in os.walk(step_dir) for name in names} - _NOT_COVERED
+  extra = sorted(on_disk - set(files))
+  if extra:
+    raise _Unreadable(f"{extra[0]}: a file the checksums do not list", extra[0])
+  index, count = share
+  for rel in sorted(files)[index::count]:
+    size, digest = files[rel]
+    path = os.path.join(step_dir, rel)
+    if not os.path.exists(path):
+      raise _Unreadable(f"{rel}: missing", rel)
+    if (size is not None and os.path.getsize(path) != size) or _digest(step_dir, rel) != digest:
+      raise _Unreadable(f"{rel}: checksum mismatch", rel)
+
+
+def committed_steps(directory):
+  """Steps with a committed directory under `directory` (orbax's temporaries excluded)."""
+  try:
+    names = os.listdir(directory)
+  except OSError:
+    return []
+  return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
+def newest_note(workdir):
+  """A sentence naming the newest complete checkpoint of a run directory."""
+  steps = committed_steps(os.path.join(workdir, "checkpoints"))
+  return (f"The newest complete checkpoint is step {steps[-1]}." if steps else
+          "No checkpoint has been completed yet.")
+
+
+def _cause(e):
+  """A short one-line description of an exception and the errors that caused it."""
+  seen = []
+  while e is not None and len(seen) < 8:
+    seen.append(e)
+    e = e.__cause__ or e.__context__
+  for err in reversed(seen):  # the innermost error says what the storage said
+    if isinstance(err, OSError) and err.strerror:
+      return f"{err.strerror} ({err.filename})" if err.filename else err.strerror
+  text = next((str(err).strip().splitlines()[0] for err in seen if str(err).strip()),
+              type(seen[0]).__name__)
+  code = re.search(r"os_error_code='?(\d+)", text)  # tensorstore: the OS error, and its file
+  if code:
+    paths = re.findall(r'"(/[^"]+)"', text)
+    return os.strerror(int(code.group(1))) + (f" (writing {paths[-1]})" if paths else "")
+  return text if len(text) <= 300 else text[:300] + "..."
+
+
+def _quiet_orphaned_writes():
+  """After a save fails, orbax closes the save's event loop while tensorstore still completes
+  its other writes; each completion's callback then raises 'Event loop is closed' as an
+  unraisable exception (hundreds of tracebacks, the failure itself is raised as SaveError).
+  Those, and only those, are dropped."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_ftjax_quiet", False):
+    return
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook._ftjax_quiet = True
+  sys.unraisablehook = hook
+
+
 class Manager:
   """orbax `CheckpointManager` for one run directory: async saves of the train state and the
   resolved config, the newest `keep` kept plus every `keep_period`-th step for good.
 
-  orbax writes a step into a temporary directory and renames it when complete, so a save that
-  is killed half-way never looks like a checkpoint; one that is complete but unreadable is
-  skipped with a warning for the one before it.
+  orbax writes a step into a temporary directory and renames it when complete (after the
+  checksums are written into it), so a save that is killed half-way never looks like a
+  checkpoint; one that is complete but unreadable or whose bytes differ from its checksums is
+  skipped with a warning for the one before it. A save that fails in the background is raised
+  as SaveError by the next `check`, `save`, `wait` or `close`.
   """
 
   def __init__(self, directory, cfg=None, read_only=False, log=print):
@@ -51,62 +226,236 @@ class Manager:
     self._log = log
     self.directory = os.path.abspath(directory)  # orbax needs absolute paths
     c = cfg.checkpoint if cfg is not None else None
+    self.verify = c.verify if c is not None and "verify" in c else True
+    self._saving = None  # the step whose save is in flight
+    self._failed = None  # SaveError of a failed save, raised once
+    self._verified = set()  # (step, share) whose files this process checked
+    if not read_only:
+      _quiet_orphaned_writes()
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=c.keep if c else None, keep_period=(c.keep_period or None) if c else None,
             create=not read_only, read_only=read_only, enable_async_checkpointing=True,
-            cleanup_tmp_directories=not read_only),  # half-written saves of killed runs
+            cleanup_tmp_directories=not read_only,  # half-written saves of killed runs
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._before_commit)),
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "config": ocp.JsonCheckpointHandler()})
 
   def all_steps(self):
     return sorted(self._manager.all_steps())
 
-  def _data_state_path(self, step):
-    return os.path.join(self.directory, "data_state", f"{step}.process{jax.process_index()}.json")
+  # Data-stream state files ------------------------------------------------------------------
+
+  def _data_state_path(self, step, process=None):
+    process = jax.process_index() if process is None else process
+    return os.path.join(self.directory, "data_state", f"{step}.process{process}.json")
 
   def _write_data_state(self, step, data_state):
-    """Each process's data-iterator state, written (atomically) before the step's save starts,
-    so that every committed step has one; files of deleted steps are removed."""
+    """This process's data-iterator state, written (atomically, with its checksum) before the
+    step's save starts, so that every committed step has one."""
     path = self._data_state_path(step)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      json.dump(data_state, f)
-    os.replace(path + ".tmp", path)
-    oldest = min(self.all_steps(), default=step)
-    for name in os.listdir(os.path.dirname(path)):
-      if name.split(".")[0].isdigit() and int(name.split(".")[0]) < oldest:
-        os.remove(os.path.join(os.path.dirname(path), name))
+    _write_checked(path, data_state)
+
+  def _remove_old_data_states(self, step):
+    """Removes this process's data-state files of steps before `step` whose checkpoint is gone
+    from disk (deleted by the keep policy, or never committed). Only this process's files:
+    processes sharing the directory never race on a file; one already gone is fine."""
+    directory = os.path.join(self.directory, "data_state")
+    suffix = f".process{jax.process_index()}.json"
+    on_disk = set(committed_steps(self.directory))
+    for name in os.listdir(directory):
+      head = name.split(".")[0]
+      mine = name.endswith(suffix) or (f"{suffix}.tmp" in name)
+      if mine and head.isdigit() and int(head) < step and int(head) not in on_disk:
+        try:
+          os.remove(os.path.join(directory, name))
+        except FileNotFoundError:
+          pass
 
   def _read_data_state(self, step):
+    """This process's data-stream state at `step`. A run resumed with another number of
+    processes gets the state all processes saved when they saved the same one (in-memory
+    sources: the step); per-process states (grain) need the same number of processes."""
+    own = self._data_state_path(step)
+    saved = glob.glob(os.path.join(self.directory, "data_state", f"{step}.process*.json"))
+    if len(saved) == jax.process_count() and own in saved:
+      return _read_checked(own, legacy_ok=True)
+    if not saved:
+      raise _Unreadable(f"{os.path.basename(own)}: missing", own)
+    states = [_read_checked(path, legacy_ok=True) for path in sorted(saved)]
+    if any(state != states[0] for state in states):
+      raise CheckpointError(
+          f"the checkpoint at step {step} in {self.directory} holds per-process data-stream "
+          f"states of {len(saved)} processes: resume with {len(saved)} processes")
+    return states[0]
+
+  # Saving -------------------------------------------------------------------------------------
+
+  def _before_commit(self):
+    """orbax calls this on process 0 in the save's background thread, after the step's files
+    are complete and before the temporary directory is renamed: the checksums become part of
+    the commit (a step whose checksums could not be written is never committed)."""
+    step = self._saving
+    candidates = glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*"))
+    if not candidates:
+      raise FileNotFoundError(f"no temporary directory of step {step} in {self.directory}")
+    write_checksums(max(candidates, key=os.path.getmtime))
+
+  def _mark_checksums_since(self, step):
+    path = os.path.join(self.directory, CHECKSUMS_SINCE)
+    if jax.process_index() == 0 and not os.path.exists(path):
+      _write_checked(path, {"step": int(step)})
+
+  def _checksums_since(self):
+    path = os.path.join(self.directory, CHECKSUMS_SINCE)
+    if not os.path.exists(path):
+      return None
     try:
-      with open(self._data_state_path(step), encoding="utf-8") as f:
-        return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-      raise _Unreadable(f"its data-iterator state: {e}") from e
+      return int(_read_checked(path)["step"])
+    except (_Unreadable, ValueError, KeyError, TypeError):
+      return 0  # a damaged marker: every step must carry valid checksums
+
+  def _save_error(self, step, e, what="the checkpoint"):
+    newest = [s for s in committed_steps(self.directory) if s != step]
+    return SaveError(
+        f"cannot save {what} of step {step} in {self.directory}: {_cause(e)}. "
+        + (f"The newest complete checkpoint is step {newest[-1]}. " if newest else
+           "No checkpoint has been completed. ")
+        + "Free space (or lower checkpoint.keep) or fix the directory's permissions, then run "
+          "the same command to resume.")
+
+  def check(self):
+    """Raises SaveError if the save in flight has failed (cheap: no waiting)."""
+    if self._failed is None and self._saving is not None:
+      holder = getattr(self._manager, "_finalize_thread", None)
+      try:
+        failed = holder.map(lambda t: t is not None and not t.is_alive()
+                            and t.exception is not None)
+      except Exception:  # noqa: BLE001 (orbax internals changed: surface it at the next wait)
+        failed = False
+      if failed:
+        self._fail_from_wait()
+    self._raise_failed()
+
+  def _fail_from_wait(self):
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      self._failed = self._save_error(self._saving, e)
+
+  def _raise_failed(self):
+    if self._failed is not None:
+      failed, self._failed = self._failed, None
+      self._saving = None
+      raise failed
 
   def save(self, step, state, data_state):
     """Starts an async save of `state` and the data stream's state at `step` (training goes
-    on while it is written)."""
+    on while it is written). Raises SaveError if this or the previous save failed."""
     if step in self._manager.all_steps():
       return
-    self._write_data_state(step, data_state)
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        config=ocp.args.JsonSave(self._cfg.to_dict())))
+    self.check()
+    try:
+      self._write_data_state(step, data_state)
+      self._mark_checksums_since(step)
+    except OSError as e:
+      raise self._save_error(step, e, "the data-stream state") from None
+    previous = self._saving
+    try:
+      self._manager.wait_until_finished()  # the previous save: its failure is its own error
+    except Exception as e:  # noqa: BLE001
+      raise self._save_error(previous, e) from None
+    self._saving = step
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          config=ocp.args.JsonSave(self._cfg.to_dict())))
+    except Exception as e:  # noqa: BLE001
+      self._saving = None
+      raise self._save_error(step, e) from None
+    try:
+      self._remove_old_data_states(step)
+    except OSError as e:
+      raise self._save_error(step, e, "the data-stream state") from None
+
+  def wait(self):
+    """Blocks until the async save in flight (if any) is complete; SaveError if it failed."""
+    if self._saving is not None and self._failed is None:
+      self._fail_from_wait()
+    self._raise_failed()
+
+  def close(self):
+    """Waits for the save in flight and closes; SaveError if it failed. Never raises twice."""
+    try:
+      saving = self._saving
+      self.wait()
+      if saving is not None:  # files of the steps the last save's keep policy deleted
+        try:
+          self._remove_old_data_states(saving + 1)
+        except OSError:
+          pass
+    finally:
+      try:
+        self._manager.close()
+      except Exception:  # noqa: BLE001 (the failure was reported by wait)
+        pass
+
+  # Restoring ----------------------------------------------------------------------------------
+
+  def _warn(self, message):
+    if jax.process_index() == 0:
+      self._log(message)
+    else:  # other processes' logs are silent; a problem only they see still gets its line
+      print(f"process {jax.process_index()}: {message}", file=sys.stderr, flush=True)
+
+  def _verify_step(self, step):
+    """Checks this process's share of the step's files and its own data-state file; returns
+    the data-stream state. Raises _Unreadable naming the file."""
+    step_dir = os.path.join(self.directory, str(step))
+    data_state = self._read_data_state(step)
+    if not self.verify:
+      return data_state
+    if not os.path.exists(os.path.join(step_dir, CHECKSUMS)):
+      since = self._checksums_since()
+      if since is not None and step >= since:
+        raise _Unreadable(f"{CHECKSUMS}: missing", CHECKSUMS)
+      self._warn(f"warning: checkpoint step {step} in {self.directory} has no checksums "
+                 "(saved before ftjax wrote them): restored unverified")
+      return data_state
+    self._check_files(step, (jax.process_index(), jax.process_count()))
+    return data_state
+
+  def _check_files(self, step, share):
+    if (step, share) not in self._verified:
+      verify_files(os.path.join(self.directory, str(step)), share)
+      self._verified.add((step, share))
+
+  def _agreed_ok(self, ok):
+    """True when every process found the step sound."""
+    if jax.process_count() == 1:
+      return ok
+    import numpy as np
+    from jax.experimental import multihost_utils
+    return bool(np.asarray(multihost_utils.process_allgather(np.array([ok]))).all())
 
   def _restore_step(self, step, abstract_state):
+    problem = metadata = data_state = None
     try:
+      data_state = self._verify_step(step)  # first: orbax may choke on damaged metadata
       metadata = self._manager.item_metadata(step)["state"]
+    except _Unreadable as e:
+      problem = e
     except Exception as e:  # noqa: BLE001 (orbax raises many kinds for a damaged step)
-      raise _Unreadable(f"{type(e).__name__}: {e}") from e
+      problem = _Unreadable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    if not self._agreed_ok(problem is None):
+      raise problem or _Unreadable("another process found it damaged")
     mismatches = shape_mismatches(metadata, abstract_state)
     if mismatches:
       raise CheckpointError(f"the checkpoint at step {step} in {self.directory} does not match "
                             f"the config: {mismatches[0]}" +
                             (f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else ""))
-    data_state = self._read_data_state(step)
     try:
       return self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state)))["state"], data_state
@@ -127,8 +476,11 @@ class Manager:
       try:
         return self._restore_step(candidate, abstract_state)
       except _Unreadable as e:
-        self._log(f"warning: checkpoint step {candidate} in {self.directory} is unreadable "
-                  f"({e}); " + ("giving up" if step is not None else "trying an older one"))
+        if step is not None:
+          raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged ({e})") \
+              from None
+        self._warn(f"warning: checkpoint step {candidate} in {self.directory} is damaged or "
+                   f"unreadable ({e}); trying an older one")
     raise CheckpointError(f"no readable checkpoint in {self.directory} (steps {steps})")
 
   def restore_or(self, init_fn, abstract_state):
@@ -138,17 +490,53 @@ class Manager:
       return init_fn(), None
     return self.restore(None, abstract_state)
 
-  def wait(self):
-    """Blocks until the async save in flight (if any) is complete."""
-    self._manager.wait_until_finished()
+  def saved_config(self, step):
+    """The resolved config saved with `step` (checked against the step's checksums first)."""
+    try:
+      self._verify_step_files_only(step)
+      saved = self._manager.restore(step, args=ocp.args.Composite(
+          config=ocp.args.JsonRestore()))["config"]
+    except _Unreadable as e:
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged ({e})") \
+          from None
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} is unreadable "
+                            f"({_cause(e)})") from None
+    return _with_defaults(saved)
 
-  def close(self):
-    self._manager.wait_until_finished()
-    self._manager.close()
+  def _verify_step_files_only(self, step):
+    step_dir = os.path.join(self.directory, str(step))
+    if not self.verify:
+      return
+    if os.path.exists(os.path.join(step_dir, CHECKSUMS)):
+      self._check_files(step, (0, 1))
+    else:
+      since = self._checksums_since()
+      if since is not None and step >= since:
+        raise _Unreadable(f"{CHECKSUMS}: missing", CHECKSUMS)
 
 
 class _Unreadable(Exception):
   """A damaged checkpoint step (internal: restore() falls back over it)."""
+
+  def __init__(self, message, path=None):
+    super().__init__(message)
+    self.path = path
+
+
+def _with_defaults(saved):
+  """A saved config dict, resolved, with keys added to the schema since it was saved given
+  their defaults."""
+
+  def fill(dst, defaults):
+    for k, v in defaults.items():
+      if isinstance(v, dict):
+        fill(dst.setdefault(k, {}), v)
+      else:
+        dst.setdefault(k, v)
+    return dst
+
+  return resolve(ml_collections.ConfigDict(fill(dict(saved), default_config().to_dict())))
 
 
 def load_config(workdir):
@@ -156,25 +544,48 @@ def load_config(workdir):
   path = os.path.join(workdir, "config.json")
   try:
     with open(path, encoding="utf-8") as f:
-      return resolve(ml_collections.ConfigDict(json.load(f)))
+      return _with_defaults(json.load(f))
   except FileNotFoundError as e:
     raise CheckpointError(f"{path} not found: is {workdir} a run directory?") from e
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{path} is not valid JSON: {e}") from e
 
 
-def load_run(workdir, step=None, mesh=None):
-  """(trainer, state) of a run restored onto the devices at hand.
+def load_run(workdir, step=None, mesh=None, verify=True):
+  """(trainer, state) of a run restored onto the devices at hand, from `step` (None: the newest
+  readable one). The config is the one saved with the checkpoint (checked by its checksums), so a
+  damaged `config.json` cannot change the model; a damaged step is a CheckpointError.
 
   `mesh` ({'data', 'fsdp', 'tensor'}; default one device) replaces the mesh the run trained on;
   the checkpoint is resharded onto it.
   """
-  cfg = load_config(workdir).copy_and_resolve_references()
-  cfg.unlock()
-  cfg.mesh.update(mesh or {"data": 1, "fsdp": 1, "tensor": 1})
-  cfg.lock()
-  trainer = Trainer.create(cfg, run_dir=workdir)  # with the run's own tokenizer
-  manager = Manager(os.path.join(workdir, "checkpoints"), read_only=True)
-  state, _ = manager.restore(step, trainer.abstract_state())
-  manager.close()
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    if not os.path.exists(os.path.join(workdir, "config.json")):
+      raise CheckpointError(f"{os.path.join(workdir, 'config.json')} not found: is {workdir} a "
+                            "run directory?")
+    raise CheckpointError(f"no checkpoint in {os.path.abspath(directory)}")
+  manager = Manager(directory, read_only=True)
+  manager.verify = verify
+  try:
+    steps = manager.all_steps()
+    if not steps:
+      raise CheckpointError(f"no checkpoint in {manager.directory}")
+    if step is not None and step not in steps:
+      raise CheckpointError(f"no checkpoint for step {step} in {manager.directory} "
+                            f"(saved steps: {steps})")
+    chosen = steps[-1] if step is None else step
+    try:
+      cfg = manager.saved_config(chosen).copy_and_resolve_references()
+      cfg.unlock()
+      cfg.mesh.update(mesh or {"data": 1, "fsdp": 1, "tensor": 1})
+      cfg.lock()
+      trainer = Trainer.create(cfg, run_dir=workdir)  # with the run's own tokenizer
+      state, _ = manager.restore(chosen, trainer.abstract_state())
+    except CheckpointError as e:
+      older = [s for s in steps if s < chosen]
+      raise CheckpointError(f"{e}" + (f"; older steps: {older} (choose one with --step)"
+                                       if older and "damaged" in str(e) else "")) from None
+  finally:
+    manager.close()
   return trainer, state

@@ -117,6 +117,15 @@ def default_config():
   c.checkpoint.every_seconds = 0.0  # also save when this much wall-clock time has passed (0: off)
   c.checkpoint.keep = 3  # the newest checkpoints kept
   c.checkpoint.keep_period = 0  # also keep every step that is a multiple of this, for good
+  # Verify each checkpoint's checksums (all of its bytes) on restore; a mismatch skips the step
+  # for the previous one. False: restore without reading the files twice (faster, unchecked).
+  c.checkpoint.verify = True
+
+  c.distributed = ml_collections.ConfigDict()
+  # Multi-process runs: a process not heard from for this long counts as lost, and the others
+  # stop (exit 1, one line) so that a scheduler can restart the job. jax.distributed's own
+  # heartbeat (the backstop, a native abort) gets twice this plus 10 s.
+  c.distributed.peer_timeout_seconds = 100
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the other axes
@@ -296,6 +305,14 @@ def _check_checkpoint(c):
   _require(c.every_seconds >= 0, "checkpoint.every_seconds", f"must be >= 0, got {c.every_seconds}")
   _require(c.keep >= 1, "checkpoint.keep", f"must be >= 1, got {c.keep}")
   _require(c.keep_period >= 0, "checkpoint.keep_period", f"must be >= 0, got {c.keep_period}")
+  _require(isinstance(c.verify, bool), "checkpoint.verify",
+           f"must be True or False, got {c.verify!r}")
+
+
+def _check_distributed(d):
+  _require(isinstance(d.peer_timeout_seconds, int) and d.peer_timeout_seconds >= 1,
+           "distributed.peer_timeout_seconds",
+           f"must be a whole number of seconds >= 1, got {d.peer_timeout_seconds!r}")
 
 
 def _check_mesh(mesh):
@@ -389,6 +406,7 @@ def resolve(cfg):
   _check_latent(cfg.model)
   _check_train(cfg.train)
   _check_checkpoint(cfg.checkpoint)
+  _check_distributed(cfg.distributed)
   _check_mesh(cfg.mesh)
   _check_data(cfg)
   m = cfg.model

@@ -56,6 +56,32 @@ def _describe(cfg, trainer, state):
   return lines
 
 
+def _check_writable(directory):
+  """WriteError (one line) unless this process can create files in `directory`."""
+  probe = os.path.join(directory, f".write_test.process{jax.process_index()}")
+  try:
+    os.makedirs(directory, exist_ok=True)
+    with open(probe, "w", encoding="utf-8") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise metrics_lib.write_error(directory, e) from None
+
+
+def _free_space_warning(directory, keep, checkpoint_bytes):
+  """A warning line when `directory` has room for fewer than `keep` + 1 checkpoints (the newest
+  `keep` and the one being written), each estimated at the state's uncompressed bytes."""
+  import shutil
+  free = shutil.disk_usage(directory).free
+  need = (keep + 1) * checkpoint_bytes
+  if free >= need:
+    return None
+  gb = lambda x: f"{x / 1e9:.3g} GB"
+  return (f"warning: {gb(free)} free in {directory}, but checkpoint.keep={keep} + 1 checkpoints "
+          f"of about {gb(checkpoint_bytes)} each (the train state's bytes) need {gb(need)}: "
+          "a save may fail for lack of space")
+
+
 class _Preemption:
   """Turns SIGTERM/SIGINT into a flag the loop polls: it saves a checkpoint and exits cleanly."""
 
@@ -162,18 +188,30 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
   if jax.process_index() != 0:  # one process logs and writes files; all of them compute
     log = lambda *_: None
   else:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+    path = os.path.join(workdir, "config.json")
+    try:
+      os.makedirs(workdir, exist_ok=True)
+      with open(path, "w", encoding="utf-8") as f:
+        f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+    except OSError as e:
+      raise metrics_lib.write_error(path, e) from None
+  _check_writable(os.path.join(workdir, "checkpoints"))
   trainer = trainer or Trainer.create(cfg, run_dir=workdir)
   if jax.process_index() == 0 and trainer.source.tokenizer is not None:
     from ftjax.data import tokenizers
-    tokenizers.save_with_run(trainer.source.tokenizer, workdir)
+    try:
+      tokenizers.save_with_run(trainer.source.tokenizer, workdir)
+    except OSError as e:
+      raise metrics_lib.write_error(workdir, e) from None
   t, c = cfg.train, cfg.checkpoint
   manager = ckpt_lib.Manager(os.path.join(workdir, "checkpoints"), cfg, log=log)
   stream = trainer.stream("train")
   state, data_state = manager.restore_or(trainer.init_state, trainer.abstract_state())
   state = train.set_latent_targets(state, cfg.model.latent, trainer.state_sharding)
+  warning = _free_space_warning(manager.directory, c.keep,
+                                ckpt_lib.state_bytes(trainer.abstract_state()))
+  if warning:
+    log(warning)
   if data_state is not None:
     stream.set_state(data_state)
   start = int(state.step)
@@ -206,6 +244,7 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
   with _Preemption() as preemption:
     try:
       for step in range(start, end):
+        manager.check()  # a save that failed in the background ends the run now
         if step == start:
           log("compiling the train step…")
           compile_start = time.perf_counter()
@@ -253,8 +292,10 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
       _check_nonfinite(state, cfg, manager)
       manager.save(int(state.step), state, stream.get_state())
     finally:
-      manager.close()
-      stream.close()
+      try:
+        manager.close()
+      finally:
+        stream.close()
   if t.num_samples and jax.process_count() > 1:
     log("samples are printed by single-process runs only")
   elif t.num_samples:

@@ -60,6 +60,19 @@ def measure_matmul_peak(dtype=jnp.float32, size=4096, repeats=3):
   return 2 * size**3 / best
 
 
+class WriteError(RuntimeError):
+  """A file of the run could not be written (disk full, quota, permissions, I/O error); the
+  message is one line naming the file, the cause and what to do."""
+
+
+def write_error(path, e, step=None):
+  """WriteError for an OSError `e` met writing `path`."""
+  where = f" at step {step}" if step is not None else ""
+  return WriteError(f"cannot write {path}{where}: {e.strerror or e}. Free space or fix the "
+                    "directory's permissions, then run the same command to resume (from the "
+                    "newest complete checkpoint).")
+
+
 def _truncate_after(path, step):
   """Keeps the rows of a metrics file up to `step` (a torn last line is dropped too)."""
   kept = []
@@ -81,7 +94,8 @@ class MetricWriter:
 
   A run resumed at `resume_step` first drops the rows after that step (written by the run that
   was interrupted), so the file reads as one uninterrupted run. Only process 0 writes; other
-  processes get a writer that does nothing.
+  processes get a writer that does nothing. Writes are synchronous (TensorBoard's too): a row
+  that cannot be written raises WriteError at once, never goes missing silently.
   """
 
   def __init__(self, workdir, resume_step=0):
@@ -89,29 +103,57 @@ class MetricWriter:
     self._jsonl = None
     self._tb = None
     if self.enabled:
-      from tensorboardX import SummaryWriter  # imported here: optional for library users
-      os.makedirs(workdir, exist_ok=True)
-      path = os.path.join(workdir, "metrics.jsonl")
-      if os.path.exists(path):
-        _truncate_after(path, resume_step)
-      self._jsonl = open(path, "a", encoding="utf-8")
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+      from tensorboardX.event_file_writer import EventsWriter  # optional for library users
+      self._path = os.path.join(workdir, "metrics.jsonl")
+      self._tb_dir = os.path.join(workdir, "tb")
+      try:
+        os.makedirs(self._tb_dir, exist_ok=True)
+        if os.path.exists(self._path):
+          _truncate_after(self._path, resume_step)
+        self._jsonl = open(self._path, "a", encoding="utf-8")
+      except OSError as e:
+        raise write_error(self._path, e) from None
+      try:
+        self._tb = EventsWriter(os.path.join(self._tb_dir, "events"))
+      except OSError as e:
+        raise write_error(self._tb_dir, e) from None
+
+  def _event(self, step, summary):
+    from tensorboardX.proto.event_pb2 import Event
+    try:
+      self._tb.write_event(Event(summary=summary, step=int(step), wall_time=time.time()))
+      self._tb.flush()
+    except OSError as e:
+      raise write_error(self._tb_dir, e, step) from None
 
   def write(self, step, scalars):
     if not self.enabled:
       return
+    from tensorboardX.proto.summary_pb2 import Summary
     row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-    self._jsonl.write(json.dumps(row) + "\n")
-    self._jsonl.flush()
-    for k, v in row.items():
-      if k != "step":
-        self._tb.add_scalar(k, v, step)
+    try:
+      self._jsonl.write(json.dumps(row) + "\n")
+      self._jsonl.flush()
+    except OSError as e:
+      raise write_error(self._path, e, step) from None
+    self._event(step, Summary(value=[Summary.Value(tag=k, simple_value=v)
+                                     for k, v in row.items() if k != "step"]))
 
   def write_text(self, step, tag, text):
     if self.enabled:
-      self._tb.add_text(tag, text, step)
+      from tensorboardX.summary import text as text_summary
+      self._event(step, text_summary(tag, text))
 
   def close(self):
-    if self.enabled:
-      self._jsonl.close()
-      self._tb.close()
+    """Closes the files; WriteError if the last data cannot be flushed."""
+    if self.enabled and self._jsonl is not None:
+      jsonl, tb, self._jsonl, self._tb = self._jsonl, self._tb, None, None
+      try:
+        jsonl.close()
+      except OSError as e:
+        raise write_error(self._path, e) from None
+      finally:
+        try:
+          tb.close()
+        except OSError:
+          pass

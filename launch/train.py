@@ -7,6 +7,10 @@ Writes DIR/config.json, DIR/metrics.jsonl, TensorBoard files under DIR/tb and or
 under DIR/checkpoints; resumes from the newest checkpoint in DIR.
 """
 
+import logging as logging_std
+import os
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -22,8 +26,26 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a mul
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _CONFIG_HELP = flags.DEFINE_bool("config_help", False, "Print every config key (override with "
                                   "--config.<key>=value) with its default and meaning, and exit.")
+_STOP_AT = flags.DEFINE_integer("stop_at", None, "Stop at this step with a checkpoint, as a "
+                                "preemption would (the schedule stays that of train.steps).")
 _MULTIPROCESS = flags.DEFINE_bool("multiprocess", False, "Start jax.distributed and let jax "
                                   "detect the cluster (TPU VM slices); SLURM is detected anyway.")
+
+
+class _NoOrbaxErrors(logging_std.Filter):
+  """Drops orbax's error records (a traceback per failed thread or future): the launcher reports
+  a failed save itself, in one line."""
+
+  def filter(self, record):
+    return not (record.levelno >= logging_std.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _exit_now(message, status):
+  """Prints one line and ends the process at once: orbax's and jax's background threads (and the
+  runtime's shutdown barrier, with a lost peer) would otherwise print tracebacks or wait."""
+  print(message, file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(status)
 
 
 def main(argv):
@@ -35,22 +57,36 @@ def main(argv):
     cli.fail("flag error: --workdir is required")
   cfg = cli.resolved_config(_CONFIG)
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it touches at INFO
-  from ftjax import distributed, loop  # after flag parsing: `--help` and errors stay fast
-  from ftjax.checkpoint import CheckpointError
+  logging.get_absl_handler().addFilter(_NoOrbaxErrors())
+  from ftjax import checkpoint, distributed, loop  # after flag parsing: `--help` and errors stay fast
   from ftjax.configs import ConfigError
   from ftjax.data.text import CorpusError
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                         auto=_MULTIPROCESS.value)
+  from ftjax.metrics import WriteError
+  _, processes = distributed.initialize(
+      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_MULTIPROCESS.value,
+      peer_timeout_seconds=cfg.distributed.peer_timeout_seconds)
+  watchdog = None
+  if processes > 1:  # a lost peer ends this process within the timeout, with one line
+    distributed.set_lost_note(lambda: checkpoint.newest_note(_WORKDIR.value))
+    watchdog = distributed.PeerWatchdog(cfg.distributed.peer_timeout_seconds).start()
   try:
-    loop.train_and_evaluate(cfg, _WORKDIR.value)
+    loop.train_and_evaluate(cfg, _WORKDIR.value, stop_at=_STOP_AT.value)
   except ConfigError as e:  # found once the devices are known (mesh, divisibility)
     cli.fail(str(e))
   except CorpusError as e:  # missing, unprepared or corrupt data
     cli.fail(f"data error: {e}")
-  except CheckpointError as e:  # e.g. the run's checkpoints do not match a changed config
+  except checkpoint.CheckpointError as e:  # e.g. the run's checkpoints do not match a changed config
     cli.fail(f"checkpoint error: {e}")
   except loop.NonFiniteError as e:
     cli.fail(f"training stopped: {e}", status=1)
+  except WriteError as e:  # disk full, quota, permissions: the run cannot keep its results
+    _exit_now(f"error: {e}", 1)
+  except Exception:
+    if watchdog is not None:  # a collective failed: a lost peer? (the watchdog then ends it)
+      watchdog.lost()
+    raise
+  if watchdog is not None:
+    watchdog.stop()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,152 @@
+"""Checkpoint integrity: flipped bytes in any kind of file of a step are detected, the restore
+falls back to the previous step (and training resumes bit-identically from it), launchers
+refuse a damaged step, an undamaged checkpoint restores bit-identically."""
+
+import glob
+import json
+import os
+import random
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from ftjax import checkpoint, loop
+from ftjax.trainer import Trainer
+from tests.conftest import resolved
+
+TIMING = ("tokens_per_sec", "mfu")
+OVERRIDES = {"train.num_samples": 0, "train.peak_flops": 1.0, "checkpoint.every_steps": 5,
+             "train.log_every": 1}
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
+
+
+def _leaves_equal(a, b):
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A tiny run saved at steps 10, 15, 20, its final state and config (never modified)."""
+  from experiments import tiny
+  from ftjax.configs import resolve
+  cfg = resolve(tiny.get_config())
+  cfg.unlock()
+  cfg = resolved(cfg, **OVERRIDES)
+  workdir = tmp_path_factory.mktemp("run")
+  state = loop.train_and_evaluate(cfg, str(workdir), log=lambda *_: None)
+  return cfg, workdir, jax.device_get(state)
+
+
+def _copy(trained, tmp_path):
+  run = tmp_path / "run"
+  shutil.copytree(trained[1], run)
+  return run
+
+
+def _flip(path, seed=0, count=3):
+  """XORs `count` bytes at random offsets of `path` (each byte then surely differs)."""
+  data = bytearray(open(path, "rb").read())
+  rng = random.Random(seed)
+  for offset in rng.sample(range(len(data)), min(count, len(data))):
+    data[offset] ^= 0xFF
+  with open(path, "wb") as f:
+    f.write(bytes(data))
+
+
+def _largest(pattern):
+  return max(glob.glob(pattern, recursive=True), key=os.path.getsize)
+
+
+KINDS = {  # one file of each kind of the newest step (20)
+    "array_data": lambda run: _largest(f"{run}/checkpoints/20/state/**/d/*"),
+    "array_metadata": lambda run: f"{run}/checkpoints/20/state/_METADATA",
+    "step_metadata": lambda run: f"{run}/checkpoints/20/_CHECKPOINT_METADATA",
+    "data_state": lambda run: f"{run}/checkpoints/data_state/20.process0.json",
+    "saved_config": lambda run: f"{run}/checkpoints/20/config/metadata",
+    "checksums": lambda run: f"{run}/checkpoints/20/checksums.json",
+}
+
+
+def test_undamaged_checkpoint_restores_bit_identically(trained):
+  cfg, workdir, final = trained
+  manager = checkpoint.Manager(workdir / "checkpoints", read_only=True)
+  assert manager.all_steps() == [10, 15, 20]
+  assert os.path.exists(workdir / "checkpoints" / "20" / checkpoint.CHECKSUMS)
+  trainer, state = checkpoint.load_run(str(workdir))
+  assert int(state.step) == 20
+  _leaves_equal(state.params, final.params)
+  _leaves_equal(state.opt_state, final.opt_state)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_flipped_bytes_are_detected_and_skipped(trained, tmp_path, kind):
+  cfg, _, _ = trained
+  run = _copy(trained, tmp_path)
+  damaged = KINDS[kind](run)
+  _flip(damaged)
+  warnings = []
+  trainer = Trainer.create(cfg)
+  state, data_state = checkpoint.Manager(run / "checkpoints", read_only=True,
+                                         log=warnings.append).restore(None,
+                                                                      trainer.abstract_state())
+  assert int(state.step) == 15 and data_state == {"step": 15}
+  assert len(warnings) == 1, warnings
+  assert "step 20" in warnings[0] and "damaged" in warnings[0]
+  assert os.path.basename(damaged) in warnings[0]  # names the file
+  _, undamaged = checkpoint.load_run(str(trained[1]), step=15)
+  _leaves_equal(state, undamaged)
+  with pytest.raises(checkpoint.CheckpointError, match=r"step 20 .* is damaged .*older steps"):
+    checkpoint.load_run(str(run))  # launch.sample / launch.evaluate: refused, one line
+
+
+def test_fallback_resumes_bit_identically(trained, tmp_path):
+  cfg, _, final = trained
+  run = _copy(trained, tmp_path)
+  _flip(KINDS["array_data"](run), seed=1)
+  logs = []
+  state = loop.train_and_evaluate(cfg, str(run), log=logs.append)
+  assert "resumed from step 15" in logs
+  assert sum("damaged" in line for line in logs) == 1
+  assert _rows(run) == _rows(trained[1])
+  _leaves_equal(state.params, final.params)
+
+
+def test_missing_checksums(trained, tmp_path):
+  cfg, _, _ = trained
+  run = _copy(trained, tmp_path)
+  trainer = Trainer.create(cfg)
+  os.remove(run / "checkpoints" / "20" / checkpoint.CHECKSUMS)  # saved with checksums: damaged
+  warnings = []
+  state, _ = checkpoint.Manager(run / "checkpoints", read_only=True,
+                                log=warnings.append).restore(None, trainer.abstract_state())
+  assert int(state.step) == 15 and "checksums.json: missing" in warnings[0]
+  # A run saved before checksums existed: restored unverified, with a warning.
+  os.remove(run / "checkpoints" / checkpoint.CHECKSUMS_SINCE)
+  for path in glob.glob(f"{run}/checkpoints/*/{checkpoint.CHECKSUMS}"):
+    os.remove(path)
+  warnings = []
+  state, _ = checkpoint.Manager(run / "checkpoints", read_only=True,
+                                log=warnings.append).restore(None, trainer.abstract_state())
+  assert int(state.step) == 20 and len(warnings) == 1 and "unverified" in warnings[0]
+
+
+def test_verify_off_skips_the_check(trained, tmp_path):
+  cfg, _, _ = trained
+  run = _copy(trained, tmp_path)
+  path = KINDS["saved_config"](run)  # still valid JSON after the change: only checksums see it
+  text = open(path).read()
+  assert '"synthetic"' in text
+  open(path, "w").write(text.replace('"synthetic"', '"synthetiX"'))
+  trainer = Trainer.create(cfg)
+  for verify, step in ((True, 15), (False, 20)):
+    warnings = []
+    manager = checkpoint.Manager(run / "checkpoints", resolved(cfg, **{"checkpoint.verify": verify}),
+                                 read_only=True, log=warnings.append)
+    state, _ = manager.restore(None, trainer.abstract_state())
+    assert int(state.step) == step and len(warnings) == int(verify)

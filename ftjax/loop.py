@@ -46,7 +46,9 @@ def format_eval(step: int, ev: dict) -> str:
 def _describe(cfg, trainer, state):
   """Start-up lines: parameters, latent, mesh and how much of the parameters is replicated."""
   lat = cfg.model.latent
-  latent = (f"latent on (H={lat.num_bits}, kappa={lat.kappa:.4f} nats)" if lat.enabled else
+  kl_term = (f"target rate {lat.target_bits:.4g} bits" if lat.kl_control == "target_rate" else
+             f"kappa={lat.kappa:.4f} nats")
+  latent = (f"latent on (H={lat.num_bits}, {kl_term})" if lat.enabled else
             "latent off (baseline)")
   lines = [f"model: {metrics_lib.count_params(state.params):,} parameters; {latent}"]
   if trainer.mesh.devices.size > 1:

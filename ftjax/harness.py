@@ -29,7 +29,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from lm_eval.api.model import TemplateLM
+import lm_eval.models  # noqa: F401  (lm_eval's own models, registered lazily: "hf" etc. stay
+from lm_eval.api.model import TemplateLM  # resolvable once "ftjax" is in the registry)
 from lm_eval.api.registry import register_model
 
 from ftjax import hf, latent as latent_lib, sampling

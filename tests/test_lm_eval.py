@@ -176,3 +176,31 @@ def test_launcher_with_offline_tasks(runs, tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=600)
   assert bad.returncode == 2 and "unknown lm_eval task" in bad.stderr
   assert bad.stderr.strip().count("\n") == 0
+
+
+def test_same_numbers_as_lm_eval_hf_model(runs):
+  """The imported baseline under lm_eval's own `hf` model (transformers) and under "ftjax":
+  the same per-sample log-likelihoods on the offline multiple-choice and perplexity tasks."""
+  pytest.importorskip("transformers")
+  import lm_eval
+  from lm_eval.tasks import TaskManager
+  tasks = ["ftjax_tiny_mc", "ftjax_tiny_ppl"]
+
+  def samples(model, **kwargs):
+    out = lm_eval.simple_evaluate(
+        model=model, tasks=tasks, log_samples=True, batch_size=4,
+        task_manager=TaskManager(include_path=TASKS, include_defaults=False), **kwargs)
+    return {t: [[float(r[0]) if isinstance(r, (list, tuple)) else float(r)
+                 for r in s["filtered_resps"]] for s in out["samples"][t]] for t in tasks}
+
+  cwd = os.getcwd()
+  os.chdir(REPO)  # the task files name their data relative to the repository
+  try:
+    ours = samples(make_lm(runs, "baseline"))
+    theirs = samples("hf", model_args={"pretrained": UNTIED, "dtype": "float32",
+                                       "device": "cpu"})
+  finally:
+    os.chdir(cwd)
+  for task in tasks:
+    np.testing.assert_allclose(np.concatenate(ours[task]), np.concatenate(theirs[task]),
+                               atol=1e-3, rtol=1e-4, err_msg=task)

@@ -119,9 +119,11 @@ def rope(x_BTNE, positions_BT, theta, scaling=None):
 
 def resolve_attention_impl(impl, dtype, head_dim, backend=None):
   """The implementation `impl` names on `backend` (default: jax's): "auto" picks cuDNN flash
-  attention on GPU for 16-bit compute with a head dim it supports, XLA otherwise. A kernel the
-  backend lacks is a ValueError naming the backend."""
+  attention on GPU for 16-bit compute with a head dim it supports, splash attention on TPU, XLA
+  otherwise. A kernel the backend lacks is a ValueError naming the backend."""
   backend = backend or jax.default_backend()
+  if impl == "auto" and backend == "tpu":
+    return "splash"
   if impl == "auto":
     cudnn_ok = jnp.dtype(dtype).itemsize == 2 and head_dim % 8 == 0 and head_dim <= 128
     return "cudnn" if backend == "gpu" and cudnn_ok else "xla"
@@ -129,9 +131,8 @@ def resolve_attention_impl(impl, dtype, head_dim, backend=None):
     raise ValueError(f"attention_impl='cudnn' needs a GPU; the backend is {backend!r}")
   if impl == "cudnn" and jnp.dtype(dtype).itemsize != 2:
     raise ValueError("attention_impl='cudnn' needs model.dtype='bfloat16'")
-  if impl == "splash":
-    raise ValueError("attention_impl='splash' (the TPU Pallas kernel) is not implemented yet; "
-                     "use 'xla' or 'auto'")
+  if impl == "splash" and backend != "tpu":
+    raise ValueError(f"attention_impl='splash' needs a TPU; the backend is {backend!r}")
   return impl
 
 
@@ -206,12 +207,68 @@ def _attend_dot_product(q_BTKGE, k_BSKE, v_BSKE, causal, span, implementation):
   return out_BTNE.reshape(b, t, k, g, e)
 
 
+def _splash_kernel(t, g, causal, interpret):
+  """The Pallas splash-attention kernel for one (batch row, kv head): G query heads, T = S."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  block = min(512, t)
+  if t % block:
+    raise ValueError(f"splash attention needs the sequence length to be a multiple of {block}, "
+                     f"got {t}")
+  head_mask = sm.CausalMask((t, t)) if causal else sm.FullMask((t, t))
+  sizes = sk.BlockSizes(block_q=block, block_kv_compute=block, block_kv=block, block_q_dkv=block,
+                        block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
+                        block_kv_dq=block)
+  kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([head_mask] * g),
+                                            block_sizes=sizes, interpret=interpret)
+  return kernel, sk.SegmentIds
+
+
+def _attend_splash(q_BTKGE, k_BSKE, v_BSKE, causal, span, interpret=False):
+  """TPU splash attention (Pallas): one multi-query kernel call per batch row and kv head, under
+  shard_map over the batch's and the heads' mesh axes when a mesh is set. Packing and left
+  padding become segment ids (padding is segment 0 and sees only padding)."""
+  b, t, k, g, e = q_BTKGE.shape
+  if k_BSKE.shape[1] != t:
+    raise ValueError("splash attention needs as many keys as queries (no decoding)")
+  kernel, segment_ids = _splash_kernel(t, g, causal, interpret)
+  seg_BT = span.segment_ids_BT
+  if span.left_padded:
+    real_BT = jnp.arange(t)[None, :] >= span.start_B[:, None]
+    seg_BT = jnp.where(real_BT, 1 if seg_BT is None else seg_BT, 0)
+
+  def rows(q_BTKGE, k_BSKE, v_BSKE, seg_BT):
+    q_BKGTE = jnp.transpose(q_BTKGE * e**-0.5, (0, 2, 3, 1, 4)).astype(k_BSKE.dtype)
+    k_BKSE, v_BKSE = (jnp.transpose(x, (0, 2, 1, 3)) for x in (k_BSKE, v_BSKE))
+
+    def row(q_KGTE, k_KSE, v_KSE, seg_T):
+      ids = None if seg_T is None else segment_ids(q=seg_T, kv=seg_T)
+      return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=ids))(q_KGTE, k_KSE, v_KSE)
+
+    out_BKGTE = jax.vmap(row)(q_BKGTE, k_BKSE, v_BKSE, seg_BT)
+    return jnp.transpose(out_BKGTE, (0, 3, 1, 2, 4))
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return rows(q_BTKGE, k_BSKE, v_BSKE, seg_BT)
+  from jax.sharding import PartitionSpec as P
+
+  from ftjax.sharding import LOGICAL_RULES  # the same rules as the activations
+  rules = dict(LOGICAL_RULES)
+  batch, heads = rules["batch"], rules["kv_heads"]
+  spec_q, spec_kv, spec_seg = P(batch, None, heads), P(batch, None, heads), P(batch, None)
+  return jax.shard_map(rows, mesh=mesh, in_specs=(spec_q, spec_kv, spec_kv,
+                                                  None if seg_BT is None else spec_seg),
+                       out_specs=spec_q, check_vma=False)(q_BTKGE, k_BSKE, v_BSKE, seg_BT)
+
+
 def attend(q_BTKGE, k_BSKE, v_BSKE, *, causal, q_chunk=0, span=None, impl="xla"):
   """Grouped-query attention; G query heads share each of the K key/value heads.
 
   `impl`: "xla" (the einsum form, optionally query-chunked: see `_attend_xla`), "cudnn" (cuDNN
-  flash attention through jax.nn.dot_product_attention), or "dot_product_xla" (the same call
-  with XLA's implementation, which runs anywhere: tests check it against "xla"). `span`
+  flash attention through jax.nn.dot_product_attention), "splash" (the TPU Pallas kernel), or,
+  to test those two anywhere, "dot_product_xla" (the same call with XLA's implementation) and
+  "splash_interpret" (the Pallas kernel interpreted). `span`
   (default: the whole buffer) places the queries and masks padding and other documents.
   """
   span = Span.full(q_BTKGE.shape[0]) if span is None else span
@@ -220,6 +277,8 @@ def attend(q_BTKGE, k_BSKE, v_BSKE, *, causal, q_chunk=0, span=None, impl="xla")
   if impl in ("cudnn", "dot_product_xla"):
     return _attend_dot_product(q_BTKGE, k_BSKE, v_BSKE, causal, span,
                                "cudnn" if impl == "cudnn" else "xla")
+  if impl in ("splash", "splash_interpret"):
+    return _attend_splash(q_BTKGE, k_BSKE, v_BSKE, causal, span, impl == "splash_interpret")
   raise ValueError(f"unknown attention implementation {impl!r}")
 
 

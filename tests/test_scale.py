@@ -1,12 +1,14 @@
 """Paper-scale training features: gradient accumulation, attention implementations, packed
 documents kept apart, bfloat16 parameters."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ftjax import layers, train
+from ftjax import layers, sharding, train
 from ftjax.configs import ConfigError
 from ftjax.model import make_model
 from ftjax.trainer import Trainer
@@ -79,6 +81,32 @@ def test_attention_implementations_agree(span, causal):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=impl)
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("span", list(SPANS))
+def test_splash_kernel_interpreted_equals_xla(span, causal):
+  """The TPU splash kernel (Pallas, interpreted on CPU), with its GQA, packing and left-padding
+  mapping, on one device and under shard_map on a (data, fsdp, tensor) mesh."""
+  b, t = 2, 128
+  q, k, v = _qkv(jax.random.key(2), b=b, t=t)
+  base = SPANS[span](b, 12)
+  sp = layers.Span(base.offset, base.start_B,
+                   None if base.segment_ids_BT is None else jnp.repeat(base.segment_ids_BT, 11, 1)[:, :t],
+                   None, left_padded=base.left_padded)
+  real_BT11 = (jnp.arange(t)[None, :] >= sp.start_B[:, None])[:, :, None, None, None]  # not padding
+  attend = lambda impl, q, k, v: layers.attend(q, k, v, causal=causal, span=sp, impl=impl) * real_BT11
+  ref = attend("xla", q, k, v)
+  f = lambda impl: lambda q, k, v: jnp.sum(jnp.sin(attend(impl, q, k, v)))
+  ref_grads = jax.grad(f("xla"), argnums=(0, 1, 2))(q, k, v)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 2})
+  for context in (contextlib.nullcontext(), sharding.in_mesh(mesh)):
+    with context:
+      out = jax.jit(lambda q, k, v: attend("splash_interpret", q, k, v))(q, k, v)
+      grads = jax.jit(jax.grad(f("splash_interpret"), argnums=(0, 1, 2)))(q, k, v)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+    for a, b_ in zip(grads, ref_grads):
+      np.testing.assert_allclose(a, b_, rtol=1e-3, atol=1e-4)
+
+
 def test_attention_masks_naive_reference():
   """Packed causal attention equals attention computed on each document alone."""
   q, k, v = _qkv(jax.random.key(1), b=1)
@@ -91,12 +119,13 @@ def test_attention_masks_naive_reference():
 
 
 def test_unavailable_kernel_is_a_config_error(tiny_cfg):
-  for impl, match in (("cudnn", "needs a GPU"), ("splash", "not implemented")):
+  for impl, match in (("cudnn", "needs a GPU"), ("splash", "needs a TPU")):
     with pytest.raises(ConfigError, match=match):
       Trainer.create(resolved(tiny_cfg, **{"model.attention_impl": impl}))
   assert layers.resolve_attention_impl("auto", jnp.bfloat16, 64, backend="gpu") == "cudnn"
   assert layers.resolve_attention_impl("auto", jnp.float32, 64, backend="gpu") == "xla"
   assert layers.resolve_attention_impl("auto", jnp.bfloat16, 64, backend="cpu") == "xla"
+  assert layers.resolve_attention_impl("auto", jnp.float32, 64, backend="tpu") == "splash"
 
 
 @pytest.mark.parametrize("latent", [True, False], ids=["ft", "baseline"])

@@ -77,14 +77,16 @@ def file_sha256(path):
   return h.hexdigest()
 
 
-def _write_checked(path, obj):
-  """Writes `obj` as JSON behind a first line holding the SHA-256 of the JSON bytes, atomically."""
+def _write_checked(path, obj, sync=False):
+  """Writes `obj` as JSON behind a first line holding the SHA-256 of the JSON bytes, atomically
+  (`sync`: flushed to the disk before the rename; the training thread's writes skip it)."""
   body = json.dumps(obj, sort_keys=True).encode()
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "wb") as f:
     f.write(b"sha256:" + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
-    f.flush()
-    os.fsync(f.fileno())
+    if sync:
+      f.flush()
+      os.fsync(f.fileno())
   os.replace(tmp, path)
 
 
@@ -134,7 +136,7 @@ def write_checksums(step_dir):
       if rel not in _NOT_COVERED:
         files[rel] = [None if rel == _STEP_METADATA else os.path.getsize(path),
                       _digest(step_dir, rel)]
-  _write_checked(os.path.join(step_dir, CHECKSUMS), {"files": files})
+  _write_checked(os.path.join(step_dir, CHECKSUMS), {"files": files}, sync=True)
 
 
 def verify_files(step_dir, share=(0, 1)):

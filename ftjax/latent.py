@@ -1,6 +1,7 @@
 """The Free Transformer's binary mapper, KL and post-samplers.
 
-Shape letters: N tokens (B*T flattened), H latent bits, C = 2^H codes, D model width.
+Shape letters: N tokens (B*T flattened), H latent bits, C = 2^H codes, D model width; in the
+backward, m chunks of n tokens, and U, Y the codes of the upper and lower halves of the bits.
 
 The mapper samples H independent bits per token, B_h ~ Bernoulli(sigmoid(logit_h)), and the code
 z = Σ_h B_h 2^h. The paper's one-hot post-sampler computes R = Y_st W with
@@ -62,9 +63,9 @@ def _partial_code_probs(logits_nh):
 
 
 def split_code_probs(logits_nH):
-  """G as two factors: (g_hi (n, A), g_lo (n, B)) with G[n, a·B + b] = g_hi[n, a] · g_lo[n, b].
+  """G as two factors: (g_hi (n, U), g_lo (n, Y)) with G[n, u·Y + y] = g_hi[n, u] · g_lo[n, y].
 
-  The low H//2 bits index b, the high bits index a. Only O(n·2^(H/2)) values are computed; the
+  The low H//2 bits index y, the high bits index u. Only O(n·2^(H/2)) values are computed; the
   n × C product is formed where it is consumed, with one multiply per element and no exp.
   """
   l = logits_nH.astype(jnp.float32)
@@ -74,25 +75,25 @@ def split_code_probs(logits_nH):
 
 def code_probs(logits_nH):
   """G (n, C): the probability of every code under the H independent Bernoullis."""
-  g_hi_nA, g_lo_nB = split_code_probs(logits_nH)
-  return (g_hi_nA[:, :, None] * g_lo_nB[:, None, :]).reshape(logits_nH.shape[0], -1)
+  g_hi_nU, g_lo_nY = split_code_probs(logits_nH)
+  return (g_hi_nU[:, :, None] * g_lo_nY[:, None, :]).reshape(logits_nH.shape[0], -1)
 
 
 def _logits_grad_chunk(logits_nH, dr_nD, w_CD):
   """d loss / d logits for one chunk: Σ_k dG_k ∂G_k/∂l_h = Σ_k dG_k G_k (b_kh − p_h).
 
   With a_k = dG_k G_k: the sums of a over the codes whose bit h is set are sums over one axis
-  of the (n, A, B) view of a, followed by small matmuls with the bit tables.
+  of the (n, U, Y) view of a, followed by small matmuls with the bit tables.
   """
   n, h = logits_nH.shape
-  g_hi_nA, g_lo_nB = split_code_probs(logits_nH)
+  g_hi_nU, g_lo_nY = split_code_probs(logits_nH)
   dg_nC = jnp.einsum("nd,cd->nc", dr_nD, w_CD, preferred_element_type=jnp.float32)
-  a_nAB = dg_nC.reshape(n, g_hi_nA.shape[1], g_lo_nB.shape[1]) * g_hi_nA[:, :, None] * g_lo_nB[:, None, :]
-  sum_lo_nB, sum_hi_nA = jnp.sum(a_nAB, axis=1), jnp.sum(a_nAB, axis=2)
+  a_nUY = dg_nC.reshape(n, g_hi_nU.shape[1], g_lo_nY.shape[1]) * g_hi_nU[:, :, None] * g_lo_nY[:, None, :]
+  sum_lo_nY, sum_hi_nU = jnp.sum(a_nUY, axis=1), jnp.sum(a_nUY, axis=2)
   low = h // 2
-  bit_sums_nH = jnp.concatenate([sum_lo_nB @ code_bits(low), sum_hi_nA @ code_bits(h - low)], -1)
+  bit_sums_nH = jnp.concatenate([sum_lo_nY @ code_bits(low), sum_hi_nU @ code_bits(h - low)], -1)
   p_nH = jax.nn.sigmoid(logits_nH.astype(jnp.float32))
-  return bit_sums_nH - p_nH * jnp.sum(sum_hi_nA, axis=-1, keepdims=True)
+  return bit_sums_nH - p_nH * jnp.sum(sum_hi_nU, axis=-1, keepdims=True)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -117,11 +118,11 @@ def _onehot_bwd(chunk_tokens, res, dr_ND):
   chunk = min(chunk_tokens, n)
   num_chunks = -(-n // chunk)
   pad = num_chunks * chunk - n
-  logits_kcH = jnp.pad(logits_NH, ((0, pad), (0, 0))).reshape(num_chunks, chunk, h)
-  dr_kcD = jnp.pad(dr_ND, ((0, pad), (0, 0))).reshape(num_chunks, chunk, -1)
+  logits_mnH = jnp.pad(logits_NH, ((0, pad), (0, 0))).reshape(num_chunks, chunk, h)
+  dr_mnD = jnp.pad(dr_ND, ((0, pad), (0, 0))).reshape(num_chunks, chunk, -1)
   body = lambda _, xs: (None, _logits_grad_chunk(xs[0], xs[1], w_CD))
-  _, dlogits_kcH = jax.lax.scan(body, None, (logits_kcH, dr_kcD))
-  dlogits_NH = dlogits_kcH.reshape(-1, h)[:n].astype(logits_NH.dtype)
+  _, dlogits_mnH = jax.lax.scan(body, None, (logits_mnH, dr_mnD))
+  dlogits_NH = dlogits_mnH.reshape(-1, h)[:n].astype(logits_NH.dtype)
   return dlogits_NH, None, dw_CD.astype(w_CD.dtype)
 
 

@@ -1,7 +1,8 @@
 """Decoder building blocks: RMSNorm, RoPE, einsum dense, grouped-query attention, SwiGLU MLP.
 
-Shape letters: B batch, T query positions, S key positions, D model width, N query heads,
-K key/value heads, G = N // K query heads per key/value head, E head dim, F MLP hidden.
+Shape letters: B batch, T query positions, S key positions, D model width, Q query heads,
+K key/value heads, G = Q // K query heads per key/value head, E head dim, F MLP hidden; with
+query chunks, m chunks of t queries (see WORKSPACE.md for the project-wide legend).
 Every parameter carries logical axis names (`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`,
 `vocab`); `ftjax.sharding` maps them to mesh axes. Layers never mention mesh axes.
 """
@@ -105,16 +106,16 @@ def rope_frequencies(half, theta, scaling=None):
   return jnp.where(medium_E, (1 - smooth_E) * freq_E / factor + smooth_E * freq_E, scaled_E)
 
 
-def rope(x_BTNE, positions_BT, theta, scaling=None):
+def rope(x_BTQE, positions_BT, theta, scaling=None):
   """Rotary position embedding (rotate-half convention, as Hugging Face Llama), computed in
   float32; `scaling`: see `rope_frequencies`."""
-  half = x_BTNE.shape[-1] // 2
+  half = x_BTQE.shape[-1] // 2
   freq_E = rope_frequencies(half, theta, scaling)
   angle_BTE = positions_BT[..., None].astype(jnp.float32) * freq_E
   sin, cos = jnp.sin(angle_BTE)[:, :, None, :], jnp.cos(angle_BTE)[:, :, None, :]
-  x = x_BTNE.astype(jnp.float32)
+  x = x_BTQE.astype(jnp.float32)
   x1, x2 = x[..., :half], x[..., half:]
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_BTNE.dtype)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_BTQE.dtype)
 
 
 def resolve_attention_impl(impl, dtype, head_dim, backend=None):
@@ -177,18 +178,18 @@ def _attend_xla(q_BTKGE, k_BSKE, v_BSKE, causal, q_chunk, span):
   num_chunks = -(-t // q_chunk)
   pad = num_chunks * q_chunk - t
   q_BTKGE = jnp.pad(q_BTKGE, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
-  q_cBtKGE = jnp.moveaxis(q_BTKGE.reshape(b, num_chunks, q_chunk, *q_BTKGE.shape[2:]), 1, 0)
+  q_mBtKGE = jnp.moveaxis(q_BTKGE.reshape(b, num_chunks, q_chunk, *q_BTKGE.shape[2:]), 1, 0)
   if q_seg_BT is None:
-    q_seg_cBt = jnp.zeros((num_chunks,), jnp.int32)  # unused placeholder to scan over
+    q_seg_mBt = jnp.zeros((num_chunks,), jnp.int32)  # unused placeholder to scan over
   else:
-    q_seg_cBt = jnp.moveaxis(jnp.pad(q_seg_BT, ((0, 0), (0, pad))).reshape(b, num_chunks, q_chunk),
+    q_seg_mBt = jnp.moveaxis(jnp.pad(q_seg_BT, ((0, 0), (0, pad))).reshape(b, num_chunks, q_chunk),
                              1, 0)
   block = jax.checkpoint(lambda q, offset, seg: _attend_block(
       q, k_BSKE, v_BSKE, offset, span, None if q_seg_BT is None else seg, causal))
   offsets = span.offset + jnp.arange(num_chunks) * q_chunk
-  _, out_cBtKGE = jax.lax.scan(lambda _, xs: (None, block(*xs)), None,
-                               (q_cBtKGE, offsets, q_seg_cBt))
-  out_BTKGE = jnp.moveaxis(out_cBtKGE, 0, 1).reshape(b, -1, *q_BTKGE.shape[2:])
+  _, out_mBtKGE = jax.lax.scan(lambda _, xs: (None, block(*xs)), None,
+                               (q_mBtKGE, offsets, q_seg_mBt))
+  out_BTKGE = jnp.moveaxis(out_mBtKGE, 0, 1).reshape(b, -1, *q_BTKGE.shape[2:])
   return out_BTKGE[:, :t]
 
 
@@ -201,10 +202,10 @@ def _attend_dot_product(q_BTKGE, k_BSKE, v_BSKE, causal, span, implementation):
   if span.left_padded or span.segment_ids_BT is not None:
     mask = attention_mask(0, t, k_BSKE.shape[1], span, span.segment_ids_BT, causal)
     mask = jnp.broadcast_to(mask, (b, t, k_BSKE.shape[1]))[:, None]
-  out_BTNE = jax.nn.dot_product_attention(
+  out_BTQE = jax.nn.dot_product_attention(
       q_BTKGE.reshape(b, t, k * g, e), k_BSKE, v_BSKE, mask=mask,
       is_causal=causal and mask is None, implementation=implementation)
-  return out_BTNE.reshape(b, t, k, g, e)
+  return out_BTQE.reshape(b, t, k, g, e)
 
 
 def _splash_kernel(t, g, causal, interpret):
@@ -304,13 +305,13 @@ class Attention(nn.Module):
   def __call__(self, xq_BTD, xkv_BSD, span, *, causal):
     d, n, k, e = xq_BTD.shape[-1], self.num_heads, self.num_kv_heads, self.head_dim
     dense = lambda name, eq, shape, axes, n_in=1: Einsum(eq, shape, axes, n_in, self.dtype, name=name)
-    q_BTNE = dense("query", "btd,dne->btne", (d, n, e), ("embed", "heads", "head_dim"))(xq_BTD)
+    q_BTQE = dense("query", "btd,dqe->btqe", (d, n, e), ("embed", "heads", "head_dim"))(xq_BTD)
     k_BSKE = dense("key", "bsd,dke->bske", (d, k, e), ("embed", "kv_heads", "head_dim"))(xkv_BSD)
     v_BSKE = dense("value", "bsd,dke->bske", (d, k, e), ("embed", "kv_heads", "head_dim"))(xkv_BSD)
-    b, t = q_BTNE.shape[:2]
+    b, t = q_BTQE.shape[:2]
     if self.use_rope:
       positions_BT = span.positions(t)
-      q_BTNE = rope(q_BTNE, positions_BT, self.rope_theta, self.rope_scaling)
+      q_BTQE = rope(q_BTQE, positions_BT, self.rope_theta, self.rope_scaling)
       k_BSKE = rope(k_BSKE, positions_BT, self.rope_theta, self.rope_scaling)
     if self.decode:  # the cache's length is the length of the call that created it
       k_cache = self.variable("cache", "cached_key", jnp.zeros, k_BSKE.shape, k_BSKE.dtype)
@@ -319,11 +320,11 @@ class Attention(nn.Module):
       k_cache.value = jax.lax.dynamic_update_slice(k_cache.value, k_BSKE, where)
       v_cache.value = jax.lax.dynamic_update_slice(v_cache.value, v_BSKE, where)
       k_BSKE, v_BSKE = k_cache.value, v_cache.value
-    q_BTKGE = q_BTNE.reshape(b, t, k, n // k, e)
+    q_BTKGE = q_BTQE.reshape(b, t, k, n // k, e)
     out_BTKGE = attend(q_BTKGE, k_BSKE, v_BSKE, causal=causal, q_chunk=self.q_chunk, span=span,
                        impl="xla" if self.decode else self.impl)
-    out_BTNE = out_BTKGE.reshape(b, t, n, e).astype(self.dtype)
-    return dense("out", "btne,ned->btd", (n, e, d), ("heads", "head_dim", "embed"), 2)(out_BTNE)
+    out_BTQE = out_BTKGE.reshape(b, t, n, e).astype(self.dtype)
+    return dense("out", "btqe,qed->btd", (n, e, d), ("heads", "head_dim", "embed"), 2)(out_BTQE)
 
 
 class SwiGLU(nn.Module):

@@ -1,6 +1,6 @@
 """Losses: token cross-entropy (plain or chunked over tokens) and the free-bits KL.
 
-Shape letters: B batch, T tokens, N = B*T, D model width, V vocabulary.
+Shape letters: B batch, T tokens, N = B*T, D model width, V vocabulary; m chunks of n tokens.
 """
 
 import jax
@@ -28,15 +28,15 @@ def cross_entropy(x_BTD, unembed_DV, targets_BT, *, chunk_tokens=0, dtype=jnp.fl
   n = b * t
   num_chunks = -(-n // chunk_tokens)
   pad = num_chunks * chunk_tokens - n
-  x_kcD = jnp.pad(x_ND, ((0, pad), (0, 0))).reshape(num_chunks, chunk_tokens, d)
-  targets_kc = jnp.pad(targets_N, (0, pad)).reshape(num_chunks, chunk_tokens)
+  x_mnD = jnp.pad(x_ND, ((0, pad), (0, 0))).reshape(num_chunks, chunk_tokens, d)
+  targets_mn = jnp.pad(targets_N, (0, pad)).reshape(num_chunks, chunk_tokens)
 
   @jax.checkpoint
-  def chunk_nll(x_cD, targets_c):
-    return _nll(x_cD @ w_DV, targets_c)
+  def chunk_nll(x_nD, targets_n):
+    return _nll(x_nD @ w_DV, targets_n)
 
-  _, nll_kc = jax.lax.scan(lambda _, xs: (None, chunk_nll(*xs)), None, (x_kcD, targets_kc))
-  return nll_kc.reshape(-1)[:n].reshape(b, t)
+  _, nll_mn = jax.lax.scan(lambda _, xs: (None, chunk_nll(*xs)), None, (x_mnD, targets_mn))
+  return nll_mn.reshape(-1)[:n].reshape(b, t)
 
 
 def free_bits_kl_BT(kl_BT, kappa):

@@ -1,6 +1,6 @@
 """Autoregressive sampling with a KV cache, and the full-forward reference it must match.
 
-Shape letters: B batch, P prompt length, N new tokens, T = P + N buffer length, V vocabulary.
+Shape letters: B batch, P prompt length, X new tokens, T = P + X buffer length, V vocabulary.
 
 Prompts of different lengths are left-padded to P (`left_pad`); `start_B` marks each one's first
 real token. `generate` prefills the cache with the prompts in one call, then decodes one token
@@ -113,18 +113,18 @@ def generate(decode_model, params, prompt_BP, start_B, key, *, max_new_tokens, z
   if lat.enabled and z_mode == "encoder":
     codes_BT = codes_BT.at[:, :p].set(aux["codes_BT"])
   tokens_BT = jnp.concatenate([prompt_BP, jnp.zeros((b, max_new_tokens), jnp.int32)], axis=1)
-  logits_BNV = jnp.zeros((b, max_new_tokens if return_logits else 0, logits_BPV.shape[-1]))
+  logits_BXV = jnp.zeros((b, max_new_tokens if return_logits else 0, logits_BPV.shape[-1]))
   carry = (jnp.zeros((), jnp.int32), mutated["cache"], logits_BPV[:, -1], tokens_BT,
-           jnp.zeros((b,), bool), logits_BNV)
+           jnp.zeros((b,), bool), logits_BXV)
 
   def cond(carry):
     i, _, _, _, done_B, _ = carry
     return (i < max_new_tokens) & ~jnp.all(done_B)
 
   def body(carry):
-    i, cache, logits_BV, tokens_BT, done_B, logits_BNV = carry
+    i, cache, logits_BV, tokens_BT, done_B, logits_BXV = carry
     if return_logits:
-      logits_BNV = jax.lax.dynamic_update_index_in_dim(logits_BNV, logits_BV, i, axis=1)
+      logits_BXV = jax.lax.dynamic_update_index_in_dim(logits_BXV, logits_BV, i, axis=1)
     new_B = sample_token(jax.random.fold_in(token_key, i), logits_BV, temperature, top_k, top_p)
     if eos_id is not None:
       new_B = jnp.where(done_B, eos_id, new_B)
@@ -135,16 +135,16 @@ def generate(decode_model, params, prompt_BP, start_B, key, *, max_new_tokens, z
     (next_BTV, _), mutated = decode_model.apply(
         {"params": params, "cache": cache}, new_B[:, None], z_mode="given" if lat.enabled else "zero",
         codes_BT=codes_B1, start_B=start_B, mutable=["cache"])
-    return i + 1, mutated["cache"], next_BTV[:, 0], tokens_BT, done_B, logits_BNV
+    return i + 1, mutated["cache"], next_BTV[:, 0], tokens_BT, done_B, logits_BXV
 
-  i, _, _, tokens_BT, done_B, logits_BNV = jax.lax.while_loop(cond, body, carry)
+  i, _, _, tokens_BT, done_B, logits_BXV = jax.lax.while_loop(cond, body, carry)
   if eos_id is not None:  # a loop that stopped early leaves zeros: mark them as ended
     tokens_BT = jnp.where(jnp.arange(total) >= p + i, eos_id, tokens_BT)
   out = {"tokens": tokens_BT, "num_generated": i}
   if lat.enabled:
     out["codes"] = codes_BT
   if return_logits:
-    out["logits"] = logits_BNV
+    out["logits"] = logits_BXV
   return out
 
 

@@ -19,27 +19,27 @@ import jax
 import jax.numpy as jnp
 
 
-def sample_bits(key, logits_NH):
+def sample_bits(key: jax.Array, logits_NH: jax.Array) -> jax.Array:
   """Bernoulli(sigmoid(logits)) bits as int32."""
   return jax.random.bernoulli(key, jax.nn.sigmoid(logits_NH.astype(jnp.float32))).astype(jnp.int32)
 
 
-def bits_to_codes(bits_NH):
+def bits_to_codes(bits_NH: jax.Array) -> jax.Array:
   """Code index Σ_h bits_h 2^h (bit 0 is the least significant)."""
   h = bits_NH.shape[-1]
   return jnp.sum(bits_NH.astype(jnp.int32) << jnp.arange(h, dtype=jnp.int32), axis=-1)
 
 
-def codes_to_bits(codes_N, num_bits):
+def codes_to_bits(codes_N: jax.Array, num_bits: int) -> jax.Array:
   return (codes_N[..., None] >> jnp.arange(num_bits, dtype=jnp.int32)) & 1
 
 
-def uniform_codes(key, shape, num_bits):
+def uniform_codes(key: jax.Array, shape: tuple, num_bits: int) -> jax.Array:
   """Codes drawn uniformly from the 2^H codes (the prior used at generation)."""
   return jax.random.randint(key, shape, 0, 2**num_bits, dtype=jnp.int32)
 
 
-def kl_from_logits(logits_NH):
+def kl_from_logits(logits_NH: jax.Array) -> jax.Array:
   """KL(Q(z | logits) ‖ uniform over 2^H codes) per token, in nats, from log-sigmoids.
 
   KL = H log 2 + Σ_h [p log p + (1 − p) log(1 − p)], p = sigmoid(logit).
@@ -50,7 +50,7 @@ def kl_from_logits(logits_NH):
   return logits_NH.shape[-1] * math.log(2) + jnp.sum(neg_entropy, axis=-1)
 
 
-def code_bits(num_bits):
+def code_bits(num_bits: int) -> jax.Array:
   """The (2^num_bits, num_bits) float32 matrix of every code's bits: row k holds the bits of k."""
   codes = jnp.arange(2**num_bits, dtype=jnp.int32)
   return codes_to_bits(codes, num_bits).astype(jnp.float32)
@@ -62,7 +62,7 @@ def _partial_code_probs(logits_nh):
                  + logits_nh @ code_bits(logits_nh.shape[-1]).T)
 
 
-def split_code_probs(logits_nH):
+def split_code_probs(logits_nH: jax.Array) -> tuple:
   """G as two factors: (g_hi (n, U), g_lo (n, Y)) with G[n, u·Y + y] = g_hi[n, u] · g_lo[n, y].
 
   The low H//2 bits index y, the high bits index u. Only O(n·2^(H/2)) values are computed; the
@@ -73,7 +73,7 @@ def split_code_probs(logits_nH):
   return _partial_code_probs(l[:, low:]), _partial_code_probs(l[:, :low])
 
 
-def code_probs(logits_nH):
+def code_probs(logits_nH: jax.Array) -> jax.Array:
   """G (n, C): the probability of every code under the H independent Bernoullis."""
   g_hi_nU, g_lo_nY = split_code_probs(logits_nH)
   return (g_hi_nU[:, :, None] * g_lo_nY[:, None, :]).reshape(logits_nH.shape[0], -1)
@@ -129,14 +129,15 @@ def _onehot_bwd(chunk_tokens, res, dr_ND):
 onehot_post_sampler.defvjp(_onehot_fwd, _onehot_bwd)
 
 
-def onehot_post_sampler_dense(logits_NH, codes_N, w_CD):
+def onehot_post_sampler_dense(logits_NH: jax.Array, codes_N: jax.Array,
+                              w_CD: jax.Array) -> jax.Array:
   """The reference formulation (N × C memory): (Y + (G − sg(G))) W. For tests only."""
   y_NC = jax.nn.one_hot(codes_N, w_CD.shape[0], dtype=jnp.float32)
   g_NC = code_probs(logits_NH)
   return (y_NC + (g_NC - jax.lax.stop_gradient(g_NC))) @ w_CD
 
 
-def bits_post_sampler(logits_NH, bits_NH, w_HD):
+def bits_post_sampler(logits_NH: jax.Array, bits_NH: jax.Array, w_HD: jax.Array) -> jax.Array:
   """The factored map R = (2B − 1) W with a per-bit straight-through gradient B + p − sg(p)."""
   p_NH = jax.nn.sigmoid(logits_NH.astype(jnp.float32))
   b_NH = bits_NH.astype(jnp.float32) + (p_NH - jax.lax.stop_gradient(p_NH))

@@ -13,7 +13,8 @@ def _nll(logits_nV, targets_n):
   return jax.nn.logsumexp(logits, axis=-1) - target_logit
 
 
-def cross_entropy(x_BTD, unembed_DV, targets_BT, *, chunk_tokens=0, dtype=jnp.float32):
+def cross_entropy(x_BTD: jax.Array, unembed_DV: jax.Array, targets_BT: jax.Array, *,
+                  chunk_tokens: int = 0, dtype=jnp.float32) -> jax.Array:
   """Per-token negative log-likelihood (B, T) in float32 of logits = x @ unembed.
 
   With `chunk_tokens` > 0 the logits are made and consumed `chunk_tokens` tokens at a time under
@@ -39,6 +40,6 @@ def cross_entropy(x_BTD, unembed_DV, targets_BT, *, chunk_tokens=0, dtype=jnp.fl
   return nll_mn.reshape(-1)[:n].reshape(b, t)
 
 
-def free_bits_kl_BT(kl_BT, kappa):
+def free_bits_kl_BT(kl_BT: jax.Array, kappa) -> jax.Array:
   """max(0, KL_t − κ) per token: the KL term of the loss before averaging over tokens."""
   return jnp.maximum(kl_BT - kappa, 0.0)

@@ -39,7 +39,7 @@ class _ScannedBlock(nn.Module):
     return Block(self.cfg, decode=self.decode, name="block")(x_BTD, span), None
 
 
-def block_stack(cfg, length, name, decode=False):
+def block_stack(cfg, length: int, name: str, decode: bool = False) -> nn.Module:
   """`length` causal blocks with stacked parameters and caches (leading `layers` axis), run by
   nn.scan; rematerialised by the config's policy when training."""
   block = _ScannedBlock
@@ -176,6 +176,6 @@ class Transformer(nn.Module):
     return unembed(x_BTD).astype(jnp.float32), aux
 
 
-def make_model(model_cfg, decode=False):
+def make_model(model_cfg, decode: bool = False) -> "Transformer":
   """The Transformer for a resolved `model` config (frozen, so the module is hashable)."""
   return Transformer(ml_collections.FrozenConfigDict(model_cfg), decode)

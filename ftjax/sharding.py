@@ -7,6 +7,7 @@ the mesh (config `mesh.*`) moves the same model from one device to a pod.
 
 import contextlib
 import math
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -40,7 +41,7 @@ def in_mesh(mesh):
     yield
 
 
-def mesh_shape(mesh_cfg, num_devices):
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple:
   """(data, fsdp, tensor) sizes; -1 takes what the others leave. The mesh must use all of
   `num_devices` or a divisor of it (then it runs on the first devices)."""
   sizes = [mesh_cfg[a] for a in MESH_AXES]
@@ -57,7 +58,7 @@ def mesh_shape(mesh_cfg, num_devices):
   return tuple(sizes)
 
 
-def make_mesh(mesh_cfg, devices=None):
+def make_mesh(mesh_cfg, devices: Optional[Sequence] = None) -> jax.sharding.Mesh:
   """A mesh with Auto axis types (Linen's logical constraints need them) over `devices`."""
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_cfg, len(devices))
@@ -73,12 +74,12 @@ def _axes_size(mesh, axes):
   return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
 
 
-def batch_spec():
+def batch_spec() -> P:
   """PartitionSpec of a (B, T, …) batch array: rows split as the `batch` rule says."""
   return P(dict(LOGICAL_RULES)["batch"], None)
 
 
-def check_batch_divisible(cfg, mesh):
+def check_batch_divisible(cfg, mesh: jax.sharding.Mesh) -> None:
   """ConfigError unless every microbatch splits evenly over the batch's mesh axes."""
   rows = _axes_size(mesh, batch_spec()[0])
   accum = cfg.train.grad_accum_steps
@@ -88,7 +89,7 @@ def check_batch_divisible(cfg, mesh):
                       f"got {cfg.train.batch_size}")
 
 
-def check_params_divisible(abstract_params, params_sharding, mesh):
+def check_params_divisible(abstract_params, params_sharding, mesh: jax.sharding.Mesh) -> None:
   """ConfigError naming the first parameter with a dimension its mesh axes do not divide."""
   leaves = jax.tree_util.tree_leaves_with_path(abstract_params)
   shardings = jax.tree_util.tree_leaves(params_sharding,
@@ -122,11 +123,12 @@ def opt_state_shardings(optimizer, abstract_params, params_sharding, mesh):
                                is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
-def batch_sharding(mesh):
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, batch_spec())
 
 
-def check_replication(abstract_params, params_sharding, mesh, tolerance):
+def check_replication(abstract_params, params_sharding, mesh: jax.sharding.Mesh,
+                      tolerance: float) -> float:
   """ConfigError when more than `tolerance` of the parameter bytes would be replicated on a
   mesh of several devices (a rule that shards nothing wastes memory at scale)."""
   fraction = replicated_fraction(abstract_params, params_sharding)
@@ -138,7 +140,7 @@ def check_replication(abstract_params, params_sharding, mesh, tolerance):
   return fraction
 
 
-def replicated_fraction(abstract_tree, shardings):
+def replicated_fraction(abstract_tree, shardings) -> float:
   """Share of the bytes of `abstract_tree` held whole on every device."""
   total = replicated = 0
   for leaf, s in zip(jax.tree_util.tree_leaves(abstract_tree), jax.tree_util.tree_leaves(

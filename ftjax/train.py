@@ -17,11 +17,12 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import ConfigDict
 
 from ftjax import losses, sharding, zdiag
 from ftjax.configs import ConfigError
 from ftjax.layers import resolve_attention_impl
-from ftjax.model import make_model
+from ftjax.model import Transformer, make_model
 
 LOG2 = math.log(2)
 
@@ -38,7 +39,7 @@ class TrainState(flax.struct.PyTreeNode):
   latent_ctl: Any = None
 
 
-def latent_ctl_init(lat):
+def latent_ctl_init(lat: ConfigDict) -> dict:
   """The KL-term scalars of a fresh run of the resolved `model.latent` config."""
   f = lambda v: jnp.asarray(v, jnp.float32)
   log_beta = math.log(lat.control_beta_init)
@@ -46,11 +47,12 @@ def latent_ctl_init(lat):
           "beta": f(lat.control_beta_init), "log_beta_i": f(log_beta), "kl_ema": f(0.0)}
 
 
-def bits_target(lat):
+def bits_target(lat: ConfigDict) -> float:
   return 0.0 if lat.target_bits is None else lat.target_bits * LOG2
 
 
-def set_latent_targets(state, lat, state_sharding):
+def set_latent_targets(state: "TrainState", lat: ConfigDict,
+                       state_sharding: "TrainState") -> "TrainState":
   """`state` with κ and the target rate taken from the config `lat` (placed like the state):
   the config decides them, also on resume and when a compiled step is reused for another κ."""
   ctl = dict(state.latent_ctl)
@@ -59,7 +61,7 @@ def set_latent_targets(state, lat, state_sharding):
   return state.replace(latent_ctl=ctl)
 
 
-def lr_schedule(t):
+def lr_schedule(t: ConfigDict) -> optax.Schedule:
   """Linear warm-up to `t.lr`, then cosine decay to `t.lr * t.lr_final_fraction`."""
   return optax.warmup_cosine_decay_schedule(
       0.0, t.lr, max(t.warmup_steps, 1), max(t.steps, t.warmup_steps + 1),
@@ -73,18 +75,18 @@ def _decay_mask(params):
       lambda path, _: path[-1].key in ("kernel", "embed"), params)
 
 
-def make_optimizer(t):
+def make_optimizer(t: ConfigDict) -> optax.GradientTransformation:
   chain = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip > 0 else []
   chain.append(optax.adamw(lr_schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
                            mask=_decay_mask))
   return optax.chain(*chain)
 
 
-def step_key(seed, step):
+def step_key(seed: int, step: jax.Array) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), step)
 
 
-def init_variables(model, seed):
+def init_variables(model: Transformer, seed: int) -> dict:
   """Variables with their logical-axis metadata (nn.Partitioned boxes)."""
   tokens = jnp.zeros((1, model.cfg.seq_len), jnp.int32)
   return model.init(jax.random.key(seed), tokens, z_mode="encoder", latent_key=jax.random.key(0))
@@ -95,13 +97,13 @@ def _cast_floats(tree, dtype):
       lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def init_params(model, seed):
+def init_params(model: Transformer, seed: int) -> dict:
   """Parameters for `model` in `model.param_dtype`, unboxed from their logical-axis metadata."""
   params = nn.meta.unbox(init_variables(model, seed)["params"])
   return _cast_floats(params, jnp.dtype(model.cfg.param_dtype))
 
 
-def init_train_state(cfg, model):
+def init_train_state(cfg: ConfigDict, model: Transformer) -> "TrainState":
   """Step 0: fresh parameters; the optimizer state (Adam moments) is float32 whatever the
   parameters' dtype."""
   params = init_params(model, cfg.seed)
@@ -112,7 +114,7 @@ def init_train_state(cfg, model):
                     latent_ctl=latent_ctl_init(cfg.model.latent))
 
 
-def token_mask(batch):
+def token_mask(batch: dict) -> jax.Array:
   """(B, T) float32: 1 for tokens that count in the loss, 0 for padding (segment id 0 in
   packed batches)."""
   if "segment_ids" in batch:
@@ -120,7 +122,7 @@ def token_mask(batch):
   return jnp.ones(batch["targets"].shape, jnp.float32)
 
 
-def row_keys(key, rows_B):
+def row_keys(key: jax.Array, rows_B: jax.Array) -> jax.Array:
   """One latent key per batch row: a row draws the same Z whatever microbatch it is in."""
   return jax.vmap(lambda r: jax.random.fold_in(key, r))(rows_B)
 
@@ -283,7 +285,7 @@ def eval_step(params, batch, key, *, model, bytes_per_token=0.0):
   return out
 
 
-def compile_ready_steps(cfg, mesh):
+def compile_ready_steps(cfg: ConfigDict, mesh: jax.sharding.Mesh) -> tuple:
   """(model, state shardings, jitted init, jitted train step) for `cfg` on `mesh`.
 
   Nothing is allocated: `jax.eval_shape` gives the shapes, the logical-axis rules the

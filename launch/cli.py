@@ -63,6 +63,23 @@ def print_config_help():
     print(f"{key:<{width}}  {value!r:<14}  {comment}")
 
 
+def check_paths(inputs=(), outputs=(), directories=()):
+  """Exits 2 with one line unless every (flag, path) of `inputs` is a readable file, every
+  output's folder exists, and no `directories` path is an existing file. Empty paths pass."""
+  import os
+  for flag, path in inputs:
+    if path and not os.path.isfile(path):
+      fail(f"flag error: --{flag}={path}: no such file")
+  for flag, path in outputs:
+    folder = os.path.dirname(os.path.abspath(path)) if path else ""
+    if path and (os.path.isdir(path) or not os.path.isdir(folder)):
+      fail(f"flag error: --{flag}={path}: " + ("is a directory" if os.path.isdir(path) else
+                                               f"the folder {folder} does not exist"))
+  for flag, path in directories:
+    if path and os.path.exists(path) and not os.path.isdir(path):
+      fail(f"flag error: --{flag}={path}: exists and is not a directory")
+
+
 def no_extra_args(argv):
   if len(argv) > 1:
     fail(f"flag error: unexpected arguments {argv[1:]}")

@@ -21,10 +21,11 @@ from launch import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
-_NUM_DEVICES = flags.DEFINE_integer("num_devices", 8, "Simulated devices.")
+_NUM_DEVICES = flags.DEFINE_integer("num_devices", 8, "Simulated devices.", lower_bound=1)
 _MESH = flags.DEFINE_string("mesh", "", "Mesh sizes, e.g. data=2,fsdp=64,tensor=2 (overrides "
                             "the config's mesh.*).")
-_HBM_GB = flags.DEFINE_float("hbm_gb", 80.0, "Memory per device to check the total against.")
+_HBM_GB = flags.DEFINE_float("hbm_gb", 80.0, "Memory per device to check the total against.",
+                             lower_bound=1e-3)
 _JSON = flags.DEFINE_bool("json", False, "Also print the report as one JSON line.")
 _SEARCH = flags.DEFINE_bool("search", True, "When the config does not fit, compile candidates and "
                             "name the smallest train.grad_accum_steps (then remat_policy=full) "

@@ -16,13 +16,13 @@ from absl import app, flags
 from launch import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).", lower_bound=0)
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable). Synthetic runs: e.g. "
                                     "'A>'. Default: the run's own sample prompts.")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "A file with one prompt per line.")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples per prompt.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples per prompt.", lower_bound=1)
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 0, "Tokens to generate (0: fill the model's "
-                                "training length).")
+                                "training length).", lower_bound=0)
 _Z_MODE = flags.DEFINE_enum("z_mode", "uniform", ["uniform", "fixed", "encoder"],
                             "How Z is chosen (Free Transformer).")
 _NEW_Z = flags.DEFINE_enum("new_z", "uniform", ["uniform", "fixed"],
@@ -30,14 +30,16 @@ _NEW_Z = flags.DEFINE_enum("new_z", "uniform", ["uniform", "fixed"],
 _CODE = flags.DEFINE_integer("code", None, "With fixed Z: the code (default: random per sample).")
 _ENCODER_ARGMAX = flags.DEFINE_bool("encoder_argmax", False, "With --z_mode=encoder: the most "
                                     "likely code instead of a sample.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "0: greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: all).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling threshold.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "0: greedy.", lower_bound=0.0)
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: all).", lower_bound=0)
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling threshold.", lower_bound=1e-6,
+                           upper_bound=1.0)
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON-lines file to write.")
 
 
 def main(argv):
+  cli.check_paths(inputs=[("prompts_file", _PROMPTS_FILE.value)], outputs=[("output", _OUTPUT.value)])
   trainer, state = cli.restored_run(argv, _WORKDIR.value, _STEP.value)
   import jax
   import jax.numpy as jnp

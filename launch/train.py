@@ -55,6 +55,11 @@ def main(argv):
     return
   if not _WORKDIR.value:
     cli.fail("flag error: --workdir is required")
+  cli.check_paths(directories=[("workdir", _WORKDIR.value)])
+  if _NUM_PROCESSES.value is not None and not (
+      _NUM_PROCESSES.value >= 1 and 0 <= (_PROCESS_ID.value or 0) < _NUM_PROCESSES.value):
+    cli.fail(f"flag error: --process_id must be in 0..{_NUM_PROCESSES.value - 1} and "
+             f"--num_processes >= 1, got {_PROCESS_ID.value} of {_NUM_PROCESSES.value}")
   cfg = cli.resolved_config(_CONFIG)
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it touches at INFO
   logging.get_absl_handler().addFilter(_NoOrbaxErrors())

@@ -101,3 +101,33 @@ def test_read_choices_rejects_bad_lines(tmp_path):
   path.write_text('{"question": "A>", "choices": ["x"], "answer": 0}\n')
   with pytest.raises(ValueError, match="bad.jsonl:1"):
     evaluation.read_choices(path)
+
+
+BAD_FLAGS = [
+    ("launch.sample", ["--num_samples=0"], "num_samples"),
+    ("launch.sample", ["--top_p=1.5"], "top_p"),
+    ("launch.sample", ["--temperature=-1"], "temperature"),
+    ("launch.sample", ["--step=-3"], "step"),
+    ("launch.sample", ["--prompts_file={tmp}/missing.txt"], "no such file"),
+    ("launch.sample", ["--output={tmp}/no/dir/samples.jsonl"], "does not exist"),
+    ("launch.evaluate", ["--num_batches=-1"], "num_batches"),
+    ("launch.evaluate", ["--choices_file={tmp}/missing.jsonl"], "no such file"),
+    ("launch.evaluate", ["--output={tmp}"], "is a directory"),
+    ("launch.dryrun", ["--config=experiments/tiny.py", "--num_devices=0"], "num_devices"),
+    ("launch.dryrun", ["--config=experiments/tiny.py", "--hbm_gb=0"], "hbm_gb"),
+    ("launch.train", ["--config=experiments/tiny.py", "--workdir={tmp}/file"], "not a directory"),
+    ("launch.train", ["--config=experiments/tiny.py", "--workdir={tmp}/run", "--num_processes=2",
+                      "--process_id=2", "--coordinator_address=127.0.0.1:1"], "process_id"),
+]
+
+
+@pytest.mark.parametrize("module,flags,message", BAD_FLAGS,
+                         ids=[f"{m}:{f[-1].split('=')[0]}" for m, f, _ in BAD_FLAGS])
+def test_bad_launcher_flags_exit_2_with_one_line(module, flags, message, tmp_path):
+  (tmp_path / "file").write_text("not a directory")
+  flags = [f.format(tmp=tmp_path) for f in flags]
+  if module in ("launch.sample", "launch.evaluate"):
+    flags.append(f"--workdir={tmp_path}/no_run")
+  result = _run(module, *flags)
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr[-2000:]

@@ -34,6 +34,21 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed for Z and sampling.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the results to this JSON file.")
 
 
+def describe(key, value):
+  """A value with its unit: KL and mutual information in bits, CE in nats per token."""
+  import math
+  parts = set(key.split("_"))
+  if not isinstance(value, float):
+    return f"{value}"
+  if {"kl", "mi"} & parts and not {"frac", "active"} & parts:
+    return f"{value / math.log(2):.4f} bits per token"
+  if {"ce", "elbo", "use"} & parts:
+    return f"{value:.4f} nats per token"
+  if "bpb" in parts:
+    return f"{value:.4f} bits per byte"
+  return f"{value:.4f}"
+
+
 def main(argv):
   cli.check_paths(inputs=[("choices_file", _CHOICES.value)], outputs=[("output", _OUTPUT.value)])
   trainer, state = cli.restored_run(argv, _WORKDIR.value, _STEP.value)
@@ -57,7 +72,7 @@ def main(argv):
     texts = loop.sample_texts(trainer, params, _GENERATE.value, key)
     results["well_formed"] = float(np.mean(synthetic.well_formed(texts, cfg.data.block_len)))
   for k, v in results.items():
-    print(f"{k:20s} {v:.4f}" if isinstance(v, float) else f"{k:20s} {v}")
+    print(f"{k:24s} {describe(k, v)}")
   if _OUTPUT.value:
     with open(_OUTPUT.value, "w", encoding="utf-8") as f:
       json.dump(results, f, indent=2)

@@ -83,7 +83,8 @@ def test_eval_step_reports_uniform_z_ce_and_elbo(tiny_cfg):
   out = trainer.eval_step(params, trainer.batch(0, "validation"), jax.random.key(0))
   # never CE with encoder-inferred Z alone: besides the three, only the Z diagnostics
   assert {"eval_ce", "eval_elbo", "eval_kl"} <= set(out)
-  assert all(k.startswith("eval_z_") for k in set(out) - {"eval_ce", "eval_elbo", "eval_kl"})
+  assert all(k.startswith("eval_z_") for k in set(out) - {"eval_ce", "eval_elbo", "eval_kl",
+                                                          "eval_tokens_sum"})
   assert float(out["eval_elbo"]) >= float(out["eval_kl"])
   h = tiny_cfg.model.latent.num_bits
   per_bit = [float(out[f"eval_z_kl_bit{i:02d}"]) for i in range(h)]
@@ -106,6 +107,7 @@ def test_launcher_writes_run_files_and_samples(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert "samples (Z uniform per token" in result.stdout and "well-formed:" in result.stdout
   assert "MFU" in result.stdout and "ETA" in result.stdout and "kl " in result.stdout
+  assert "samples sharing a Z draw" in result.stdout and "permutation p = " in result.stdout
   for name in ("config.json", "metrics.jsonl", "tb", "checkpoints"):
     assert os.path.exists(tmp_path / name), name
   with open(tmp_path / "config.json") as f:

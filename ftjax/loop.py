@@ -38,7 +38,7 @@ def format_progress(step: int, total: int, m: dict, tokens_per_step: int) -> str
 
 def format_eval(step: int, ev: dict) -> str:
   """The eval line a person reads: KL values in bits (metrics.jsonl keeps nats)."""
-  in_nats = lambda k: "kl" in k.split("_") and not {"bits", "frac", "active"} & set(k.split("_"))
+  in_nats = lambda k: {"kl", "mi"} & set(k.split("_")) and not {"frac", "active"} & set(k.split("_"))
   parts = [f"{k} {v / LOG2:.4f} bits" if in_nats(k) else f"{k} {v:.4f}" for k, v in ev.items()]
   return f"eval step {step} | " + " | ".join(parts)
 

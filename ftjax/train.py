@@ -274,6 +274,7 @@ def eval_step(params, batch, key, *, model, bytes_per_token=0.0):
   else:
     ce = mean(_nll(model, params, batch, "zero", None)[0])
     out = {"eval_ce": ce, "eval_elbo": ce}
+  out["eval_tokens_sum"] = jnp.sum(mask_BT)  # Trainer.evaluate weights the batches by it
   if "target_bytes" in batch:  # exact bits per byte: Trainer.evaluate divides the totals
     scored_BT = batch["segment_ids"] > 0  # the tokens eval_ce averages over
     scored = jnp.sum(scored_BT)

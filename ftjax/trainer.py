@@ -79,14 +79,18 @@ class Trainer:
 
   def evaluate(self, params, split="validation", num_batches=None, key=None):
     """Mean of the eval metrics over the first `num_batches` (default `train.eval_batches`)
-    batches of `split`, with fixed keys. Bits per byte, where the batches carry `target_bytes`,
+    batches of `split`, with fixed keys, each batch weighted by the tokens it scores
+    (`eval_tokens`: their total). Bits per byte, where the batches carry `target_bytes`,
     are exact: the nats of all scored tokens over ln 2 × all the bytes their targets decode to."""
     key = jax.random.key(self.cfg.seed + 1) if key is None else key
     stream = self.stream(split)
     rows = [self.eval_step(params, self.to_global(next(stream)), jax.random.fold_in(key, i))
             for i in range(num_batches or self.cfg.train.eval_batches)]
     rows = distributed.fetch(rows)
-    out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if not k.endswith("_sum")}
+    tokens = np.array([float(r["eval_tokens_sum"]) for r in rows])  # scored tokens per batch
+    out = {k: float(np.sum(tokens * [float(r[k]) for r in rows]) / max(tokens.sum(), 1.0))
+           for k in rows[0] if not k.endswith("_sum")}
+    out["eval_tokens"] = int(tokens.sum())
     if "eval_bytes_sum" in rows[0]:
       total_bytes = max(sum(int(r["eval_bytes_sum"]) for r in rows), 1)
       for name, nats in (("eval_bpb", "eval_nats_sum"), ("eval_elbo_bpb", "eval_elbo_nats_sum")):

@@ -85,6 +85,12 @@ def no_extra_args(argv):
     fail(f"flag error: unexpected arguments {argv[1:]}")
 
 
+def _read_only_notices(record):
+  """False for orbax's warnings that a checkpoint directory opened read-only is read-only."""
+  message = record.getMessage()
+  return not ("read_only=True" in message or "Given directory is read only" in message)
+
+
 def restored_run(argv, workdir, step):
   """(trainer, state) of the run in `workdir`, restored onto one device for the sample and
   evaluate launchers; exits 2 with one line on bad flags or a missing/unreadable run."""
@@ -92,6 +98,8 @@ def restored_run(argv, workdir, step):
   if not workdir:
     fail("flag error: --workdir is required")
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it touches at INFO
+  import logging as py_logging
+  py_logging.getLogger("absl").addFilter(_read_only_notices)  # orbax on reading a run: expected
   from ftjax import checkpoint  # after flag checks: errors stay fast
   from ftjax.data.text import CorpusError
   try:

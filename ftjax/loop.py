@@ -39,7 +39,12 @@ def format_progress(step: int, total: int, m: dict, tokens_per_step: int) -> str
 def format_eval(step: int, ev: dict) -> str:
   """The eval line a person reads: KL values in bits (metrics.jsonl keeps nats)."""
   in_nats = lambda k: {"kl", "mi"} & set(k.split("_")) and not {"frac", "active"} & set(k.split("_"))
-  parts = [f"{k} {v / LOG2:.4f} bits" if in_nats(k) else f"{k} {v:.4f}" for k, v in ev.items()]
+  per_bit = [v for k, v in ev.items() if k.startswith("eval_z_kl_bit")]  # in metrics.jsonl
+  ev = {k: v for k, v in ev.items() if not k.startswith("eval_z_kl_bit")}
+  if per_bit:
+    ev["eval_z_kl_max_bit"] = max(per_bit)
+  parts = [f"{k} {v}" if isinstance(v, int) else f"{k} {v / LOG2:.4f} bits" if in_nats(k) else
+           f"{k} {v:.4f}" for k, v in ev.items()]
   return f"eval step {step} | " + " | ".join(parts)
 
 
@@ -47,7 +52,7 @@ def _describe(cfg, trainer, state):
   """Start-up lines: parameters, latent, mesh and how much of the parameters is replicated."""
   lat = cfg.model.latent
   kl_term = (f"target rate {lat.target_bits:.4g} bits" if lat.kl_control == "target_rate" else
-             f"kappa={lat.kappa:.4f} nats")
+             f"kappa={lat.kappa / LOG2:.4g} bits")
   latent = (f"latent on (H={lat.num_bits}, {kl_term})" if lat.enabled else
             "latent off (baseline)")
   lines = [f"model: {metrics_lib.count_params(state.params):,} parameters; {latent}"]

@@ -38,8 +38,11 @@ def get_sweep():
                  for k in KAPPA_BITS]
   points += [{"seed": seed, "model.latent.enabled": False} for seed in SEEDS]
   for seed in SEEDS:
+    # β starts at 0.01, not 1: with β = 1 during the warm-up the KL collapses to ≈ 0 and stays
+    # there (experiments/controller_check.py, 300 steps), so the decoder has nothing to learn to read
     points += [{"seed": seed, "model.latent.post_sampler": "bits",
-                "model.latent.kl_control": "target_rate", "model.latent.target_bits": t}
+                "model.latent.kl_control": "target_rate", "model.latent.target_bits": t,
+                "model.latent.control_beta_init": 0.01}
                for t in TARGET_BITS]
   return points
 

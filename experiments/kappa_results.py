@@ -59,6 +59,7 @@ def read_run(run_dir, draws):
          "kl_control": control if lat["enabled"] else "",
          "kappa_bits": (lat["kappa"] / LOG2 if control == "free_bits" and lat["enabled"] else ""),
          "target_bits": lat.get("target_bits") if control == "target_rate" else "",
+         "control_beta_init": lat.get("control_beta_init") if control == "target_rate" else "",
          "steps": steps, "step_reached": max((r["step"] for r in rows), default=0)}
   out["finished"] = out["step_reached"] >= steps
   evals = [r for r in rows if "eval_ce" in r]
@@ -71,6 +72,8 @@ def read_run(run_dir, draws):
     if "eval_z_mi" in last:
       out["eval_z_mi_bits"] = last["eval_z_mi"] / LOG2
   train_kl = [(r["step"], r["kl"]) for r in rows if "kl" in r]
+  if train_kl:
+    out["train_kl_bits_first_step"] = train_kl[0][1] / LOG2  # step 1: the initial parameters
   half = [kl for s, kl in train_kl if s > steps / 2]
   if half:
     out["train_kl_bits_2nd_half"] = float(np.mean(half)) / LOG2
@@ -104,7 +107,8 @@ def group_key(r):
   if not r["enabled"]:
     return ("baseline", "", "")
   if r["kl_control"] == "target_rate":
-    return (r["post_sampler"], "target_bits", r["target_bits"])
+    return (r["post_sampler"], f"target_bits (beta_init {r['control_beta_init']})",
+            r["target_bits"])
   return (r["post_sampler"], "kappa_bits", round(r["kappa_bits"], 6))
 
 
@@ -142,6 +146,7 @@ def controller(runs):
       continue
     kl, target = r["train_kl_bits_2nd_half"], r["target_bits"]
     row = {"run": r["run"], "seed": r["seed"], "target_bits": target,
+           "control_beta_init": r["control_beta_init"],
            "step_reached": r["step_reached"], "steps": r["steps"],
            "train_kl_bits_2nd_half": kl, "rows_averaged": r["train_kl_bits_2nd_half_rows"],
            "relative_error": kl / target - 1, "within_10pct": abs(kl / target - 1) <= 0.10}

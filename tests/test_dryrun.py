@@ -25,9 +25,13 @@ def test_tiny_dry_run_reports_memory_and_flops():
   assert "per device: total" in result.stdout
 
 
-def test_dry_run_exits_1_when_it_does_not_fit():
-  result = _dryrun("--num_devices=2", "--hbm_gb=1e-6")
+def test_dry_run_exits_1_when_it_does_not_fit_and_searches():
+  result = _dryrun("--num_devices=2", "--hbm_gb=0.001")
   assert result.returncode == 1 and "DOES NOT FIT" in result.stdout
+  # batch 4 on tiny's one-device mesh: the largest accumulation (4) is tried first, then remat
+  assert "grad_accum_steps=4, remat_policy=none:" in result.stdout
+  assert "grad_accum_steps=4, remat_policy=full:" in result.stdout
+  assert "no gradient accumulation or remat policy fits" in result.stdout
 
 
 def test_dry_run_mesh_errors_exit_2():

@@ -223,6 +223,7 @@ def _run(module, *args):
                         text=True, timeout=600)
 
 
+@pytest.mark.slow  # 80 s: the launchers end to end; the import/export tests above cover the maths
 def test_cli_import_train_export(tmp_path):
   """import_hf → launch.train continues the run from step 0 → launch.sample reads it with the
   checkpoint's tokenizer → export_hf of step 0 gives the checkpoint's tensors back; bad input

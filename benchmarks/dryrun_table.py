@@ -10,6 +10,7 @@ and global batch (4M tokens). A point that does not fit gets the dry run's searc
 train.grad_accum_steps (then remat_policy=full) that fits, in the "fits with" columns.
 """
 
+import itertools
 import json
 import subprocess
 import sys
@@ -22,13 +23,14 @@ _CONFIGS = flags.DEFINE_list("configs", ["ft_1p5b", "ft_8b"], "Experiment config
 _DEVICES = flags.DEFINE_list("devices", ["8", "64", "256"], "Simulated device counts.")
 _REMAT = flags.DEFINE_list("remat", ["full"], "Remat policies.")
 _HBM_GB = flags.DEFINE_float("hbm_gb", 80.0, "Memory per device.")
+_PARAM_DTYPES = flags.DEFINE_list("param_dtypes", ["float32"], "model.param_dtype values.")
 _POINTS = flags.DEFINE_list("points", [], "config:devices pairs (instead of --configs x --devices).")
 
 
-def run_point(config, devices, remat):
+def run_point(config, devices, remat, param_dtype):
   cmd = [sys.executable, "-m", "launch.dryrun", f"--config=experiments/{config}.py",
          f"--num_devices={devices}", f"--hbm_gb={_HBM_GB.value}", "--json",
-         f"--config.model.remat_policy={remat}"]
+         f"--config.model.remat_policy={remat}", f"--config.model.param_dtype={param_dtype}"]
   result = subprocess.run(cmd, capture_output=True, text=True)
   lines = [l for l in result.stdout.splitlines() if l.startswith("{")]
   if not lines:
@@ -42,12 +44,12 @@ def main(argv):
             [(c, d) for c in _CONFIGS.value for d in _DEVICES.value])
   rows = []
   for config, devices in points:
-    for remat in _REMAT.value:
-      r = run_point(config, devices, remat)
+    for remat, param_dtype in itertools.product(_REMAT.value, _PARAM_DTYPES.value):
+      r = run_point(config, devices, remat, param_dtype)
       gb = r["per_device_gb"]
       found = r.get("fits_with")
       rows.append([config, f"{r['config_params'] / 1e9:.2f}B", devices,
-                   ",".join(f"{k}={v}" for k, v in r["mesh"].items()), remat,
+                   ",".join(f"{k}={v}" for k, v in r["mesh"].items()), remat, param_dtype,
                    f"{gb['arguments']:.2f}", f"{gb['temporaries']:.2f}", f"{gb['total']:.2f}",
                    "yes" if r["fits"] else "no",
                    ", ".join(f"{k.split('.')[-1]}={v}" for k, v in found["overrides"].items())
@@ -55,7 +57,7 @@ def main(argv):
                    f"{r['flops_per_step_per_device'] / 1e12:.0f}"])
       print(rows[-1], flush=True)
   table = common.markdown_table(
-      ["config", "params", "devices", "mesh", "remat", "args GB/dev", "temps GB/dev",
+      ["config", "params", "devices", "mesh", "remat", "param dtype", "args GB/dev", "temps GB/dev",
        "total GB/dev", f"fits {_HBM_GB.value:g} GB", "fits with", "its total GB/dev",
        "TFLOP/step/dev"], rows)
   common.record("Dry run: per-device memory of the train step (seq 4096, 4M-token batch)", table,

@@ -10,14 +10,16 @@ import os
 import sys
 import threading
 import time
+from typing import Any, Callable, Optional
 
 import jax
 
 ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
-def initialize(coordinator_address=None, num_processes=None, process_id=None, auto=False,
-               peer_timeout_seconds=100):
+def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+               process_id: Optional[int] = None, auto: bool = False,
+               peer_timeout_seconds: float = 100) -> tuple[int, int]:
   """Starts the multi-process runtime when this is one of several processes; returns
   (process_index, process_count). Must run before any other jax call.
 
@@ -47,12 +49,12 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None, au
 _note = [lambda: ""]  # what stop_lost() adds to its line (e.g. the newest checkpoint)
 
 
-def set_lost_note(note):
+def set_lost_note(note: Callable[[], str]) -> None:
   """`note()` (a sentence) is added to the line printed when a peer is lost."""
   _note[0] = note
 
 
-def stop_lost(process, reason):
+def stop_lost(process: Optional[int], reason: str) -> None:
   """Prints one line naming the lost process and the note, and ends this process (status 1).
   os._exit: collectives and the runtime's shutdown barrier would wait for the lost peer."""
   who = f"process {process}" if process is not None else "a peer process"
@@ -67,7 +69,7 @@ def stop_lost(process, reason):
   os._exit(1)
 
 
-def process_rows(sharding, global_shape):
+def process_rows(sharding: jax.sharding.Sharding, global_shape: tuple) -> slice:
   """The slice of batch rows that this process's devices hold under `sharding`."""
   rows = [idx[0] for idx in sharding.addressable_devices_indices_map(global_shape).values()]
   starts = [r.start or 0 for r in rows]
@@ -75,13 +77,14 @@ def process_rows(sharding, global_shape):
   return slice(min(starts), max(stops))
 
 
-def global_batch(local_batch, sharding, global_batch_size):
+def global_batch(local_batch: dict, sharding: jax.sharding.Sharding,
+                 global_batch_size: int) -> dict:
   """A global jax.Array from this process's rows of every entry of `local_batch`."""
   return {k: jax.make_array_from_process_local_data(sharding, v, (global_batch_size, *v.shape[1:]))
           for k, v in local_batch.items()}
 
 
-def fetch(tree):
+def fetch(tree: Any) -> Any:
   """Host values of replicated arrays (e.g. metrics), also when other processes hold copies."""
   return jax.tree_util.tree_map(lambda x: x.addressable_shards[0].data.__array__()
                                 if isinstance(x, jax.Array) else x, tree)
@@ -109,11 +112,11 @@ class PeerWatchdog:
     self._thread = threading.Thread(target=self._run, name="ftjax-peer-watchdog", daemon=True)
     self._rpc = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ftjax-peer-rpc")
 
-  def start(self):
+  def start(self) -> "PeerWatchdog":
     self._thread.start()
     return self
 
-  def stop(self):
+  def stop(self) -> None:
     """This process is done (its run ended): peers stop watching it."""
     self._stop.set()
     self._thread.join()
@@ -170,7 +173,7 @@ class PeerWatchdog:
     self._verdict.set()
     stop_lost(process, reason)
 
-  def lost(self, wait_s=None):
+  def lost(self, wait_s: Optional[float] = None) -> Optional[tuple[Optional[int], str]]:
     """(process, reason) of a lost peer, waiting up to `wait_s` seconds for one (None: the
     timeout and a little); None when every peer is alive. (The watchdog ends the process itself
     once it knows: this is for a main thread whose collective failed first.)"""

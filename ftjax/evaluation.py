@@ -4,6 +4,7 @@ Shape letters: B batch, T tokens, V vocabulary.
 """
 
 import json
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,8 @@ import numpy as np
 from ftjax import latent as latent_lib, sampling
 
 
-def sequence_logliks(model, params, contexts, continuations, key, z_mode="uniform"):
+def sequence_logliks(model: Any, params: dict, contexts: list, continuations: list,
+                     key: jax.Array, z_mode: str = "uniform") -> list[float]:
   """Summed log-likelihood of each continuation given its context (token lists).
 
   For a Free Transformer, Z is drawn uniformly per token (`z_mode="uniform"`, what generation
@@ -42,7 +44,7 @@ def sequence_logliks(model, params, contexts, continuations, key, z_mode="unifor
   return [float(token_logp_BT[i, t - 1 - len(x):].sum()) for i, x in enumerate(continuations)]
 
 
-def read_choices(path):
+def read_choices(path: str) -> list[dict]:
   """Questions from a JSON-lines file: {"question": str, "choices": [str], "answer": int}."""
   items = []
   with open(path, encoding="utf-8") as f:
@@ -62,7 +64,8 @@ def read_choices(path):
   return items
 
 
-def multiple_choice(model, params, encode, items, key):
+def multiple_choice(model: Any, params: dict, encode: Callable, items: list,
+                    key: jax.Array) -> tuple[float, list[int]]:
   """Picks, per question, the choice with the highest summed log-likelihood; returns
   (accuracy, predictions)."""
   contexts, continuations, owner = [], [], []

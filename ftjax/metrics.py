@@ -8,19 +8,20 @@ over the full T × T score matrix, as computed.
 import json
 import os
 import time
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 
-def block_matmul_params(m):
+def block_matmul_params(m: Any) -> int:
   """Weights per decoder block that enter matmuls (attention + SwiGLU)."""
   d, n, k, e, f = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim
   return 2 * d * n * e + 2 * d * k * e + 3 * d * f
 
 
-def flops_per_token(m, seq_len=None, training=True):
+def flops_per_token(m: Any, seq_len: Optional[int] = None, training: bool = True) -> int:
   """Analytic FLOPs per token of a train step (or a forward pass with training=False).
 
   The Free Transformer adds the encoder block, the D → H readout and the post-sampler, whose
@@ -42,11 +43,11 @@ def flops_per_token(m, seq_len=None, training=True):
   return 3 * forward + backward_extra if training else forward
 
 
-def count_params(params):
+def count_params(params: Any) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
 
 
-def measure_matmul_peak(dtype=jnp.float32, size=4096, repeats=3):
+def measure_matmul_peak(dtype: Any = jnp.float32, size: int = 4096, repeats: int = 3) -> float:
   """Best FLOP/s of a jitted square matmul on the default device: the peak MFU is measured
   against. On CPU it uses the same thread pool as the train step (all cores)."""
   a = jax.random.normal(jax.random.PRNGKey(0), (size, size), dtype)
@@ -65,7 +66,7 @@ class WriteError(RuntimeError):
   message is one line naming the file, the cause and what to do."""
 
 
-def write_error(path, e, step=None):
+def write_error(path: str, e: OSError, step: Optional[int] = None) -> WriteError:
   """WriteError for an OSError `e` met writing `path`."""
   where = f" at step {step}" if step is not None else ""
   return WriteError(f"cannot write {path}{where}: {e.strerror or e}. Free space or fix the "
@@ -126,7 +127,7 @@ class MetricWriter:
     except OSError as e:
       raise write_error(self._tb_dir, e, step) from None
 
-  def write(self, step, scalars):
+  def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:
       return
     from tensorboardX.proto.summary_pb2 import Summary
@@ -139,12 +140,12 @@ class MetricWriter:
     self._event(step, Summary(value=[Summary.Value(tag=k, simple_value=v)
                                      for k, v in row.items() if k != "step"]))
 
-  def write_text(self, step, tag, text):
+  def write_text(self, step: int, tag: str, text: str) -> None:
     if self.enabled:
       from tensorboardX.summary import text as text_summary
       self._event(step, text_summary(tag, text))
 
-  def close(self):
+  def close(self) -> None:
     """Closes the files; WriteError if the last data cannot be flushed."""
     if self.enabled and self._jsonl is not None:
       jsonl, tb, self._jsonl, self._tb = self._jsonl, self._tb, None, None

@@ -17,6 +17,7 @@ How Z is chosen (Free Transformer):
 """
 
 import functools
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,7 @@ from ftjax import latent as latent_lib
 Z_MODES = ("uniform", "fixed", "encoder")
 
 
-def left_pad(prompts, pad_id=0):
+def left_pad(prompts: list, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """(tokens (B, P) int32, start_B) from a list of token lists of different lengths."""
   length = max(len(p) for p in prompts)
   tokens = np.full((len(prompts), length), pad_id, np.int32)
@@ -36,7 +37,7 @@ def left_pad(prompts, pad_id=0):
   return tokens, np.array([length - len(p) for p in prompts], np.int32)
 
 
-def filter_logits(logits_BV, top_k=0, top_p=1.0):
+def filter_logits(logits_BV: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
   """Masks all but the top-k logits and/or the smallest set whose probability reaches top_p."""
   if top_k:
     kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
@@ -51,7 +52,8 @@ def filter_logits(logits_BV, top_k=0, top_p=1.0):
   return logits_BV
 
 
-def sample_token(key, logits_BV, temperature=1.0, top_k=0, top_p=1.0):
+def sample_token(key: jax.Array, logits_BV: jax.Array, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0) -> jax.Array:
   """A token per row: greedy when temperature == 0, else a filtered categorical sample."""
   if temperature == 0:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
@@ -59,14 +61,16 @@ def sample_token(key, logits_BV, temperature=1.0, top_k=0, top_p=1.0):
   return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
 
 
-def empty_cache(decode_model, batch, length):
+def empty_cache(decode_model: Any, batch: int, length: int) -> dict:
   """Zeroed KV caches (and index) for `batch` sequences of up to `length` tokens."""
   shapes = jax.eval_shape(lambda: decode_model.init(
       jax.random.key(0), jnp.zeros((batch, length), jnp.int32), latent_key=jax.random.key(0)))
   return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
 
 
-def latent_codes(key, lat, shape, z_mode, codes_B=None, fixed_codes_BT=None):
+def latent_codes(key: jax.Array, lat: Any, shape: tuple, z_mode: str,
+                 codes_B: Optional[jax.Array] = None,
+                 fixed_codes_BT: Optional[jax.Array] = None) -> jax.Array:
   """(B, T) codes for "uniform" or "fixed" Z (fixed: `fixed_codes_BT`, else `codes_B` at every
   position, else one code drawn per sequence)."""
   if z_mode == "uniform":
@@ -84,9 +88,12 @@ def latent_codes(key, lat, shape, z_mode, codes_B=None, fixed_codes_BT=None):
 @functools.partial(jax.jit, static_argnames=(
     "decode_model", "max_new_tokens", "z_mode", "new_z", "encoder_argmax", "temperature", "top_k",
     "top_p", "eos_id", "return_logits"))
-def generate(decode_model, params, prompt_BP, start_B, key, *, max_new_tokens, z_mode="uniform",
-             new_z="uniform", codes_B=None, fixed_codes_BT=None, encoder_argmax=False,
-             temperature=1.0, top_k=0, top_p=1.0, eos_id=None, return_logits=False):
+def generate(decode_model: Any, params: dict, prompt_BP: jax.Array, start_B: jax.Array,
+             key: jax.Array, *, max_new_tokens: int, z_mode: str = "uniform",
+             new_z: str = "uniform", codes_B: Optional[jax.Array] = None,
+             fixed_codes_BT: Optional[jax.Array] = None, encoder_argmax: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             eos_id: Optional[int] = None, return_logits: bool = False) -> dict:
   """Samples `max_new_tokens` after each left-padded prompt with a KV cache.
 
   Returns a dict: `tokens` (B, P + N; positions after an end-of-sequence token hold eos_id),
@@ -149,7 +156,9 @@ def generate(decode_model, params, prompt_BP, start_B, key, *, max_new_tokens, z
 
 
 @functools.partial(jax.jit, static_argnames=("model", "prompt_len", "temperature"))
-def sample_full_forward(model, params, prompt_BT, key, *, prompt_len, temperature=1.0):
+def sample_full_forward(model: Any, params: dict, prompt_BT: jax.Array, key: jax.Array, *,
+                        prompt_len: int,
+                        temperature: float = 1.0) -> tuple[jax.Array, Optional[jax.Array]]:
   """The no-cache reference: fills positions prompt_len.. of the (B, T) buffer by re-running the
   full forward pass for every token, with Z uniform per position. Exact (the decoder is causal)
   and slow: what the cached `generate` is measured against. Returns (tokens_BT, codes_BT)."""

@@ -24,6 +24,7 @@ non-causally, so I(X; Z) is the information per token that Z carries about the s
 """
 
 import math
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +34,7 @@ MI_TOKENS = 1024
 LOG2 = math.log(2)
 
 
-def bit_kl_NH(logits_NH):
+def bit_kl_NH(logits_NH: jax.Array) -> jax.Array:
   """KL(Bernoulli(sigmoid(l)) ‖ Bernoulli(1/2)) per token and bit, nats."""
   l = logits_NH.astype(jnp.float32)
   log_p, log_q = jax.nn.log_sigmoid(l), jax.nn.log_sigmoid(-l)
@@ -52,7 +53,8 @@ def _code_entropy(codes_M, w_M):
   return -jnp.sum(w_M * jnp.log(jnp.maximum(count_M, 1e-12) / total)) / total
 
 
-def diagnostics(logits_BTH, codes_BT, mask_BT):
+def diagnostics(logits_BTH: jax.Array, codes_BT: jax.Array,
+                mask_BT: jax.Array) -> dict[str, jax.Array]:
   """A dict of float32 scalars (see the module docstring) for one batch."""
   h = logits_BTH.shape[-1]
   logits_NH = logits_BTH.reshape(-1, h).astype(jnp.float32)
@@ -83,14 +85,15 @@ def diagnostics(logits_BTH, codes_BT, mask_BT):
   return out
 
 
-def block_start(text):
+def block_start(text: str) -> Optional[int]:
   """Synthetic task: where the prompt letter's block starts in a decoded 'X>body' (None if the
   letter is absent)."""
   body = text[2:]
   return next((i for i, c in enumerate(body) if c == text[0]), None) if len(text) > 2 else None
 
 
-def shared_z_position_test(texts, groups, draws=10000, seed=0):
+def shared_z_position_test(texts: list[str], groups: list[int], draws: int = 10000,
+                           seed: int = 0) -> tuple[float, float, float]:
   """(within, across, p): the share of sample pairs whose blocks start at the same position among
   pairs that share a Z draw and among pairs that do not, and a one-sided permutation p-value of
   within − across over shuffled group labels."""
@@ -112,7 +115,8 @@ def shared_z_position_test(texts, groups, draws=10000, seed=0):
   return float(within), float(across), float(p)
 
 
-def show_shared_z_samples(trainer, params, log, num_z=4, per_z=6, seed=0):
+def show_shared_z_samples(trainer: Any, params: dict, log: Callable[[str], Any], num_z: int = 4,
+                          per_z: int = 6, seed: int = 0) -> list[str]:
   """Synthetic task, Free Transformer: samples in `num_z` groups of `per_z`, each group with one
   draw of Z from the prior (a code per position, shared by the group; prompt letters differ), then
   the share of pairs whose blocks start at the same position within groups against across groups

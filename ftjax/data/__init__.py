@@ -13,7 +13,7 @@ would have come next. Two kinds:
 """
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -33,13 +33,13 @@ class StepStream:
     self.step += 1
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
 
-  def get_state(self):
+  def get_state(self) -> dict:
     return {"step": self.step}
 
-  def set_state(self, state):
+  def set_state(self, state: dict) -> None:
     self.step = int(state["step"])
 
-  def close(self):
+  def close(self) -> None:
     pass
 
 
@@ -52,13 +52,13 @@ class GrainStream:
   def __next__(self):
     return next(self._iterator)
 
-  def get_state(self):
+  def get_state(self) -> Any:
     return self._iterator.get_state()
 
-  def set_state(self, state):
+  def set_state(self, state: Any) -> None:
     self._iterator.set_state(state)
 
-  def close(self):
+  def close(self) -> None:
     """Stops grain's worker processes (if any)."""
     close = getattr(self._iterator, "close", None)
     if close is not None:
@@ -82,7 +82,7 @@ def _step_keyed(make_tokens):
   return lambda split, batch_size, rows, *_: StepStream(make_tokens, batch_size, split, rows)
 
 
-def make_source(cfg, run_dir=None):
+def make_source(cfg: Any, run_dir: Optional[str] = None) -> Source:
   """The data source named by `cfg.data.name`, seeded by `cfg.seed`; a text source uses the
   tokenizer saved in `run_dir` when there is one."""
   d = cfg.data

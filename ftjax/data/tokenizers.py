@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+from typing import Any, Iterable, Optional
 
 import numpy as np
 
@@ -60,17 +61,17 @@ class ByteTokenizer:
   eos_id, bos_id, pad_id = text.EOS, text.BOS, text.PAD
   sha256 = hashlib.sha256(b"ftjax bytes tokenizer: ids 0-2 special, byte b is b + 3").hexdigest()
 
-  def encode(self, string):
+  def encode(self, string: str) -> np.ndarray:
     return text.encode(string)
 
-  def decode(self, tokens):
+  def decode(self, tokens: Any) -> str:
     return text.decode(tokens)
 
-  def special_ids(self):
+  def special_ids(self) -> dict[str, int]:
     return {"pad": text.PAD, "bos": text.BOS, "eos": text.EOS}
 
   @property
-  def token_bytes(self):
+  def token_bytes(self) -> np.ndarray:
     table = np.zeros(self.vocab_size, np.int32)
     table[text.BYTE_OFFSET:] = 1
     return table
@@ -95,21 +96,21 @@ class SentencePieceTokenizer:
     self.sha256 = _file_sha256(path)
     self._table = None
 
-  def encode(self, string):
+  def encode(self, string: str) -> np.ndarray:
     return np.asarray(self._sp.encode(string), np.int32)
 
-  def decode(self, tokens):
+  def decode(self, tokens: Any) -> str:
     sp = self._sp
     ids = [int(t) for t in np.asarray(tokens).tolist()
            if 0 <= t < self.vocab_size and not sp.is_control(int(t))]
     return sp.decode(ids)
 
-  def special_ids(self):
+  def special_ids(self) -> dict[str, int]:
     ids = {"pad": self.pad_id, "bos": self.bos_id, "eos": self.eos_id, "unk": self._sp.unk_id()}
     return {k: v for k, v in ids.items() if v >= 0}
 
   @property
-  def token_bytes(self):
+  def token_bytes(self) -> np.ndarray:
     if self._table is None:
       sp = self._sp
       table = np.zeros(self.vocab_size, np.int32)
@@ -170,18 +171,18 @@ class HFTokenizer:
                          f"found none of {list(HF_EOS_CANDIDATES)} in the Hugging Face tokenizer "
                          f"{self.path}: name its end-of-document token (--eos_token=...)")
 
-  def encode(self, string):
+  def encode(self, string: str) -> np.ndarray:
     return np.asarray(self._tok.encode(string, add_special_tokens=False).ids, np.int32)
 
-  def decode(self, tokens):
+  def decode(self, tokens: Any) -> str:
     ids = [int(t) for t in np.asarray(tokens).tolist() if 0 <= t < self.vocab_size]
     return self._tok.decode(ids, skip_special_tokens=True)
 
-  def special_ids(self):
+  def special_ids(self) -> dict[str, int]:
     return {content: i for i, content in sorted(self._specials.items())}
 
   @property
-  def token_bytes(self):
+  def token_bytes(self) -> np.ndarray:
     if self._table is None:
       decoder = json.loads(self._tok.to_str()).get("decoder") or {}
       kinds = {d.get("type") for d in decoder.get("decoders", [])} | {decoder.get("type")}
@@ -204,7 +205,7 @@ class HFTokenizer:
     return i in self._tok.get_added_tokens_decoder()
 
 
-def load(spec, eos_token=None):
+def load(spec: str, eos_token: Optional[str] = None) -> Any:
   """The tokenizer named by `spec`: "bytes", a sentencepiece `.model` file, or a Hugging Face
   `tokenizer.json` (or a directory holding one). Raises TokenizerError."""
   if spec == "bytes":
@@ -218,14 +219,14 @@ def load(spec, eos_token=None):
   return SentencePieceTokenizer(spec)
 
 
-def identity(tok):
+def identity(tok: Any) -> dict:
   """What identifies a tokenizer in prepared data's metadata (JSON-able)."""
   return {"kind": tok.name, "sha256": tok.sha256, "vocab_size": int(tok.vocab_size),
           "eos_id": int(tok.eos_id), "bos_id": int(tok.bos_id), "pad_id": int(tok.pad_id),
           "special_ids": {k: int(v) for k, v in tok.special_ids().items()}}
 
 
-def document_arrays(tok, string):
+def document_arrays(tok: Any, string: str | bytes) -> tuple[np.ndarray, np.ndarray]:
   """(ids, bytes): a document's token ids followed by the end-of-document id (int32), and the
   UTF-8 bytes each of them decodes to (int32; 0 for the end-of-document id). The bytes add up
   to the UTF-8 length of the decoded document (see the module docstring)."""
@@ -248,7 +249,8 @@ def document_arrays(tok, string):
   return ids, np.append(nbytes, 0).astype(np.int32)
 
 
-def train_sentencepiece(documents, vocab_size, path, max_documents=20_000):
+def train_sentencepiece(documents: Iterable[str], vocab_size: int, path: str,
+                        max_documents: int = 20_000) -> None:
   """Trains a unigram model on `documents` (strings) with ftjax's special ids; writes `path`."""
   import sentencepiece as spm
   proto = io.BytesIO()
@@ -263,7 +265,7 @@ def train_sentencepiece(documents, vocab_size, path, max_documents=20_000):
   os.replace(path + ".tmp", path)
 
 
-def run_copy(run_dir):
+def run_copy(run_dir: Optional[str]) -> Optional[str]:
   """The tokenizer file a run saved in `run_dir`, or None."""
   for name in (RUN_FILE, HF_FILE):
     if run_dir and os.path.exists(os.path.join(run_dir, name)):
@@ -271,7 +273,7 @@ def run_copy(run_dir):
   return None
 
 
-def make_tokenizer(cfg, run_dir=None):
+def make_tokenizer(cfg: Any, run_dir: Optional[str] = None) -> Any:
   """The tokenizer of a built-in corpus (`cfg.data`); a run's own copy (in `run_dir`) wins over
   the data directory."""
   d = cfg.data
@@ -288,7 +290,7 @@ def make_tokenizer(cfg, run_dir=None):
   return SentencePieceTokenizer(path)
 
 
-def save_with_run(tokenizer, run_dir):
+def save_with_run(tokenizer: Any, run_dir: str) -> None:
   """Copies a file tokenizer into the run directory (bytes need nothing)."""
   path = getattr(tokenizer, "path", None)
   if not path:

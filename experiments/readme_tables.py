@@ -17,6 +17,8 @@ import json
 import math
 import os
 
+from experiments.kappa_results import write_csv
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 LOG2 = math.log(2)
 
@@ -51,14 +53,6 @@ def latent_columns(row):
   return {"kl_bits": row["eval_kl"] / LOG2, "ce_encoder_z": enc, "z_use": row["eval_ce"] - enc}
 
 
-def write(path, rows):
-  keys = list(dict.fromkeys(k for r in rows for k in r))
-  with open(path, "w", newline="", encoding="utf-8") as f:
-    writer = csv.DictWriter(f, keys)
-    writer.writeheader()
-    writer.writerows(rows)
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", required=True)
@@ -88,7 +82,7 @@ def main(argv=None):
       out.update(position_same_z=same, position_other_z=other)
     out.update(sample_columns(run, "synthetic"))
     rows.append(out)
-  write(os.path.join(args.out, "synthetic_400.csv"), rows)
+  write_csv(os.path.join(args.out, "synthetic_400.csv"), rows)
 
   rows = []
   for s in json.load(open(os.path.join(RESULTS, "synthetic_long", "stats.json"))):
@@ -99,7 +93,7 @@ def main(argv=None):
                  "well_formed_uniform": s["well_formed_uniform"],
                  "well_formed_fixed": s["well_formed_fixed"],
                  **sample_columns(s["run"], "synthetic_long")})
-  write(os.path.join(args.out, "synthetic_long.csv"), rows)
+  write_csv(os.path.join(args.out, "synthetic_long.csv"), rows)
 
   text = read_md_table(os.path.join(RESULTS, "text", "summary.md"))
   base = {r["point"].split(",")[0]: r for r in text if r["point"].endswith("enabled=False")}
@@ -110,7 +104,7 @@ def main(argv=None):
                  "elbo_bpb": row["eval_elbo"] / LOG2, **latent_columns(row),
                  "eval_ce_minus_baseline": row["eval_ce"] - b["eval_ce"],
                  "eval_bpb_minus_baseline": row["eval_bpb"] - b["eval_bpb"]})
-  write(os.path.join(args.out, "text_400.csv"), rows)
+  write_csv(os.path.join(args.out, "text_400.csv"), rows)
   print(f"wrote synthetic_400.csv, synthetic_long.csv, text_400.csv in {args.out}")
 
 

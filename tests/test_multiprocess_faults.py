@@ -17,9 +17,9 @@ import pytest
 
 from ftjax import checkpoint
 from tests.conftest import REPO
+from tests.test_fault_tolerance import _last_step, _rows
 from tests.test_multiprocess import _env, _free_port
 
-TIMING = ("tokens_per_sec", "mfu")
 PEER_TIMEOUT = 5
 # Host-side settings only (the compiled steps are those of the tiny config on a 2-device mesh);
 # a save every 2 steps keeping 1: many saves and deletions of older steps' files.
@@ -45,18 +45,6 @@ def _run_pair(workdir, *extra):
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   return outs
-
-
-def _rows(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
-
-
-def _last_step(workdir):
-  try:
-    return max((r["step"] for r in _rows(workdir)), default=0)
-  except (OSError, ValueError, KeyError):
-    return 0
 
 
 def _params(workdir):

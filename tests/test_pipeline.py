@@ -93,6 +93,7 @@ def test_training_on_the_pipeline_resumes_bit_identically(tiny_cfg, data_dir, tm
   assert out["eval_bpb"] > 0 and "eval_elbo_bpb" in out
 
 
+@pytest.mark.slow  # trains a sentencepiece model and a run; test_prepared covers run tokenizers
 def test_sentencepiece_run_saves_and_restores_its_tokenizer(tiny_cfg, data_dir, tmp_path):
   from ftjax import checkpoint
   from ftjax.data import tokenizers

@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 SWEEP = "tests/sweep_tiny.py"
@@ -17,6 +19,7 @@ def _sweep(root, *flags):
                         timeout=600)
 
 
+@pytest.mark.slow  # launches three training processes; test_kl_control runs a sweep in-process
 def test_sweep_runs_skips_and_resumes(tmp_path):
   printed = _sweep(tmp_path, "--print_only")
   assert printed.returncode == 0 and len(printed.stdout.strip().splitlines()) == 4

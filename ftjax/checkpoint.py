@@ -464,16 +464,21 @@ class Manager:
     except Exception as e:  # noqa: BLE001
       raise _Unreadable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
 
-  def restore(self, step, abstract_state):
-    """(state, data-stream state) saved at `step` (None: the newest readable one, falling back
-    over damaged steps with a warning), the state placed as `abstract_state` says, whatever
-    mesh saved it."""
+  def saved_steps(self, step=None):
+    """The saved steps; CheckpointError when there are none or `step` (if given) is not one."""
     steps = self.all_steps()
     if not steps:
       raise CheckpointError(f"no checkpoint in {self.directory}")
     if step is not None and step not in steps:
       raise CheckpointError(f"no checkpoint for step {step} in {self.directory} "
                             f"(saved steps: {steps})")
+    return steps
+
+  def restore(self, step, abstract_state):
+    """(state, data-stream state) saved at `step` (None: the newest readable one, falling back
+    over damaged steps with a warning), the state placed as `abstract_state` says, whatever
+    mesh saved it."""
+    steps = self.saved_steps(step)
     for candidate in ([step] if step is not None else steps[::-1]):
       try:
         return self._restore_step(candidate, abstract_state)
@@ -570,12 +575,7 @@ def load_run(workdir, step=None, mesh=None, verify=True):
   manager = Manager(directory, read_only=True)
   manager.verify = verify
   try:
-    steps = manager.all_steps()
-    if not steps:
-      raise CheckpointError(f"no checkpoint in {manager.directory}")
-    if step is not None and step not in steps:
-      raise CheckpointError(f"no checkpoint for step {step} in {manager.directory} "
-                            f"(saved steps: {steps})")
+    steps = manager.saved_steps(step)
     chosen = steps[-1] if step is None else step
     try:
       cfg = manager.saved_config(chosen).copy_and_resolve_references()

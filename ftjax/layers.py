@@ -179,13 +179,12 @@ def _attend_xla(q_BTKGE, k_BSKE, v_BSKE, causal, q_chunk, span):
   pad = num_chunks * q_chunk - t
   q_BTKGE = jnp.pad(q_BTKGE, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
   q_mBtKGE = jnp.moveaxis(q_BTKGE.reshape(b, num_chunks, q_chunk, *q_BTKGE.shape[2:]), 1, 0)
-  if q_seg_BT is None:
-    q_seg_mBt = jnp.zeros((num_chunks,), jnp.int32)  # unused placeholder to scan over
-  else:
+  q_seg_mBt = None  # scanned as an empty tree when there are no segments
+  if q_seg_BT is not None:
     q_seg_mBt = jnp.moveaxis(jnp.pad(q_seg_BT, ((0, 0), (0, pad))).reshape(b, num_chunks, q_chunk),
                              1, 0)
   block = jax.checkpoint(lambda q, offset, seg: _attend_block(
-      q, k_BSKE, v_BSKE, offset, span, None if q_seg_BT is None else seg, causal))
+      q, k_BSKE, v_BSKE, offset, span, seg, causal))
   offsets = span.offset + jnp.arange(num_chunks) * q_chunk
   _, out_mBtKGE = jax.lax.scan(lambda _, xs: (None, block(*xs)), None,
                                (q_mBtKGE, offsets, q_seg_mBt))

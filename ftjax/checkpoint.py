@@ -16,6 +16,7 @@ import json
 import os
 import re
 import sys
+from typing import Any, Callable, Optional, Union
 
 import jax
 import ml_collections
@@ -35,6 +36,7 @@ _NOT_COVERED = {CHECKSUMS, "commit_success.txt"}
 # orbax adds the commit time to the step's metadata file when it renames the directory: that
 # file is covered as JSON without that field.
 _STEP_METADATA, _COMMIT_TIME = "_CHECKPOINT_METADATA", "commit_timestamp_nsecs"
+PathLike = Union[str, os.PathLike]  # a directory: a str or a pathlib.Path
 
 
 class CheckpointError(RuntimeError):
@@ -46,11 +48,11 @@ class SaveError(WriteError):
   the cause, the step not saved, the newest complete checkpoint and what to do."""
 
 
-def _path_name(path):
+def _path_name(path: tuple) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
-def shape_mismatches(saved_metadata, abstract_state):
+def shape_mismatches(saved_metadata: Any, abstract_state: Any) -> list[str]:
   """Lines naming each array whose saved shape differs from what the config builds."""
   saved = {_path_name(p): tuple(m.shape)
            for p, m in jax.tree_util.tree_leaves_with_path(saved_metadata)}
@@ -63,13 +65,13 @@ def shape_mismatches(saved_metadata, abstract_state):
   return lines
 
 
-def state_bytes(abstract_state):
+def state_bytes(abstract_state: Any) -> int:
   """Bytes of the arrays of a (abstract) train state: a checkpoint's size before compression."""
   return sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(abstract_state)
              if hasattr(x, "dtype"))
 
 
-def file_sha256(path):
+def file_sha256(path: str) -> str:
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for chunk in iter(lambda: f.read(_CHUNK), b""):
@@ -77,7 +79,7 @@ def file_sha256(path):
   return h.hexdigest()
 
 
-def _write_checked(path, obj, sync=False):
+def _write_checked(path: str, obj: Any, sync: bool = False) -> None:
   """Writes `obj` as JSON behind a first line holding the SHA-256 of the JSON bytes, atomically
   (`sync`: flushed to the disk before the rename; the training thread's writes skip it)."""
   body = json.dumps(obj, sort_keys=True).encode()
@@ -90,7 +92,7 @@ def _write_checked(path, obj, sync=False):
   os.replace(tmp, path)
 
 
-def _read_checked(path, legacy_ok=False):
+def _read_checked(path: str, legacy_ok: bool = False) -> Any:
   """The object `_write_checked` wrote; _Unreadable if the bytes do not match their checksum.
   `legacy_ok`: a plain JSON file (written before checksums existed) is accepted as it is."""
   try:
@@ -111,7 +113,7 @@ def _read_checked(path, legacy_ok=False):
   return json.loads(body)
 
 
-def _digest(step_dir, rel):
+def _digest(step_dir: str, rel: str) -> Optional[str]:
   """SHA-256 of a file of a step (for the step metadata: of its JSON without the commit time);
   None when that file is not valid JSON."""
   path = os.path.join(step_dir, rel)
@@ -126,7 +128,7 @@ def _digest(step_dir, rel):
   return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
 
 
-def write_checksums(step_dir):
+def write_checksums(step_dir: str) -> None:
   """Writes `step_dir/checksums.json`: size and SHA-256 of every file under `step_dir`."""
   files = {}
   for root, _, names in os.walk(step_dir):
@@ -139,7 +141,7 @@ def write_checksums(step_dir):
   _write_checked(os.path.join(step_dir, CHECKSUMS), {"files": files}, sync=True)
 
 
-def verify_files(step_dir, share=(0, 1)):
+def verify_files(step_dir: str, share: tuple[int, int] = (0, 1)) -> None:
   """Checks the files of a committed step against its checksums; raises _Unreadable naming the
   first file that differs. `share` = (i, n): check only every n-th file from the i-th (each of n
   processes checks its share)."""
@@ -160,7 +162,7 @@ def verify_files(step_dir, share=(0, 1)):
       raise _Unreadable(f"{rel}: checksum mismatch", rel)
 
 
-def committed_steps(directory):
+def committed_steps(directory: PathLike) -> list[int]:
   """Steps with a committed directory under `directory` (orbax's temporaries excluded)."""
   try:
     names = os.listdir(directory)
@@ -169,14 +171,14 @@ def committed_steps(directory):
   return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
 
 
-def newest_note(workdir):
+def newest_note(workdir: str) -> str:
   """A sentence naming the newest complete checkpoint of a run directory."""
   steps = committed_steps(os.path.join(workdir, "checkpoints"))
   return (f"The newest complete checkpoint is step {steps[-1]}." if steps else
           "No checkpoint has been completed yet.")
 
 
-def _cause(e):
+def _cause(e: Optional[BaseException]) -> str:
   """A short one-line description of an exception and the errors that caused it."""
   seen = []
   while e is not None and len(seen) < 8:
@@ -194,7 +196,7 @@ def _cause(e):
   return text if len(text) <= 300 else text[:300] + "..."
 
 
-def _quiet_orphaned_writes():
+def _quiet_orphaned_writes() -> None:
   """After a save fails, orbax closes the save's event loop while tensorstore still completes
   its other writes; each completion's callback then raises 'Event loop is closed' as an
   unraisable exception (hundreds of tracebacks, the failure itself is raised as SaveError).
@@ -223,7 +225,8 @@ class Manager:
   as SaveError by the next `check`, `save`, `wait` or `close`.
   """
 
-  def __init__(self, directory, cfg=None, read_only=False, log=print):
+  def __init__(self, directory: PathLike, cfg: Optional[ml_collections.ConfigDict] = None,
+               read_only: bool = False, log: Callable[[str], Any] = print) -> None:
     self._cfg = cfg
     self._log = log
     self.directory = os.path.abspath(directory)  # orbax needs absolute paths
@@ -244,23 +247,23 @@ class Manager:
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "config": ocp.JsonCheckpointHandler()})
 
-  def all_steps(self):
+  def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
   # Data-stream state files ------------------------------------------------------------------
 
-  def _data_state_path(self, step, process=None):
+  def _data_state_path(self, step: int, process: Optional[int] = None) -> str:
     process = jax.process_index() if process is None else process
     return os.path.join(self.directory, "data_state", f"{step}.process{process}.json")
 
-  def _write_data_state(self, step, data_state):
+  def _write_data_state(self, step: int, data_state: Any) -> None:
     """This process's data-iterator state, written (atomically, with its checksum) before the
     step's save starts, so that every committed step has one."""
     path = self._data_state_path(step)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     _write_checked(path, data_state)
 
-  def _remove_old_data_states(self, step):
+  def _remove_old_data_states(self, step: int) -> None:
     """Removes this process's data-state files of steps before `step` whose checkpoint is gone
     from disk (deleted by the keep policy, or never committed). Only this process's files:
     processes sharing the directory never race on a file; one already gone is fine."""
@@ -276,7 +279,7 @@ class Manager:
         except FileNotFoundError:
           pass
 
-  def _read_data_state(self, step):
+  def _read_data_state(self, step: int) -> Any:
     """This process's data-stream state at `step`. A run resumed with another number of
     processes gets the state all processes saved when they saved the same one (in-memory
     sources: the step); per-process states (grain) need the same number of processes."""
@@ -295,7 +298,7 @@ class Manager:
 
   # Saving -------------------------------------------------------------------------------------
 
-  def _before_commit(self):
+  def _before_commit(self) -> None:
     """orbax calls this on process 0 in the save's background thread, after the step's files
     are complete and before the temporary directory is renamed: the checksums become part of
     the commit (a step whose checksums could not be written is never committed)."""
@@ -305,12 +308,12 @@ class Manager:
       raise FileNotFoundError(f"no temporary directory of step {step} in {self.directory}")
     write_checksums(max(candidates, key=os.path.getmtime))
 
-  def _mark_checksums_since(self, step):
+  def _mark_checksums_since(self, step: int) -> None:
     path = os.path.join(self.directory, CHECKSUMS_SINCE)
     if jax.process_index() == 0 and not os.path.exists(path):
       _write_checked(path, {"step": int(step)})
 
-  def _checksums_since(self):
+  def _checksums_since(self) -> Optional[int]:
     path = os.path.join(self.directory, CHECKSUMS_SINCE)
     if not os.path.exists(path):
       return None
@@ -319,7 +322,8 @@ class Manager:
     except (_Unreadable, ValueError, KeyError, TypeError):
       return 0  # a damaged marker: every step must carry valid checksums
 
-  def _save_error(self, step, e, what="the checkpoint"):
+  def _save_error(self, step: Optional[int], e: BaseException,
+                  what: str = "the checkpoint") -> SaveError:
     newest = [s for s in committed_steps(self.directory) if s != step]
     return SaveError(
         f"cannot save {what} of step {step} in {self.directory}: {_cause(e)}. "
@@ -328,7 +332,7 @@ class Manager:
         + "Free space (or lower checkpoint.keep) or fix the directory's permissions, then run "
           "the same command to resume.")
 
-  def check(self):
+  def check(self) -> None:
     """Raises SaveError if the save in flight has failed (cheap: no waiting)."""
     if self._failed is None and self._saving is not None:
       holder = getattr(self._manager, "_finalize_thread", None)
@@ -341,19 +345,19 @@ class Manager:
         self._fail_from_wait()
     self._raise_failed()
 
-  def _fail_from_wait(self):
+  def _fail_from_wait(self) -> None:
     try:
       self._manager.wait_until_finished()
     except Exception as e:  # noqa: BLE001
       self._failed = self._save_error(self._saving, e)
 
-  def _raise_failed(self):
+  def _raise_failed(self) -> None:
     if self._failed is not None:
       failed, self._failed = self._failed, None
       self._saving = None
       raise failed
 
-  def save(self, step, state, data_state):
+  def save(self, step: int, state: Any, data_state: Any) -> None:
     """Starts an async save of `state` and the data stream's state at `step` (training goes
     on while it is written). Raises SaveError if this or the previous save failed."""
     if step in self._manager.all_steps():
@@ -382,13 +386,13 @@ class Manager:
     except OSError as e:
       raise self._save_error(step, e, "the data-stream state") from None
 
-  def wait(self):
+  def wait(self) -> None:
     """Blocks until the async save in flight (if any) is complete; SaveError if it failed."""
     if self._saving is not None and self._failed is None:
       self._fail_from_wait()
     self._raise_failed()
 
-  def close(self):
+  def close(self) -> None:
     """Waits for the save in flight and closes; SaveError if it failed. Never raises twice."""
     try:
       saving = self._saving
@@ -406,13 +410,13 @@ class Manager:
 
   # Restoring ----------------------------------------------------------------------------------
 
-  def _warn(self, message):
+  def _warn(self, message: str) -> None:
     if jax.process_index() == 0:
       self._log(message)
     else:  # other processes' logs are silent; a problem only they see still gets its line
       print(f"process {jax.process_index()}: {message}", file=sys.stderr, flush=True)
 
-  def _verify_step(self, step):
+  def _verify_step(self, step: int) -> Any:
     """Checks this process's share of the step's files and its own data-state file; returns
     the data-stream state. Raises _Unreadable naming the file."""
     step_dir = os.path.join(self.directory, str(step))
@@ -429,12 +433,12 @@ class Manager:
     self._check_files(step, (jax.process_index(), jax.process_count()))
     return data_state
 
-  def _check_files(self, step, share):
+  def _check_files(self, step: int, share: tuple[int, int]) -> None:
     if (step, share) not in self._verified:
       verify_files(os.path.join(self.directory, str(step)), share)
       self._verified.add((step, share))
 
-  def _agreed_ok(self, ok):
+  def _agreed_ok(self, ok: bool) -> bool:
     """True when every process found the step sound."""
     if jax.process_count() == 1:
       return ok
@@ -442,7 +446,7 @@ class Manager:
     from jax.experimental import multihost_utils
     return bool(np.asarray(multihost_utils.process_allgather(np.array([ok]))).all())
 
-  def _restore_step(self, step, abstract_state):
+  def _restore_step(self, step: int, abstract_state: Any) -> tuple[Any, Any]:
     problem = metadata = data_state = None
     try:
       data_state = self._verify_step(step)  # first: orbax may choke on damaged metadata
@@ -464,7 +468,7 @@ class Manager:
     except Exception as e:  # noqa: BLE001
       raise _Unreadable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
 
-  def saved_steps(self, step=None):
+  def saved_steps(self, step: Optional[int] = None) -> list[int]:
     """The saved steps; CheckpointError when there are none or `step` (if given) is not one."""
     steps = self.all_steps()
     if not steps:
@@ -474,7 +478,7 @@ class Manager:
                             f"(saved steps: {steps})")
     return steps
 
-  def restore(self, step, abstract_state):
+  def restore(self, step: Optional[int], abstract_state: Any) -> tuple[Any, Any]:
     """(state, data-stream state) saved at `step` (None: the newest readable one, falling back
     over damaged steps with a warning), the state placed as `abstract_state` says, whatever
     mesh saved it."""
@@ -490,14 +494,14 @@ class Manager:
                    f"unreadable ({e}); trying an older one")
     raise CheckpointError(f"no readable checkpoint in {self.directory} (steps {steps})")
 
-  def restore_or(self, init_fn, abstract_state):
+  def restore_or(self, init_fn: Callable[[], Any], abstract_state: Any) -> tuple[Any, Any]:
     """The newest readable (state, data-stream state), or (`init_fn()`, None) when the
     directory holds no checkpoint."""
     if not self.all_steps():
       return init_fn(), None
     return self.restore(None, abstract_state)
 
-  def saved_config(self, step):
+  def saved_config(self, step: int) -> ml_collections.ConfigDict:
     """The resolved config saved with `step` (checked against the step's checksums first)."""
     try:
       self._verify_step_files_only(step)
@@ -511,7 +515,7 @@ class Manager:
                             f"({_cause(e)})") from None
     return _with_defaults(saved)
 
-  def _verify_step_files_only(self, step):
+  def _verify_step_files_only(self, step: int) -> None:
     step_dir = os.path.join(self.directory, str(step))
     if not self.verify:
       return
@@ -526,12 +530,12 @@ class Manager:
 class _Unreadable(Exception):
   """A damaged checkpoint step (internal: restore() falls back over it)."""
 
-  def __init__(self, message, path=None):
+  def __init__(self, message: str, path: Optional[str] = None) -> None:
     super().__init__(message)
     self.path = path
 
 
-def _with_defaults(saved):
+def _with_defaults(saved: dict) -> ml_collections.ConfigDict:
   """A saved config dict, resolved, with keys added to the schema since it was saved given
   their defaults."""
 
@@ -546,7 +550,7 @@ def _with_defaults(saved):
   return resolve(ml_collections.ConfigDict(fill(dict(saved), default_config().to_dict())))
 
 
-def load_config(workdir):
+def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The resolved config a run saved in `workdir/config.json`."""
   path = os.path.join(workdir, "config.json")
   try:
@@ -558,7 +562,8 @@ def load_config(workdir):
     raise CheckpointError(f"{path} is not valid JSON: {e}") from e
 
 
-def load_run(workdir, step=None, mesh=None, verify=True):
+def load_run(workdir: str, step: Optional[int] = None, mesh: Optional[dict] = None,
+             verify: bool = True) -> tuple[Trainer, Any]:
   """(trainer, state) of a run restored onto the devices at hand, from `step` (None: the newest
   readable one). The config is the one saved with the checkpoint (checked by its checksums), so a
   damaged `config.json` cannot change the model; a damaged step is a CheckpointError.

@@ -24,7 +24,7 @@ Tokenizer: the run's Hugging Face tokenizer (`RUN/hf_tokenizer/tokenizer.json`, 
 import functools
 import json
 import os
-from typing import Optional
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -40,15 +40,16 @@ Z_MODES = ("uniform", "fixed", "encoder")
 LENGTH_BUCKET = 64
 
 
-def _bucket(n, limit):
+def _bucket(n: int, limit: int) -> int:
   return min(-(-n // LENGTH_BUCKET) * LENGTH_BUCKET, limit)
 
 
-def _as_bool(value):
+def _as_bool(value: Any) -> bool:
   return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
 
 
-def _row_codes(key, indices_B, start_B, length, num_bits, z_mode, code, code_len):
+def _row_codes(key: jax.Array, indices_B: jax.Array, start_B: jax.Array, length: int,
+               num_bits: int, z_mode: str, code: Optional[int], code_len: int) -> jax.Array:
   """(B, length) codes: uniform per position or one per row, drawn from each request's own
   key (fold_in(key, index)) over `code_len` positions and aligned to its first real token
   (`start_B`), so that batching and padding do not change them."""
@@ -64,14 +65,16 @@ def _row_codes(key, indices_B, start_B, length, num_bits, z_mode, code, code_len
   return jax.vmap(row)(indices_B, start_B)
 
 
-def _token_scores(logits_BTV, targets_BT):
+def _token_scores(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
   logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32))
   logp_BT = jnp.take_along_axis(logp_BTV, targets_BT[..., None], -1)[..., 0]
   return logp_BT, jnp.argmax(logits_BTV, -1) == targets_BT
 
 
 @functools.partial(jax.jit, static_argnames=("model", "z_mode", "code", "code_len"))
-def score_full(model, params, tokens_BT, start_B, indices_B, key, *, z_mode, code, code_len):
+def score_full(model: Any, params: Any, tokens_BT: jax.Array, start_B: jax.Array,
+               indices_B: jax.Array, key: jax.Array, *, z_mode: str, code: Optional[int],
+               code_len: int) -> tuple[jax.Array, jax.Array]:
   """Per-token log-probabilities of tokens_BT[:, 1:] (left-padded rows) and whether each was
   the argmax, with Z given (uniform or fixed) at every position."""
   lat = model.cfg.latent
@@ -85,8 +88,9 @@ def score_full(model, params, tokens_BT, start_B, indices_B, key, *, z_mode, cod
 
 
 @functools.partial(jax.jit, static_argnames=("decode_model", "code_len"))
-def score_encoder(decode_model, params, context_BP, start_B, cont_BC, indices_B, key,
-                  encoder_key, *, code_len):
+def score_encoder(decode_model: Any, params: Any, context_BP: jax.Array, start_B: jax.Array,
+                  cont_BC: jax.Array, indices_B: jax.Array, key: jax.Array,
+                  encoder_key: jax.Array, *, code_len: int) -> tuple[jax.Array, jax.Array]:
   """Z of the (left-padded) context from the encoder over the context alone, in a cached
   prefill; then the (right-padded) continuation in one cached call with uniform Z."""
   from ftjax import sampling as sampling_lib
@@ -114,7 +118,8 @@ class FtjaxLM(TemplateLM):
 
   def __init__(self, workdir: str, step: Optional[int] = None, z_mode: str = "uniform",
                code: Optional[int] = None, seed: int = 0, batch_size: int = 8,
-               max_length: Optional[int] = None, add_bos_token=False, trainer=None, params=None):
+               max_length: Optional[int] = None, add_bos_token: Union[bool, str] = False,
+               trainer: Any = None, params: Any = None) -> None:
     super().__init__()
     if z_mode not in Z_MODES:
       raise ValueError(f"z_mode must be one of {Z_MODES}, got {z_mode!r}")
@@ -145,7 +150,7 @@ class FtjaxLM(TemplateLM):
       self._eot = self._bos if self._bos is not None else 0
     self.max_length = int(max_length) if max_length else self._default_max_length(workdir)
 
-  def _default_max_length(self, workdir):
+  def _default_max_length(self, workdir: str) -> int:
     path = os.path.join(workdir, hf.HF_CONFIG_FILE)
     if os.path.exists(path):
       with open(path, encoding="utf-8") as f:
@@ -157,18 +162,19 @@ class FtjaxLM(TemplateLM):
   # -------------------------------------------------------------------- tokenizer
 
   @property
-  def eot_token_id(self):
+  def eot_token_id(self) -> int:
     return self._eot
 
   @property
-  def prefix_token_id(self):
+  def prefix_token_id(self) -> int:
     return self._bos if self._bos is not None else self._eot
 
   @property
-  def tokenizer_name(self):
+  def tokenizer_name(self) -> str:
     return "ftjax-" + ("hf" if self.hf_tokenizer is not None else self.cfg.data.tokenizer)
 
-  def tok_encode(self, string, add_special_tokens=None, **kwargs):
+  def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None,
+                 **kwargs: Any) -> list[int]:
     del kwargs
     if self.hf_tokenizer is not None:
       ids = list(self.hf_tokenizer.encode(string))
@@ -178,19 +184,20 @@ class FtjaxLM(TemplateLM):
       ids = [self._bos] + ids
     return ids
 
-  def tok_decode(self, tokens):
+  def tok_decode(self, tokens: Sequence[int]) -> str:
     if self.hf_tokenizer is not None:
       return self.hf_tokenizer.decode(tokens)
     return self.trainer.source.decode(np.asarray(tokens, np.int32))
 
   # -------------------------------------------------------------------- scoring
 
-  def _batches(self, n, order):
+  def _batches(self, n: int, order: list[int]) -> Iterator[list[int]]:
     size = self.batch_size_per_gpu
     for i in range(0, n, size):
       yield order[i:i + size]
 
-  def _loglikelihood_tokens(self, requests, disable_tqdm=False, **kwargs):
+  def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False,
+                            **kwargs: Any) -> list[tuple[float, bool]]:
     """[(logprob, is_greedy)] of each (key, context ids, continuation ids); contexts are cut
     on the left to fit max_length."""
     del disable_tqdm, kwargs
@@ -213,7 +220,8 @@ class FtjaxLM(TemplateLM):
           self.cache_hook.add_partial("loglikelihood", requests[i][0], value)
     return results
 
-  def _score_rows(self, pairs, indices):
+  def _score_rows(self, pairs: list[tuple[list[int], list[int]]],
+                  indices: list[int]) -> list[tuple[float, bool]]:
     size = self.batch_size_per_gpu
     padded = pairs + [pairs[-1]] * (size - len(pairs))  # a fixed batch shape
     index_B = jnp.asarray(list(indices) + [indices[-1]] * (size - len(pairs)), jnp.int32)
@@ -247,7 +255,7 @@ class FtjaxLM(TemplateLM):
       out.append((float(logp_BT[r, -len(x):].sum()), bool(greedy_BT[r, -len(x):].all())))
     return out
 
-  def loglikelihood_rolling(self, requests, disable_tqdm=False):
+  def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
     """Summed log-likelihood of each whole string, in windows of max_length tokens (each
     window conditioned on the tokens before it, the first on the prefix token)."""
     from lm_eval import utils
@@ -270,7 +278,7 @@ class FtjaxLM(TemplateLM):
 
   # -------------------------------------------------------------------- generation
 
-  def generate_until(self, requests, disable_tqdm=False):
+  def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
     """Samples (greedy unless do_sample with temperature > 0) up to max_gen_toks tokens per
     context with the KV cache, cut at the first `until` string or the end-of-text token."""
     del disable_tqdm
@@ -305,7 +313,9 @@ class FtjaxLM(TemplateLM):
             self.cache_hook.add_partial("generate_until", (context, requests[i].args[1]), text)
     return results
 
-  def generate_tokens(self, prompts, max_new, temperature=0.0, top_k=0, top_p=1.0, key=None):
+  def generate_tokens(self, prompts: list[Sequence[int]], max_new: int, temperature: float = 0.0,
+                      top_k: int = 0, top_p: float = 1.0,
+                      key: Optional[jax.Array] = None) -> list[list[int]]:
     """New token ids (lists, cut before the end-of-text token) after each prompt (id lists,
     at most batch_size of them), with the KV cache."""
     size = self.batch_size_per_gpu

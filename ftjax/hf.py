@@ -32,6 +32,7 @@ Llama loader ignores both (it warns about unexpected keys) and computes the deco
 import json
 import os
 import shutil
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -55,6 +56,8 @@ _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_d
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 # Tensors some checkpoints carry that hold no parameters (recomputed from the config).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# (name, shape, dtype, fetch): one tensor to write; fetch() returns its array.
+TensorSpec = tuple[str, tuple, Any, Callable[[], Any]]
 
 
 class HFError(ValueError):
@@ -66,7 +69,7 @@ class HFError(ValueError):
 class SafetensorsFile:
   """One .safetensors file read through a memory map: `get(name)` is a zero-copy view."""
 
-  def __init__(self, path):
+  def __init__(self, path: str) -> None:
     with open(path, "rb") as f:
       size = int.from_bytes(f.read(8), "little")
       try:
@@ -77,7 +80,7 @@ class SafetensorsFile:
     self.path, self.header, self._base = path, header, 8 + size
     self._map = np.memmap(path, np.uint8, "r") if header else None
 
-  def get(self, name):
+  def get(self, name: str) -> np.ndarray:
     info = self.header[name]
     if info["dtype"] not in _DTYPES:
       raise HFError(f"{self.path}: tensor {name} has dtype {info['dtype']}, which ftjax does "
@@ -91,7 +94,7 @@ class Checkpoint:
   """A Hugging Face model directory: config.json and safetensors weights, one file
   (model.safetensors) or sharded (model.safetensors.index.json)."""
 
-  def __init__(self, hf_dir):
+  def __init__(self, hf_dir: str) -> None:
     self.dir = hf_dir
     self.config = read_config(hf_dir)
     index_path = os.path.join(hf_dir, INDEX_FILE)
@@ -117,17 +120,18 @@ class Checkpoint:
       for tensor in sf.header:
         self._where[tensor] = sf
 
-  def names(self):
+  def names(self) -> set[str]:
     return set(self._where)
 
-  def shape(self, name):
+  def shape(self, name: str) -> tuple[int, ...]:
     return tuple(self._where[name].header[name]["shape"])
 
-  def get(self, name):
+  def get(self, name: str) -> np.ndarray:
     return self._where[name].get(name)
 
 
-def write_safetensors(path, tensors, metadata=None):
+def write_safetensors(path: str, tensors: Sequence[TensorSpec],
+                      metadata: Optional[dict] = None) -> None:
   """Writes [(name, shape, dtype, fetch)] to `path`, calling each fetch() (→ numpy array) only
   when its bytes are written, so at most one tensor is on the host at a time."""
   header, offset = {}, 0
@@ -153,7 +157,7 @@ def write_safetensors(path, tensors, metadata=None):
 
 # ----------------------------------------------------------------------------- config
 
-def read_config(hf_dir):
+def read_config(hf_dir: str) -> dict:
   path = os.path.join(hf_dir, CONFIG_FILE)
   try:
     with open(path, encoding="utf-8") as f:
@@ -164,7 +168,7 @@ def read_config(hf_dir):
     raise HFError(f"{path} is not valid JSON: {e}") from e
 
 
-def _rope(hf):
+def _rope(hf: dict) -> tuple[float, dict]:
   """(theta, rope_scaling fields) from either config style: `rope_theta` + `rope_scaling`
   (transformers 4) or `rope_parameters` (transformers 5)."""
   params = hf.get("rope_parameters") or {}
@@ -187,7 +191,7 @@ def _rope(hf):
     raise HFError(f"rope_type 'llama3' without {e.args[0]} in config.json") from e
 
 
-def model_fields(hf):
+def model_fields(hf: dict) -> dict:
   """The ftjax `model` fields (flat dict, `rope_scaling` a dict) of an HF Llama config; HFError
   for anything ftjax would not compute the same way."""
   model_type = hf.get("model_type")
@@ -219,12 +223,12 @@ def model_fields(hf):
   return fields
 
 
-def latent_fields(hf):
+def latent_fields(hf: dict) -> dict:
   """`model.latent` fields a Free Transformer export stored under config.json's `ftjax` key."""
   return dict((hf.get(FTJAX_KEY) or {}).get("latent") or {})
 
 
-def hf_config(m, base=None, latent=None):
+def hf_config(m: Any, base: Optional[dict] = None, latent: Optional[dict] = None) -> dict:
   """An HF Llama config.json dict for the resolved model config `m` (keys of `base`, the
   imported checkpoint's config, kept where they do not describe the model)."""
   out = {k: v for k, v in (base or {}).items()
@@ -254,7 +258,7 @@ def hf_config(m, base=None, latent=None):
 
 # ----------------------------------------------------------------------------- mapping
 
-def _layer_tensors(i):
+def _layer_tensors(i: int) -> dict[tuple[str, ...], str]:
   p = f"model.layers.{i}."
   return {("attn_norm", "scale"): p + "input_layernorm.weight",
           ("attn", "query", "kernel"): p + "self_attn.q_proj.weight",
@@ -267,7 +271,7 @@ def _layer_tensors(i):
           ("mlp", "down", "kernel"): p + "mlp.down_proj.weight"}
 
 
-def _to_ftjax(m, sub):
+def _to_ftjax(m: Any, sub: tuple[str, ...]) -> Callable[[np.ndarray], np.ndarray]:
   """HF array → ftjax layout (views, no copies) for the block parameter `sub`."""
   n, k, e = m.num_heads, m.num_kv_heads, m.head_dim
   if sub == ("attn", "query", "kernel"):
@@ -281,7 +285,7 @@ def _to_ftjax(m, sub):
   return lambda w: w
 
 
-def _to_hf(m, sub):
+def _to_hf(m: Any, sub: tuple[str, ...]) -> Callable[[np.ndarray], np.ndarray]:
   """ftjax array → HF layout for the block parameter `sub` (inverse of `_to_ftjax`)."""
   n, k, e = m.num_heads, m.num_kv_heads, m.head_dim
   if sub == ("attn", "query", "kernel"):
@@ -295,7 +299,7 @@ def _to_hf(m, sub):
   return lambda w: w
 
 
-def hf_shape(m, sub):
+def hf_shape(m: Any, sub: tuple[str, ...]) -> tuple[int, ...]:
   """The HF tensor shape of block parameter `sub`."""
   d, n, k, e, f = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim
   return {("attn_norm", "scale"): (d,), ("mlp_norm", "scale"): (d,),
@@ -305,7 +309,7 @@ def hf_shape(m, sub):
           ("mlp", "down", "kernel"): (d, f)}[sub]
 
 
-def block_layers(m):
+def block_layers(m: Any) -> dict[str, list[int]]:
   """{ftjax block-stack name: the HF layer indices it holds, in order}."""
   inject = m.latent.inject_layer
   out = {"layers_lo": list(range(inject)), "inject_block": [inject],
@@ -313,7 +317,7 @@ def block_layers(m):
   return {k: v for k, v in out.items() if v}
 
 
-def param_map(m, tied):
+def param_map(m: Any, tied: bool) -> dict[tuple[str, ...], tuple]:
   """{ftjax param path (tuple): (HF names: a str, or a list over the stacked layers axis,
   to_ftjax(array) -> array, HF shape)} for every decoder parameter."""
   out = {("embed",): ("model.embed_tokens.weight", lambda w: w, (m.vocab_size, m.d_model)),
@@ -329,7 +333,7 @@ def param_map(m, tied):
   return out
 
 
-def check_tensors(ckpt, m, tied):
+def check_tensors(ckpt: Checkpoint, m: Any, tied: bool) -> None:
   """HFError naming the first missing, mis-shaped or unexpected tensor of `ckpt`."""
   wanted = {}
   for names, _, shape in param_map(m, tied).values():
@@ -351,11 +355,11 @@ def check_tensors(ckpt, m, tied):
                   "(a bias or another architecture?)")
 
 
-def _path(keypath):
+def _path(keypath: tuple) -> tuple[str, ...]:
   return tuple(str(getattr(k, "key", k)) for k in keypath)
 
 
-def load_params(ckpt, m, params, tied):
+def load_params(ckpt: Checkpoint, m: Any, params: Any, tied: bool) -> Any:
   """`params` (a sharded pytree of jax arrays, e.g. a fresh init) with every decoder parameter
   replaced by the checkpoint's and, when the checkpoint holds them (an ftjax export), the latent
   path's. Each array is built shard by shard from memory-mapped tensors straight into the
@@ -392,7 +396,7 @@ def load_params(ckpt, m, params, tied):
   return jax.tree_util.tree_map_with_path(replace, params)
 
 
-def export_tensors(params, m):
+def export_tensors(params: Any, m: Any) -> list[TensorSpec]:
   """[(name, shape, dtype, fetch)] of a run's parameters in HF layout (float32), latent path
   under LATENT_PREFIX; fetch() copies one tensor to the host."""
   out = [("model.embed_tokens.weight", (m.vocab_size, m.d_model), np.float32,
@@ -424,13 +428,13 @@ def export_tensors(params, m):
   return out
 
 
-def latent_config_dict(m):
+def latent_config_dict(m: Any) -> dict:
   """The `model.latent` fields an export stores (inject_layer and kappa in nats resolved)."""
   lat = m.latent.to_dict() if hasattr(m.latent, "to_dict") else dict(m.latent)
   return {k: v for k, v in lat.items() if k != "kappa_bits"}
 
 
-def export(params, m, out_dir, run_dir=None):
+def export(params: Any, m: Any, out_dir: str, run_dir: Optional[str] = None) -> None:
   """Writes a run's parameters (resolved model config `m`) to `out_dir` as an HF Llama model
   directory: config.json, model.safetensors, and the run's tokenizer files when it has them."""
   os.makedirs(out_dir, exist_ok=True)
@@ -447,7 +451,7 @@ def export(params, m, out_dir, run_dir=None):
     copy_tokenizer(os.path.join(run_dir, TOKENIZER_DIR), out_dir)
 
 
-def copy_tokenizer(src_dir, dst_dir):
+def copy_tokenizer(src_dir: str, dst_dir: str) -> list[str]:
   """Copies the tokenizer files of `src_dir` (those that exist) to `dst_dir`; returns them."""
   copied = []
   for name in TOKENIZER_FILES:
@@ -462,7 +466,7 @@ class RunTokenizer:
   """A run's Hugging Face tokenizer (`RUN/hf_tokenizer/tokenizer.json`, read with the
   `tokenizers` library): encode(text) → ids without special tokens, decode(ids), bos/eos ids."""
 
-  def __init__(self, run_dir):
+  def __init__(self, run_dir: str) -> None:
     import tokenizers
     directory = os.path.join(run_dir, TOKENIZER_DIR)
     self._tok = tokenizers.Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
@@ -473,19 +477,19 @@ class RunTokenizer:
     self.bos_id = self._special_id(config.get("bos_token"))
     self.eos_id = self._special_id(config.get("eos_token"))
 
-  def _special_id(self, token):
+  def _special_id(self, token: Any) -> Optional[int]:
     if isinstance(token, dict):
       token = token.get("content")
     return None if token is None else self._tok.token_to_id(token)
 
-  def encode(self, text):
+  def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids
 
-  def decode(self, ids):
+  def decode(self, ids: Iterable[int]) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
-def run_tokenizer(run_dir):
+def run_tokenizer(run_dir: str) -> Optional[RunTokenizer]:
   """The run's HF tokenizer, or None when the run has none (then the run's data tokenizer)."""
   if not os.path.exists(os.path.join(run_dir, TOKENIZER_DIR, "tokenizer.json")):
     return None
@@ -494,7 +498,7 @@ def run_tokenizer(run_dir):
 
 # ----------------------------------------------------------------------------- import
 
-def build_config(base, hf, overrides=None):
+def build_config(base: Any, hf: dict, overrides: Optional[dict] = None) -> Any:
   """The (unresolved) ftjax config of an import: `base` (an experiment config, with the user's
   overrides applied), the checkpoint's architecture on top, then a Free Transformer export's
   latent settings where the user did not override them. `overrides` ({dotted key: value}) are
@@ -526,7 +530,7 @@ def build_config(base, hf, overrides=None):
   return cfg
 
 
-def config_file_text(cfg):
+def config_file_text(cfg: Any) -> str:
   """A config file (`get_config()`) that rebuilds the resolved `cfg` from the schema, for
   `launch.train --config=RUN/config.py`."""
   from ftjax.configs import _flat_keys  # the schema's flat view
@@ -539,7 +543,7 @@ def config_file_text(cfg):
           '  return with_overrides(default_config(), VALUES)\n')
 
 
-def import_run(hf_dir, workdir, cfg, log=print):
+def import_run(hf_dir: str, workdir: str, cfg: Any, log: Callable[[str], Any] = print) -> Any:
   """Writes `workdir` as a run directory holding the checkpoint in `hf_dir` at step 0 (fresh
   optimizer state; a fresh latent path unless the checkpoint is an ftjax export): config.json,
   config.py, hf_config.json, hf_tokenizer/ and checkpoints/0. `cfg` is resolved (see

@@ -1,12 +1,16 @@
-"""What the README's main job measured: its eval curve and the shared-Z sample test.
+"""What the README's main job measured, per run (seed): its eval curve and the shared-Z sample test.
 
-  python -m experiments.main_job_curve --run=runs/synthetic_z --out=experiments/results/main_job \
-      [--wall_s=SECONDS] [--machine="2-core CPU, shared"]
+  python -m experiments.main_job_curve --run=runs/synthetic_z [--run=runs/synthetic_z_seed1 ...] \
+      --out=experiments/results/main_job [--wall_s=NAME=SECONDS ...] [--machine="2-core CPU, idle"]
 
-Writes curve.csv (the eval rows: eval_ce, eval_elbo, KL in bits, the decoder's use of Z, the
-I(X; Z) estimate, active bits; plus the train rows' tokens/s) and zsamples.json (the samples of
-ftjax.zdiag.show_shared_z_samples from the run's final checkpoint: groups, the share of pairs with
-the same block position within and across groups, the permutation p-value) under --out.
+For each run, under --out/<run's directory name>/: curve.csv (the eval rows: eval_ce, eval_elbo,
+KL in bits, the decoder's use of Z, the I(X; Z) estimate, active bits; plus the train rows'
+tokens/s) and zsamples.json (the samples of ftjax.zdiag.show_shared_z_samples from the run's final
+checkpoint: groups; within and across groups, the share of pairs with the same block position and
+the overlap of their '!' positions, with permutation p-values; how many samples have their
+letter's block and how many are well-formed).
+Then --out/summary.csv, one row per run with the final eval row and the shared-Z tests. --wall_s
+records a measured wall time for the run whose directory is named NAME.
 """
 
 import argparse
@@ -16,18 +20,13 @@ import math
 import os
 
 LOG2 = math.log(2)
+NUM_Z = 8  # Z draws in the shared-Z test (6 samples each)
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--run", required=True)
-  parser.add_argument("--out", required=True)
-  parser.add_argument("--wall_s", type=float, default=None, help="Measured wall time (recorded).")
-  parser.add_argument("--machine", default="", help="Where it ran (recorded).")
-  args = parser.parse_args(argv)
-  os.makedirs(args.out, exist_ok=True)
+def eval_curve(run):
+  """The run's eval rows (KL and I(X; Z) in bits) with the tokens/s of the train row at that step."""
   rows, speed = [], {}
-  with open(os.path.join(args.run, "metrics.jsonl"), encoding="utf-8") as f:
+  with open(os.path.join(run, "metrics.jsonl"), encoding="utf-8") as f:
     for line in f:
       r = json.loads(line)
       if "tokens_per_sec" in r:
@@ -39,22 +38,65 @@ def main(argv=None):
                      "eval_z_mi_bits": r.get("eval_z_mi", 0) / LOG2,
                      "eval_z_active_bits": r.get("eval_z_active_bits"),
                      "tokens_per_sec": speed.get(r["step"])})
-  with open(os.path.join(args.out, "curve.csv"), "w", newline="", encoding="utf-8") as f:
+  return rows
+
+
+def shared_z_study(run):
+  """The shared-Z samples of the run's final checkpoint and their statistics."""
+  from ftjax import checkpoint, zdiag
+  from ftjax.data import synthetic
+  trainer, state = checkpoint.load_run(run)
+  lines = zdiag.show_shared_z_samples(trainer, state.params, print, num_z=NUM_Z)
+  texts = [l.strip() for l in lines if l.startswith("  ")]
+  groups = [i // (len(texts) // NUM_Z) for i in range(len(texts))]
+  tests = zdiag.shared_z_tests(texts, groups)
+  return {"seed": int(trainer.cfg.seed), "step": int(state.step),
+          **{f"{name}_{k}": v for name, t in tests.items()
+             for k, v in zip(("within", "across", "p"), t)},
+          "position_chance": 1 / 57, "samples": len(texts),
+          "with_block": sum(zdiag.block_start(t) is not None for t in texts),
+          "well_formed": sum(synthetic.well_formed(texts, trainer.cfg.data.block_len)),
+          "lines": lines}
+
+
+def write_csv(path, rows):
+  with open(path, "w", newline="", encoding="utf-8") as f:
     writer = csv.DictWriter(f, list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
 
-  from ftjax import checkpoint, zdiag
-  trainer, state = checkpoint.load_run(args.run)
-  lines = zdiag.show_shared_z_samples(trainer, state.params, print)
-  texts = [l.strip() for l in lines if l.startswith("  ")]
-  groups = [i // (len(texts) // 4) for i in range(len(texts))]
-  within, across, p = zdiag.shared_z_position_test(texts, groups)
-  with open(os.path.join(args.out, "zsamples.json"), "w", encoding="utf-8") as f:
-    json.dump({"run": os.path.basename(os.path.normpath(args.run)), "step": int(state.step),
-               "wall_s": args.wall_s, "machine": args.machine,
-               "same_position_within": within, "same_position_across": across,
-               "permutation_p": p, "chance": 1 / 57, "lines": lines}, f, indent=1)
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--run", action="append", required=True)
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--wall_s", action="append", default=[],
+                      help="NAME=SECONDS: the measured wall time of the run named NAME (recorded).")
+  parser.add_argument("--machine", default="", help="Where it ran (recorded).")
+  args = parser.parse_args(argv)
+  try:
+    walls = {k: float(v) for k, v in (w.split("=", 1) for w in args.wall_s)}
+  except ValueError:
+    parser.error("--wall_s takes NAME=SECONDS, e.g. --wall_s=seed0=275")
+  summary = []
+  for run in args.run:
+    name = os.path.basename(os.path.normpath(run))
+    out = os.path.join(args.out, name)
+    os.makedirs(out, exist_ok=True)
+    curve = eval_curve(run)
+    write_csv(os.path.join(out, "curve.csv"), curve)
+    study = shared_z_study(run)
+    wall = walls.get(name)
+    with open(os.path.join(out, "zsamples.json"), "w", encoding="utf-8") as f:
+      json.dump({"run": name, "wall_s": wall, "machine": args.machine, **study}, f, indent=1)
+    summary.append({"run": name, "seed": study["seed"], "step": study["step"], "wall_s": wall,
+                    **{k: v for k, v in curve[-1].items() if k not in ("step", "tokens_per_sec")},
+                    **{k: study[k] for k in ("position_within", "position_across", "position_p",
+                                             "noise_within", "noise_across", "noise_p",
+                                             "samples", "with_block", "well_formed")}})
+  write_csv(os.path.join(args.out, "summary.csv"), summary)
+  for row in summary:
+    print(row)
 
 
 if __name__ == "__main__":

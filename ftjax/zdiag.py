@@ -92,35 +92,42 @@ def block_start(text: str) -> Optional[int]:
   return next((i for i, c in enumerate(body) if c == text[0]), None) if len(text) > 2 else None
 
 
-def shared_z_position_test(texts: list[str], groups: list[int], draws: int = 10000,
-                           seed: int = 0) -> tuple[float, float, float]:
-  """(within, across, p): the share of sample pairs whose blocks start at the same position among
-  pairs that share a Z draw and among pairs that do not, and a one-sided permutation p-value of
-  within − across over shuffled group labels."""
+def shared_z_tests(texts: list[str], groups: list[int], draws: int = 10000,
+                   seed: int = 0) -> dict[str, tuple[float, float, float]]:
+  """Synthetic task: do samples that share a Z draw agree more than samples that do not?
+  {"position": ..., "noise": ...}, each (within, across, p): the mean agreement over pairs sharing
+  a Z and over pairs with different Z, and a one-sided permutation p-value of within − across over
+  shuffled group labels. Position: both blocks start at the same place (a sample without its
+  letter's block agrees with none); noise: the Jaccard overlap of the two samples' '!' positions."""
   import numpy as np
   starts = [block_start(t) for t in texts]
+  bangs = [{i for i, c in enumerate(t[2:]) if c == "!"} for t in texts]
   n = len(texts)
-  same = np.array([[starts[i] is not None and starts[i] == starts[j] for j in range(n)]
-                   for i in range(n)], float)
+  agree = {"position": np.array([[a is not None and a == b for b in starts] for a in starts], float),
+           "noise": np.array([[len(a & b) / max(len(a | b), 1) for b in bangs] for a in bangs])}
   upper = np.triu(np.ones((n, n), bool), 1)
-  groups = np.asarray(groups)
 
-  def rates(labels):
+  def rates(labels, m_NN):
     eq = labels[:, None] == labels[None, :]
-    return same[eq & upper].mean(), same[~eq & upper].mean()
-  within, across = rates(groups)
+    return m_NN[eq & upper].mean(), m_NN[~eq & upper].mean()
   rng = np.random.default_rng(seed)
-  null = np.array([np.subtract(*rates(rng.permutation(groups))) for _ in range(draws)])
-  p = (1 + np.sum(null >= within - across - 1e-12)) / (1 + draws)
-  return float(within), float(across), float(p)
+  perms = [rng.permutation(np.asarray(groups)) for _ in range(draws)]
+  out = {}
+  for name, m_NN in agree.items():
+    within, across = rates(np.asarray(groups), m_NN)
+    null = np.array([np.subtract(*rates(g, m_NN)) for g in perms])
+    p = (1 + np.sum(null >= within - across - 1e-12)) / (1 + draws)
+    out[name] = (float(within), float(across), float(p))
+  return out
 
 
-def show_shared_z_samples(trainer: Any, params: dict, log: Callable[[str], Any], num_z: int = 4,
+def show_shared_z_samples(trainer: Any, params: dict, log: Callable[[str], Any], num_z: int = 8,
                           per_z: int = 6, seed: int = 0) -> list[str]:
   """Synthetic task, Free Transformer: samples in `num_z` groups of `per_z`, each group with one
   draw of Z from the prior (a code per position, shared by the group; prompt letters differ), then
-  the share of pairs whose blocks start at the same position within groups against across groups
-  (chance ≈ 1/57) with a permutation p-value. Returns the printed lines."""
+  the share of pairs whose blocks start at the same position and the overlap of their '!'
+  positions, within groups against across groups, with permutation p-values (`shared_z_tests`).
+  Returns the printed lines."""
   import numpy as np
 
   from ftjax import sampling
@@ -144,9 +151,13 @@ def show_shared_z_samples(trainer: Any, params: dict, log: Callable[[str], Any],
   for k in range(num_z):
     lines.append(f" Z #{k}")
     lines += ["  " + t for t in texts[k * per_z:(k + 1) * per_z]]
-  within, across, p = shared_z_position_test(texts, groups)
+  tests = shared_z_tests(texts, groups)
+  within, across, p = tests["position"]
   lines.append(f"same block position: {within:.2f} of pairs sharing a Z, {across:.2f} of pairs "
                f"with different Z (chance ≈ {1 / 57:.2f}); permutation p = {p:.4f}")
+  within, across, p = tests["noise"]
+  lines.append(f"overlap of the '!' positions (Jaccard): {within:.2f} for pairs sharing a Z, "
+               f"{across:.2f} for pairs with different Z; permutation p = {p:.4f}")
   for line in lines:
     log(line)
   return lines

@@ -56,3 +56,24 @@ def test_plots_from_metrics_files(tmp_path):
   assert os.path.getsize(tmp_path / "c.png") > 0 and os.path.getsize(tmp_path / "s.png") > 0
   with pytest.raises(SystemExit, match="no metric 'nope'"):
     plot.main(["sweep", f"--root={tmp_path}", "--metrics=nope", f"--out={tmp_path}/x.png"])
+
+
+def test_shared_z_tests_against_hand_counts_and_chance():
+  from ftjax import zdiag
+  # Two groups: group 0 shares a block start (4) and a '!' at 20; group 1 shares neither.
+  texts = ["A>____AAAAAAAA" + "_" * 6 + "!" + "_" * 43,
+           "B>____BBBBBBBB" + "_" * 6 + "!" + "_" * 43,
+           "C>____CCCCCCCC" + "_" * 6 + "!" + "_" * 43,
+           "D>_DDDDDDDD" + "_" * 55,
+           "E>" + "_" * 30 + "EEEEEEEE" + "_" * 26,
+           "F>" + "!" + "_" * 63]
+  out = zdiag.shared_z_tests(texts, [0, 0, 0, 1, 1, 1], draws=2000)
+  within, across, p = out["position"]
+  assert within == pytest.approx(3 / 6) and across == 0.0
+  # 20 relabellings of 6 samples into two triples; 2 of them put the three start-4 samples together
+  assert p == pytest.approx(2 / 20, abs=0.03)
+  within, across, p = out["noise"]
+  assert within == pytest.approx(3 / 6) and across == 0.0
+  assert p == pytest.approx(2 / 20, abs=0.03)
+  # A sample without its letter's block agrees with no other on position.
+  assert zdiag.shared_z_tests(["A>" + "_" * 64] * 4, [0, 0, 1, 1], draws=10)["position"][:2] == (0, 0)

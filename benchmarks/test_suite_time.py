@@ -52,7 +52,8 @@ def main(argv=None):
                     "summary": summary, "exit_code": rc})
   with open(os.path.join(REPO, "benchmarks", "test_suite_time.json"), "w", encoding="utf-8") as f:
     json.dump({"machine": machine(), "results": results}, f, indent=1)
-  table = "| pytest-xdist workers | wall (s), median | runs (s) | result | exit |\n|---|---|---|---|---|\n"
+  table = ("| pytest-xdist workers | wall (s), median | runs (s) | result | exit |\n"
+           "|---|---|---|---|---|\n")
   table += "\n".join(f"| {r['workers']} | {r['median_s']:.0f} | "
                      f"{', '.join(f'{w:.0f}' for w in r['wall_s'])} | {r['summary']} | "
                      f"{r['exit_code']} |" for r in results)

@@ -9,7 +9,8 @@ tokens/s) and zsamples.json (the samples of ftjax.zdiag.show_shared_z_samples fr
 checkpoint: groups; within and across groups, the share of pairs with the same block position and
 the overlap of their '!' positions, with permutation p-values; how many samples have their
 letter's block and how many are well-formed).
-Then --out/summary.csv, one row per run with the final eval row and the shared-Z tests. --wall_s
+Then --out/summary.csv, one row per run with the final eval row, the mean train-batch KL over the
+logged steps of the second half (against the controller's target) and the shared-Z tests. --wall_s
 records a measured wall time for the run whose directory is named NAME.
 """
 
@@ -23,14 +24,17 @@ LOG2 = math.log(2)
 NUM_Z = 8  # Z draws in the shared-Z test (6 samples each)
 
 
-def eval_curve(run):
-  """The run's eval rows (KL and I(X; Z) in bits) with the tokens/s of the train row at that step."""
-  rows, speed = [], {}
+def read_curves(run):
+  """(the run's eval rows (KL and I(X; Z) in bits) with the tokens/s of the train row at that
+  step, the mean train-batch KL in bits over the logged steps of the second half of training)."""
+  rows, speed, train_kl = [], {}, {}
   with open(os.path.join(run, "metrics.jsonl"), encoding="utf-8") as f:
     for line in f:
       r = json.loads(line)
       if "tokens_per_sec" in r:
         speed[r["step"]] = r["tokens_per_sec"]
+      if "kl" in r and "eval_ce" not in r:
+        train_kl[r["step"]] = r["kl"] / LOG2
       if "eval_ce" in r:
         rows.append({"step": r["step"], "eval_ce": r["eval_ce"], "eval_elbo": r["eval_elbo"],
                      "eval_kl_bits": r.get("eval_kl", 0) / LOG2,
@@ -38,7 +42,9 @@ def eval_curve(run):
                      "eval_z_mi_bits": r.get("eval_z_mi", 0) / LOG2,
                      "eval_z_active_bits": r.get("eval_z_active_bits"),
                      "tokens_per_sec": speed.get(r["step"])})
-  return rows
+  last = max(train_kl)
+  second_half = [v for step, v in train_kl.items() if step > last / 2]
+  return rows, sum(second_half) / len(second_half)
 
 
 def shared_z_study(run):
@@ -51,6 +57,7 @@ def shared_z_study(run):
   groups = [i // (len(texts) // NUM_Z) for i in range(len(texts))]
   tests = zdiag.shared_z_tests(texts, groups)
   return {"seed": int(trainer.cfg.seed), "step": int(state.step),
+          "target_bits": trainer.cfg.model.latent.target_bits,
           **{f"{name}_{k}": v for name, t in tests.items()
              for k, v in zip(("within", "across", "p"), t)},
           "position_chance": 1 / 57, "samples": len(texts),
@@ -83,13 +90,15 @@ def main(argv=None):
     name = os.path.basename(os.path.normpath(run))
     out = os.path.join(args.out, name)
     os.makedirs(out, exist_ok=True)
-    curve = eval_curve(run)
+    curve, train_kl_2nd_half = read_curves(run)
     write_csv(os.path.join(out, "curve.csv"), curve)
     study = shared_z_study(run)
     wall = walls.get(name)
     with open(os.path.join(out, "zsamples.json"), "w", encoding="utf-8") as f:
       json.dump({"run": name, "wall_s": wall, "machine": args.machine, **study}, f, indent=1)
     summary.append({"run": name, "seed": study["seed"], "step": study["step"], "wall_s": wall,
+                    "target_bits": study["target_bits"],
+                    "train_kl_bits_2nd_half": train_kl_2nd_half,
                     **{k: v for k, v in curve[-1].items() if k not in ("step", "tokens_per_sec")},
                     **{k: study[k] for k in ("position_within", "position_across", "position_p",
                                              "noise_within", "noise_across", "noise_p",

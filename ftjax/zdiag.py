@@ -103,7 +103,8 @@ def shared_z_tests(texts: list[str], groups: list[int], draws: int = 10000,
   starts = [block_start(t) for t in texts]
   bangs = [{i for i, c in enumerate(t[2:]) if c == "!"} for t in texts]
   n = len(texts)
-  agree = {"position": np.array([[a is not None and a == b for b in starts] for a in starts], float),
+  agree = {"position": np.array([[a is not None and a == b for b in starts] for a in starts],
+                                float),
            "noise": np.array([[len(a & b) / max(len(a | b), 1) for b in bangs] for a in bangs])}
   upper = np.triu(np.ones((n, n), bool), 1)
 

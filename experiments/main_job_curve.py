@@ -5,7 +5,7 @@
 
 For each run, under --out/<run's directory name>/: curve.csv (the eval rows: eval_ce, eval_elbo,
 KL in bits, the decoder's use of Z, the I(X; Z) estimate, active bits; plus the train rows'
-tokens/s) and zsamples.json (the samples of ftjax.zdiag.show_shared_z_samples from the run's final
+tokens/s) and zsamples.json (ftjax.zdiag.shared_z_samples from the run's final
 checkpoint: groups; within and across groups, the share of pairs with the same block position and
 the overlap of their '!' positions, with permutation p-values; how many samples have their
 letter's block and how many are well-formed).
@@ -15,10 +15,11 @@ records a measured wall time for the run whose directory is named NAME.
 """
 
 import argparse
-import csv
 import json
 import math
 import os
+
+from experiments.kappa_results import write_csv
 
 LOG2 = math.log(2)
 NUM_Z = 8  # Z draws in the shared-Z test (6 samples each)
@@ -52,10 +53,10 @@ def shared_z_study(run):
   from ftjax import checkpoint, zdiag
   from ftjax.data import synthetic
   trainer, state = checkpoint.load_run(run)
-  lines = zdiag.show_shared_z_samples(trainer, state.params, print, num_z=NUM_Z)
-  texts = [l.strip() for l in lines if l.startswith("  ")]
-  groups = [i // (len(texts) // NUM_Z) for i in range(len(texts))]
+  texts, groups = zdiag.shared_z_samples(trainer, state.params, num_z=NUM_Z)
   tests = zdiag.shared_z_tests(texts, groups)
+  lines = zdiag.shared_z_lines(texts, groups, tests)
+  print("\n".join(lines))
   return {"seed": int(trainer.cfg.seed), "step": int(state.step),
           "target_bits": trainer.cfg.model.latent.target_bits,
           **{f"{name}_{k}": v for name, t in tests.items()
@@ -64,13 +65,6 @@ def shared_z_study(run):
           "with_block": sum(zdiag.block_start(t) is not None for t in texts),
           "well_formed": sum(synthetic.well_formed(texts, trainer.cfg.data.block_len)),
           "lines": lines}
-
-
-def write_csv(path, rows):
-  with open(path, "w", newline="", encoding="utf-8") as f:
-    writer = csv.DictWriter(f, list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
 
 
 def main(argv=None):

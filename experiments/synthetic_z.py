@@ -1,7 +1,8 @@
 """The README's main job: the synthetic task with a config under which, within about five minutes
 on a 2-core CPU, the decoder learns to read Z, so that samples sharing a Z draw share their block
-position. The run ends by printing samples grouped by shared Z draws and the share of pairs with
-the same block position within and across groups (ftjax.zdiag.show_shared_z_samples).
+position. The run ends by printing samples grouped by shared Z draws and, within and across
+groups, the share of pairs with the same block position and the overlap of their '!' positions
+(ftjax.zdiag.show_shared_z_samples).
 
 Differences from experiments/synthetic.py (the paper-like study config):
 - the target-rate KL control (a multiplier β on the mean KL, adapted toward 1/4 bit per token)

@@ -122,13 +122,11 @@ def shared_z_tests(texts: list[str], groups: list[int], draws: int = 10000,
   return out
 
 
-def show_shared_z_samples(trainer: Any, params: dict, log: Callable[[str], Any], num_z: int = 8,
-                          per_z: int = 6, seed: int = 0) -> list[str]:
-  """Synthetic task, Free Transformer: samples in `num_z` groups of `per_z`, each group with one
-  draw of Z from the prior (a code per position, shared by the group; prompt letters differ), then
-  the share of pairs whose blocks start at the same position and the overlap of their '!'
-  positions, within groups against across groups, with permutation p-values (`shared_z_tests`).
-  Returns the printed lines."""
+def shared_z_samples(trainer: Any, params: dict, num_z: int = 8, per_z: int = 6,
+                     seed: int = 0) -> tuple[list[str], list[int]]:
+  """Synthetic task, Free Transformer: (decoded samples, their group labels), `num_z` groups of
+  `per_z`, each group with one draw of Z from the prior (a code per position, shared by the
+  group; prompt letters differ)."""
   import numpy as np
 
   from ftjax import sampling
@@ -146,19 +144,34 @@ def show_shared_z_samples(trainer: Any, params: dict, log: Callable[[str], Any],
                           max_new_tokens=synthetic.BODY_LEN,
                           fixed_codes_BT=jnp.asarray(codes, jnp.int32))
   texts = [synthetic.decode(row) for row in np.asarray(jax.device_get(out["tokens"]))]
-  groups = [i // per_z for i in range(n)]
-  lines = [f"samples sharing a Z draw ({num_z} draws from the prior, {per_z} samples each, "
-           "random prompt letters):"]
+  return texts, [i // per_z for i in range(n)]
+
+
+def shared_z_lines(texts: list[str], groups: list[int],
+                   tests: dict[str, tuple[float, float, float]]) -> list[str]:
+  """The samples by group and the results of `shared_z_tests`, as printed lines."""
+  num_z = max(groups) + 1
+  lines = [f"samples sharing a Z draw ({num_z} draws from the prior, {len(texts) // num_z} "
+           "samples each, random prompt letters):"]
   for k in range(num_z):
     lines.append(f" Z #{k}")
-    lines += ["  " + t for t in texts[k * per_z:(k + 1) * per_z]]
-  tests = shared_z_tests(texts, groups)
+    lines += ["  " + t for t, g in zip(texts, groups) if g == k]
   within, across, p = tests["position"]
   lines.append(f"same block position: {within:.2f} of pairs sharing a Z, {across:.2f} of pairs "
                f"with different Z (chance ≈ {1 / 57:.2f}); permutation p = {p:.4f}")
   within, across, p = tests["noise"]
   lines.append(f"overlap of the '!' positions (Jaccard): {within:.2f} for pairs sharing a Z, "
                f"{across:.2f} for pairs with different Z; permutation p = {p:.4f}")
+  return lines
+
+
+def show_shared_z_samples(trainer: Any, params: dict, log: Callable[[str], Any], num_z: int = 8,
+                          per_z: int = 6, seed: int = 0) -> list[str]:
+  """Logs `shared_z_samples` and their `shared_z_tests` (the share of pairs whose blocks start at
+  the same position and the overlap of their '!' positions, within groups against across groups,
+  with permutation p-values). Returns the printed lines."""
+  texts, groups = shared_z_samples(trainer, params, num_z, per_z, seed)
+  lines = shared_z_lines(texts, groups, shared_z_tests(texts, groups))
   for line in lines:
     log(line)
   return lines

@@ -7,7 +7,9 @@ of its bytes. Each process's data-stream state is a small file next to it,
 `checkpoints/data_state/<step>.process<i>.json`, with its own SHA-256 in its first line. Restoring
 verifies both (`checkpoint.verify`); a step that fails is skipped for the previous one with one
 warning line naming the step and the file. `load_run` restores a run for sampling or evaluation
-onto the devices at hand, whatever mesh trained it, and refuses a damaged step.
+onto the devices at hand, whatever mesh trained it, and refuses a damaged step. The run's
+tokenizer and config files are covered by `workdir/run_checksums.json` (`write_run_checksums`,
+`verify_run_files`).
 """
 
 import glob
@@ -30,6 +32,7 @@ CHECKSUMS = "checksums.json"  # in each step directory, written as part of the c
 # The first step saved with checksums in a directory: steps before it (saved by an older ftjax)
 # restore unverified; a step from it on without valid checksums is damaged.
 CHECKSUMS_SINCE = "checksums_since.json"
+RUN_CHECKSUMS = "run_checksums.json"  # in the run directory: its config and tokenizer files
 _CHUNK = 1 << 22
 # orbax's own marker, written into the step directory after the rename: not covered.
 _NOT_COVERED = {CHECKSUMS, "commit_success.txt"}
@@ -160,6 +163,49 @@ def verify_files(step_dir: str, share: tuple[int, int] = (0, 1)) -> None:
       raise _Unreadable(f"{rel}: missing", rel)
     if (size is not None and os.path.getsize(path) != size) or _digest(step_dir, rel) != digest:
       raise _Unreadable(f"{rel}: checksum mismatch", rel)
+
+
+def _run_files(workdir: str) -> list[str]:
+  """The files of a run directory that sampling, evaluation or export read besides its
+  checkpoints: its config record, an imported checkpoint's config and its tokenizer files."""
+  from ftjax.data.tokenizers import RUN_FILES
+  from ftjax.hf import HF_CONFIG_FILE, TOKENIZER_DIR
+  names = ["config.json", HF_CONFIG_FILE, *RUN_FILES.values()]
+  tokenizer_dir = os.path.join(workdir, TOKENIZER_DIR)
+  if os.path.isdir(tokenizer_dir):
+    names += [os.path.join(TOKENIZER_DIR, n) for n in os.listdir(tokenizer_dir)]
+  return sorted(n for n in names if os.path.isfile(os.path.join(workdir, n)))
+
+
+def write_run_checksums(workdir: str) -> None:
+  """Writes `workdir/run_checksums.json`: the SHA-256 of each of the run's files (`_run_files`)
+  (process 0, after it wrote them)."""
+  _write_checked(os.path.join(workdir, RUN_CHECKSUMS),
+                 {rel: file_sha256(os.path.join(workdir, rel)) for rel in _run_files(workdir)},
+                 sync=True)
+
+
+def verify_run_files(workdir: str, skip: tuple[str, ...] = ()) -> None:
+  """Checks a run's files against `run_checksums.json` (a run without it, saved by an older
+  ftjax, is not checked); raises a one-line CheckpointError naming the first damaged or missing
+  file. `skip`: files the caller is about to rewrite."""
+  path = os.path.join(workdir, RUN_CHECKSUMS)
+  if not os.path.exists(path):
+    return
+  try:
+    files = _read_checked(path)
+  except _Unreadable as e:
+    raise CheckpointError(f"{path} is damaged ({e}): the run's tokenizer and config files "
+                          "cannot be checked") from None
+  for rel, digest in sorted(files.items()):
+    full = os.path.join(workdir, rel)
+    if rel in skip:
+      continue
+    if not os.path.isfile(full):
+      raise CheckpointError(f"{full} is missing (listed in {RUN_CHECKSUMS})")
+    if file_sha256(full) != digest:
+      raise CheckpointError(f"{full} is damaged: its SHA-256 differs from {RUN_CHECKSUMS}'s "
+                            "(restore the file from a copy of the run)")
 
 
 def committed_steps(directory: PathLike) -> list[int]:
@@ -550,18 +596,6 @@ def _with_defaults(saved: dict) -> ml_collections.ConfigDict:
   return resolve(ml_collections.ConfigDict(fill(dict(saved), default_config().to_dict())))
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config a run saved in `workdir/config.json`."""
-  path = os.path.join(workdir, "config.json")
-  try:
-    with open(path, encoding="utf-8") as f:
-      return _with_defaults(json.load(f))
-  except FileNotFoundError as e:
-    raise CheckpointError(f"{path} not found: is {workdir} a run directory?") from e
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{path} is not valid JSON: {e}") from e
-
-
 def load_run(workdir: str, step: Optional[int] = None, mesh: Optional[dict] = None,
              verify: bool = True) -> tuple[Trainer, Any]:
   """(trainer, state) of a run restored onto the devices at hand, from `step` (None: the newest
@@ -577,6 +611,8 @@ def load_run(workdir: str, step: Optional[int] = None, mesh: Optional[dict] = No
       raise CheckpointError(f"{os.path.join(workdir, 'config.json')} not found: is {workdir} a "
                             "run directory?")
     raise CheckpointError(f"no checkpoint in {os.path.abspath(directory)}")
+  if verify:
+    verify_run_files(workdir)
   manager = Manager(directory, read_only=True)
   manager.verify = verify
   try:

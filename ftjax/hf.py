@@ -564,6 +564,7 @@ def import_run(hf_dir: str, workdir: str, cfg: Any, log: Callable[[str], Any] = 
   with open(os.path.join(workdir, HF_CONFIG_FILE), "w", encoding="utf-8") as f:
     json.dump(ckpt.config, f, indent=2, sort_keys=True)
   copied = copy_tokenizer(hf_dir, os.path.join(workdir, TOKENIZER_DIR))
+  ckpt_lib.write_run_checksums(workdir)
   trainer = Trainer.create(cfg, run_dir=workdir)
   state = trainer.init_state()
   state = state.replace(params=load_params(ckpt, cfg.model, state.params, tied))

@@ -195,19 +195,26 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
   if jax.process_index() != 0:  # one process logs and writes files; all of them compute
     log = lambda *_: None
   else:
+    if cfg.checkpoint.verify:  # the run's own tokenizer, read below, is the one it trained with
+      ckpt_lib.verify_run_files(workdir, skip=("config.json",))
     path = os.path.join(workdir, "config.json")
     try:
       os.makedirs(workdir, exist_ok=True)
+      # Rewritten below: a run killed before that has no checksums, not stale ones.
+      if os.path.exists(os.path.join(workdir, ckpt_lib.RUN_CHECKSUMS)):
+        os.remove(os.path.join(workdir, ckpt_lib.RUN_CHECKSUMS))
       with open(path, "w", encoding="utf-8") as f:
         f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
     except OSError as e:
       raise metrics_lib.write_error(path, e) from None
   _check_writable(os.path.join(workdir, "checkpoints"))
   trainer = trainer or Trainer.create(cfg, run_dir=workdir)
-  if jax.process_index() == 0 and trainer.source.tokenizer is not None:
+  if jax.process_index() == 0:
     from ftjax.data import tokenizers
     try:
-      tokenizers.save_with_run(trainer.source.tokenizer, workdir)
+      if trainer.source.tokenizer is not None:
+        tokenizers.save_with_run(trainer.source.tokenizer, workdir)
+      ckpt_lib.write_run_checksums(workdir)
     except OSError as e:
       raise metrics_lib.write_error(workdir, e) from None
   t, c = cfg.train, cfg.checkpoint

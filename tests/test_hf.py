@@ -109,6 +109,30 @@ def test_run_directory(imported):
   assert all(jax.tree_util.tree_leaves(chex))
 
 
+def test_damaged_run_files_are_refused(imported, tmp_path):
+  """The run's tokenizer and configs are listed in run_checksums.json; a changed file (here one
+  still readable, so nothing else would notice) is refused with a line naming it."""
+  import shutil
+  from ftjax import checkpoint
+  run = str(tmp_path / "run")
+  shutil.copytree(imported["untied", False][2], run)
+  listed = checkpoint._read_checked(os.path.join(run, checkpoint.RUN_CHECKSUMS))
+  assert sorted(listed) == ["config.json", hf.HF_CONFIG_FILE, "hf_tokenizer/generation_config.json",
+                            "hf_tokenizer/tokenizer.json", "hf_tokenizer/tokenizer_config.json"]
+  path = os.path.join(run, hf.TOKENIZER_DIR, "tokenizer.json")
+  text = open(path, encoding="utf-8").read()
+  open(path, "w", encoding="utf-8").write(text.replace('"cat"', '"cut"', 1))
+  with pytest.raises(checkpoint.CheckpointError, match=r"tokenizer.json is damaged"):
+    checkpoint.load_run(run)
+  checkpoint.load_run(run, verify=False)  # the user's choice: not checked
+  os.remove(path)
+  with pytest.raises(checkpoint.CheckpointError, match=r"tokenizer.json is missing"):
+    checkpoint.load_run(run)
+  open(os.path.join(run, checkpoint.RUN_CHECKSUMS), "a").write(" ")
+  with pytest.raises(checkpoint.CheckpointError, match=r"run_checksums.json is damaged"):
+    checkpoint.load_run(run)
+
+
 def _tensors(directory):
   ckpt = hf.Checkpoint(directory)
   return {n: np.asarray(ckpt.get(n)) for n in ckpt.names()}

@@ -307,6 +307,14 @@ def test_training_on_hf_prepared_data_checks_tokenizer_and_vocabulary(tiny_cfg, 
   assert trainer.source.decode(trainer.source.encode("héllo wörld")) == "héllo wörld"
   rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
   assert any("eval_bpb" in r and r["eval_bpb"] > 0 for r in rows)
+  # The run's copy of its tokenizer is covered by run_checksums.json: a changed byte is refused
+  # by sampling/evaluation and by a resumed training run, before the tokenizer is used.
+  saved = tmp_path / "run" / tokenizers.HF_FILE
+  saved.write_bytes(saved.read_bytes().replace(b'"</s>"', b'"</t>"', 1))
+  for load in (lambda: checkpoint.load_run(str(tmp_path / "run")),
+               lambda: loop.train_and_evaluate(cfg, str(tmp_path / "run"), log=print)):
+    with pytest.raises(checkpoint.CheckpointError, match=r"tokenizer.json is damaged"):
+      load()
 
 
 def test_large_configs_train_on_prepared_data_and_say_how_to_make_it(tmp_path):

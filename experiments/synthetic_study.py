@@ -24,6 +24,7 @@ import os
 
 import numpy as np
 
+from ftjax import zdiag
 from ftjax.data import synthetic
 
 
@@ -103,30 +104,17 @@ def strict_stats(texts, block_len=8, noise_prob=1 / 16, seed=0, draws=10000):
 def permutation_test(texts, groups, seed=0, draws=10000):
   """For each agreement statistic of `pair_rates` (position, letter, noise overlap): the observed
   rate over pairs sharing a Z minus over pairs with different Z, and a one-sided permutation
-  p-value over the Z-group labels (labels shuffled `draws` times; small p: samples that share a Z
-  agree more than chance, i.e. Z encodes that property)."""
+  p-value over the Z-group labels (`zdiag.group_permutation_test`; small p: samples that share a
+  Z agree more than chance, i.e. Z encodes that property)."""
   parsed = [body_stats(t) for t in texts]
-  groups = np.asarray(groups)
-  n = len(parsed)
-  pos = np.array([[a[1] is not None and a[1] == b[1] for b in parsed] for a in parsed], float)
-  let = np.array([[a[0] is not None and a[0] == b[0] for b in parsed] for a in parsed], float)
-  noise = np.array([[len(a[2] & b[2]) / max(len(a[2] | b[2]), 1) for b in parsed]
-                    for a in parsed])
-  upper = np.triu(np.ones((n, n), bool), 1)
-
-  def diff(labels, m):
-    same = (labels[:, None] == labels[None, :]) & upper
-    other = (labels[:, None] != labels[None, :]) & upper
-    return m[same].mean() - m[other].mean()
-  rng = np.random.default_rng(seed)
-  perms = [rng.permutation(groups) for _ in range(draws)]
-  out = {}
-  for name, m in (("position", pos), ("letter", let), ("noise_jaccard", noise)):
-    observed = diff(groups, m)
-    null = np.array([diff(g, m) for g in perms])
-    out[name] = {"same_minus_other": float(observed),
-                 "p_value": float((1 + np.sum(null >= observed - 1e-12)) / (1 + draws))}
-  return out
+  tests = zdiag.group_permutation_test(
+      {"position": [[a[1] is not None and a[1] == b[1] for b in parsed] for a in parsed],
+       "letter": [[a[0] is not None and a[0] == b[0] for b in parsed] for a in parsed],
+       "noise_jaccard": [[len(a[2] & b[2]) / max(len(a[2] | b[2]), 1) for b in parsed]
+                         for a in parsed]},
+      groups, draws, seed)
+  return {name: {"same_minus_other": within - across, "p_value": p}
+          for name, (within, across, p) in tests.items()}
 
 
 def read_render(path):

@@ -95,27 +95,36 @@ def block_start(text: str) -> Optional[int]:
 def shared_z_tests(texts: list[str], groups: list[int], draws: int = 10000,
                    seed: int = 0) -> dict[str, tuple[float, float, float]]:
   """Synthetic task: do samples that share a Z draw agree more than samples that do not?
-  {"position": ..., "noise": ...}, each (within, across, p): the mean agreement over pairs sharing
-  a Z and over pairs with different Z, and a one-sided permutation p-value of within − across over
-  shuffled group labels. Position: both blocks start at the same place (a sample without its
-  letter's block agrees with none); noise: the Jaccard overlap of the two samples' '!' positions."""
-  import numpy as np
+  {"position": ..., "noise": ...}, each (within, across, p) of `group_permutation_test`.
+  Position: both blocks start at the same place (a sample without its letter's block agrees with
+  none); noise: the Jaccard overlap of the two samples' '!' positions."""
   starts = [block_start(t) for t in texts]
   bangs = [{i for i, c in enumerate(t[2:]) if c == "!"} for t in texts]
-  n = len(texts)
-  agree = {"position": np.array([[a is not None and a == b for b in starts] for a in starts],
-                                float),
-           "noise": np.array([[len(a & b) / max(len(a | b), 1) for b in bangs] for a in bangs])}
-  upper = np.triu(np.ones((n, n), bool), 1)
+  return group_permutation_test(
+      {"position": [[a is not None and a == b for b in starts] for a in starts],
+       "noise": [[len(a & b) / max(len(a | b), 1) for b in bangs] for a in bangs]},
+      groups, draws, seed)
+
+
+def group_permutation_test(agree: dict[str, Any], groups: list[int], draws: int = 10000,
+                           seed: int = 0) -> dict[str, tuple[float, float, float]]:
+  """For each pairwise agreement matrix (N × N) in `agree`: (within, across, p), the mean
+  agreement over pairs in the same group and over pairs in different groups, and a one-sided
+  permutation p-value of within − across over the group labels shuffled `draws` times (small p:
+  samples of a group agree more than chance)."""
+  import numpy as np
+  groups = np.asarray(groups)
+  upper = np.triu(np.ones((len(groups), len(groups)), bool), 1)
 
   def rates(labels, m_NN):
     eq = labels[:, None] == labels[None, :]
     return m_NN[eq & upper].mean(), m_NN[~eq & upper].mean()
   rng = np.random.default_rng(seed)
-  perms = [rng.permutation(np.asarray(groups)) for _ in range(draws)]
+  perms = [rng.permutation(groups) for _ in range(draws)]
   out = {}
-  for name, m_NN in agree.items():
-    within, across = rates(np.asarray(groups), m_NN)
+  for name, m in agree.items():
+    m_NN = np.asarray(m, float)
+    within, across = rates(groups, m_NN)
     null = np.array([np.subtract(*rates(g, m_NN)) for g in perms])
     p = (1 + np.sum(null >= within - across - 1e-12)) / (1 + draws)
     out[name] = (float(within), float(across), float(p))

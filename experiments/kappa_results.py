@@ -3,6 +3,8 @@
   python -m experiments.kappa_results --archive=OUT/kappa_study_runs.tar.gz \
       --out=experiments/results/kappa_study --device="NVIDIA H200"
   python -m experiments.kappa_results --root=runs/kappa_study --out=... --device="2-core CPU"
+  python -m experiments.kappa_results --root=... --out=... --device=... \
+      --also=experiments/results/kappa_study_h200/results.json --also_only=post_sampler=onehot
 
 Reads each run's config.json, metrics.jsonl and zstudy.json (written by
 experiments/kappa_study.py's after_point) and writes under --out:
@@ -17,7 +19,9 @@ experiments/kappa_study.py's after_point) and writes under --out:
                   the target (within 10 %?), and at 1 bit the comparison with fixed κ = 1 bit;
   results.json    all of it, plus the device and the source.
 Runs that did not reach their configured steps are listed with the step they reached and left
-out of groups.csv unless --partial.
+out of groups.csv unless --partial. --also adds the runs of an earlier results.json (those whose
+name matches --also_only), e.g. other seeds of the same points run on another machine; every run
+row names the device that ran it.
 """
 
 import argparse
@@ -25,6 +29,7 @@ import csv
 import json
 import math
 import os
+import re
 import tarfile
 import tempfile
 
@@ -165,6 +170,14 @@ def fixed_kappa1_spread(runs):
   return {m: _mean_std([r.get(m) for r in rs]) for m in ("eval_elbo", "eval_ce")}
 
 
+def earlier_runs(path, only):
+  """The runs of an earlier results.json whose name matches the regex `only`, with its device."""
+  with open(path, encoding="utf-8") as f:
+    earlier = json.load(f)
+  return [{**r, "device": r.get("device", earlier["device"])} for r in earlier["runs"]
+          if re.search(only, r["run"])]
+
+
 def write_csv(path, rows):
   keys = list(dict.fromkeys(k for r in rows for k in r))
   with open(path, "w", newline="", encoding="utf-8") as f:
@@ -182,6 +195,8 @@ def main(argv=None):
   parser.add_argument("--device", required=True, help="Which machine ran it (recorded).")
   parser.add_argument("--partial", action="store_true", help="Group unfinished runs too.")
   parser.add_argument("--draws", type=int, default=10000, help="Permutations per test.")
+  parser.add_argument("--also", help="results.json of earlier runs to group with these.")
+  parser.add_argument("--also_only", default="", help="Regex: --also runs whose name matches.")
   args = parser.parse_args(argv)
   with tempfile.TemporaryDirectory() as tmp:
     root = args.root
@@ -192,6 +207,11 @@ def main(argv=None):
     runs = [read_run(os.path.join(root, d), args.draws) for d in sorted(os.listdir(root))
             if os.path.exists(os.path.join(root, d, "metrics.jsonl"))
             and os.path.exists(os.path.join(root, d, "config.json"))]
+  for r in runs:
+    r["device"] = args.device
+  if args.also:
+    runs += earlier_runs(args.also, args.also_only)
+    runs.sort(key=lambda r: (r["seed"], r["run"]))
   if not runs:
     raise SystemExit("kappa_results: no runs found")
   os.makedirs(args.out, exist_ok=True)
@@ -203,6 +223,7 @@ def main(argv=None):
     write_csv(os.path.join(args.out, "controller.csv"), ctl)
   with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
     json.dump({"device": args.device, "source": os.path.basename(args.archive or args.root),
+               "also": args.also and {"path": args.also, "only": args.also_only},
                "runs": runs, "groups": grouped, "controller": ctl,
                "fixed_kappa1_spread": fixed_kappa1_spread(runs)}, f, indent=1)
   done = sum(r["finished"] for r in runs)

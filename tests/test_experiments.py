@@ -78,3 +78,24 @@ def test_shared_z_tests_against_hand_counts_and_chance():
   # A sample without its letter's block agrees with no other on position.
   no_block = zdiag.shared_z_tests(["A>" + "_" * 64] * 4, [0, 0, 1, 1], draws=10)
   assert no_block["position"][:2] == (0, 0)
+
+
+def test_kappa_results_groups_earlier_runs_with_their_device(tmp_path):
+  """--also: the matching runs of an earlier results.json join the groups, each row naming the
+  device that ran it."""
+  from experiments import kappa_results
+  run = {"enabled": True, "post_sampler": "onehot", "kl_control": "free_bits", "kappa_bits": 1.0,
+         "eval_ce": 0.35}
+  earlier = {"device": "GPU", "runs": [
+      {**run, "run": "seed=0,post_sampler=onehot,kappa_bits=1", "seed": 0},
+      {**run, "run": "seed=0,post_sampler=bits,kappa_bits=1", "seed": 0, "post_sampler": "bits"}]}
+  path = tmp_path / "results.json"
+  path.write_text(json.dumps(earlier))
+  runs = kappa_results.earlier_runs(str(path), "post_sampler=onehot")
+  assert [(r["run"], r["device"]) for r in runs] == [("seed=0,post_sampler=onehot,kappa_bits=1",
+                                                      "GPU")]
+  mine = {**run, "run": "seed=1,post_sampler=onehot,kappa_bits=1", "seed": 1, "eval_ce": 0.37,
+          "device": "CPU"}
+  (group,) = kappa_results.groups(runs + [mine])
+  assert group["seeds"] == "0,1" and group["eval_ce_n"] == 2
+  assert math.isclose(group["eval_ce_mean"], 0.36)

@@ -22,7 +22,9 @@ import os
 from experiments.kappa_results import write_csv
 
 LOG2 = math.log(2)
-NUM_Z = 8  # Z draws in the shared-Z test (6 samples each)
+# The shared-Z test's design: 16 Z draws × 8 samples (zdiag's default; 8 × 6 before the power
+# study of experiments/main_job_power.py).
+NUM_Z, PER_Z = 16, 8
 
 
 def read_curves(run):
@@ -53,7 +55,7 @@ def shared_z_study(run):
   from ftjax import checkpoint, zdiag
   from ftjax.data import synthetic
   trainer, state = checkpoint.load_run(run)
-  texts, groups = zdiag.shared_z_samples(trainer, state.params, num_z=NUM_Z)
+  texts, groups = zdiag.shared_z_samples(trainer, state.params, NUM_Z, PER_Z)
   tests = zdiag.shared_z_tests(texts, groups)
   lines = zdiag.shared_z_lines(texts, groups, tests)
   print("\n".join(lines))

@@ -131,7 +131,7 @@ def group_permutation_test(agree: dict[str, Any], groups: list[int], draws: int 
   return out
 
 
-def shared_z_samples(trainer: Any, params: dict, num_z: int = 8, per_z: int = 6,
+def shared_z_samples(trainer: Any, params: dict, num_z: int = 16, per_z: int = 8,
                      seed: int = 0) -> tuple[list[str], list[int]]:
   """Synthetic task, Free Transformer: (decoded samples, their group labels), `num_z` groups of
   `per_z`, each group with one draw of Z from the prior (a code per position, shared by the
@@ -157,12 +157,14 @@ def shared_z_samples(trainer: Any, params: dict, num_z: int = 8, per_z: int = 6,
 
 
 def shared_z_lines(texts: list[str], groups: list[int],
-                   tests: dict[str, tuple[float, float, float]]) -> list[str]:
-  """The samples by group and the results of `shared_z_tests`, as printed lines."""
+                   tests: dict[str, tuple[float, float, float]], show: int = 4) -> list[str]:
+  """The samples of the first `show` groups and the results of `shared_z_tests` (over all
+  groups), as printed lines."""
   num_z = max(groups) + 1
   lines = [f"samples sharing a Z draw ({num_z} draws from the prior, {len(texts) // num_z} "
-           "samples each, random prompt letters):"]
-  for k in range(num_z):
+           f"samples each, random prompt letters; the first {min(show, num_z)} draws shown, "
+           "the tests over all):"]
+  for k in range(min(show, num_z)):
     lines.append(f" Z #{k}")
     lines += ["  " + t for t, g in zip(texts, groups) if g == k]
   within, across, p = tests["position"]
@@ -174,8 +176,8 @@ def shared_z_lines(texts: list[str], groups: list[int],
   return lines
 
 
-def show_shared_z_samples(trainer: Any, params: dict, log: Callable[[str], Any], num_z: int = 8,
-                          per_z: int = 6, seed: int = 0) -> list[str]:
+def show_shared_z_samples(trainer: Any, params: dict, log: Callable[[str], Any], num_z: int = 16,
+                          per_z: int = 8, seed: int = 0) -> list[str]:
   """Logs `shared_z_samples` and their `shared_z_tests` (the share of pairs whose blocks start at
   the same position and the overlap of their '!' positions, within groups against across groups,
   with permutation p-values). Returns the printed lines."""

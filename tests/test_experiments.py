@@ -99,3 +99,16 @@ def test_kappa_results_groups_earlier_runs_with_their_device(tmp_path):
   (group,) = kappa_results.groups(runs + [mine])
   assert group["seeds"] == "0,1" and group["eval_ce_n"] == 2
   assert math.isclose(group["eval_ce_mean"], 0.36)
+
+
+def test_main_job_power_summary_counts_passes_per_design():
+  from experiments import main_job_power
+  rows = [{"run": "a", "num_z": 8, "per_z": 6, "sampling_wall_s": 1.0, "position_p": p,
+           "noise_p": q} for p, q in ((0.01, 0.5), (0.3, 0.02), (0.5, 0.6))]
+  rows.append({"run": "a", "num_z": 16, "per_z": 8, "sampling_wall_s": 3.0, "position_p": 0.0001,
+               "noise_p": 0.0001})
+  small, large = main_job_power.summarize(rows)
+  assert (small["samples"], small["sets"], small["position_passes"], small["noise_passes"],
+          small["either_passes"]) == (48, 3, 1, 1, 2)
+  assert small["position_p_median"] == 0.3
+  assert (large["samples"], large["either_passes"]) == (128, 1)

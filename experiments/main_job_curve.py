@@ -50,6 +50,12 @@ def read_curves(run):
   return rows, sum(second_half) / len(second_half)
 
 
+def shared_z_columns(tests):
+  """`zdiag.shared_z_tests`' result as flat columns: position_within, ..., noise_p."""
+  return {f"{name}_{k}": v for name, t in tests.items()
+          for k, v in zip(("within", "across", "p"), t)}
+
+
 def shared_z_study(run):
   """The shared-Z samples of the run's final checkpoint and their statistics."""
   from ftjax import checkpoint, zdiag
@@ -61,8 +67,7 @@ def shared_z_study(run):
   print("\n".join(lines))
   return {"seed": int(trainer.cfg.seed), "step": int(state.step),
           "target_bits": trainer.cfg.model.latent.target_bits,
-          **{f"{name}_{k}": v for name, t in tests.items()
-             for k, v in zip(("within", "across", "p"), t)},
+          **shared_z_columns(tests),
           "position_chance": 1 / 57, "samples": len(texts),
           "with_block": sum(zdiag.block_start(t) is not None for t in texts),
           "well_formed": sum(synthetic.well_formed(texts, trainer.cfg.data.block_len)),

@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 from experiments.kappa_results import write_csv
+from experiments.main_job_curve import shared_z_columns
 
 ALPHA = 0.025  # per test: 0.05 over the two tests (Bonferroni)
 
@@ -55,9 +56,7 @@ def sample_sets(runs, designs, repeats, draws):
         wall = time.perf_counter() - start
         tests = zdiag.shared_z_tests(texts, groups, draws=draws)
         row = {"run": os.path.basename(os.path.normpath(run)), "num_z": num_z, "per_z": per_z,
-               "sampling_seed": seed, "sampling_wall_s": wall,
-               **{f"{name}_{k}": v for name, t in tests.items()
-                  for k, v in zip(("within", "across", "p"), t)}}
+               "sampling_seed": seed, "sampling_wall_s": wall, **shared_z_columns(tests)}
         rows.append(row)
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
   return rows

@@ -198,9 +198,9 @@ def verify_run_files(workdir: str, skip: tuple[str, ...] = ()) -> None:
     raise CheckpointError(f"{path} is damaged ({e}): the run's tokenizer and config files "
                           "cannot be checked") from None
   for rel, digest in sorted(files.items()):
-    full = os.path.join(workdir, rel)
     if rel in skip:
       continue
+    full = os.path.join(workdir, rel)
     if not os.path.isfile(full):
       raise CheckpointError(f"{full} is missing (listed in {RUN_CHECKSUMS})")
     if file_sha256(full) != digest:

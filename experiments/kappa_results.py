@@ -100,7 +100,7 @@ def read_run(run_dir, draws):
   return out
 
 
-def _mean_std(values):
+def mean_std(values):
   values = [v for v in values if isinstance(v, (int, float)) and v == v]
   if not values:
     return None, None, 0
@@ -127,14 +127,14 @@ def groups(runs):
     row = {"post_sampler": key[0], "knob": key[1], "value": key[2],
            "seeds": ",".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"]))}
     for m in GROUP_METRICS:
-      mean, std, n = _mean_std([r.get(m) for r in rs])
+      mean, std, n = mean_std([r.get(m) for r in rs])
       if n:
         row[f"{m}_mean"], row[f"{m}_std"], row[f"{m}_n"] = mean, std, n
     if key[0] != "baseline":
       for m in ("eval_ce", "eval_elbo"):
         diffs = [r[m] - base[r["seed"]][m] for r in rs
                  if r["seed"] in base and m in r and m in base[r["seed"]]]
-        mean, std, n = _mean_std(diffs)
+        mean, std, n = mean_std(diffs)
         if n:
           row[f"{m}_minus_baseline_mean"], row[f"{m}_minus_baseline_std"] = mean, std
           row[f"{m}_minus_baseline_n"] = n
@@ -167,7 +167,7 @@ def fixed_kappa1_spread(runs):
   """Seed spread (sample std) of fixed κ = 1 bit (per-bit), the yardstick of the 1-bit check."""
   rs = [r for r in runs if r["enabled"] and r["kl_control"] == "free_bits"
         and r["post_sampler"] == "bits" and abs(r["kappa_bits"] - 1) < 1e-9]
-  return {m: _mean_std([r.get(m) for r in rs]) for m in ("eval_elbo", "eval_ce")}
+  return {m: mean_std([r.get(m) for r in rs]) for m in ("eval_elbo", "eval_ce")}
 
 
 def earlier_runs(path, only):

@@ -6,9 +6,10 @@
 For each run, under --out/<run's directory name>/: curve.csv (the eval rows: eval_ce, eval_elbo,
 KL in bits, the decoder's use of Z, the I(X; Z) estimate, active bits; plus the train rows'
 tokens/s) and zsamples.json (ftjax.zdiag.shared_z_samples from the run's final
-checkpoint: groups; within and across groups, the share of pairs with the same block position and
-the overlap of their '!' positions, with permutation p-values; how many samples have their
-letter's block and how many are well-formed).
+checkpoint: groups; within and across groups, the share of pairs with the same block position, the
+mean distance between block starts and the overlap of their '!' positions, with permutation
+p-values; how many samples have their letter's block, the spread (standard deviation) of their
+block starts against the data's, and how many are well-formed).
 Then --out/summary.csv, one row per run with the final eval row, the mean train-batch KL over the
 logged steps of the second half (against the controller's target) and the shared-Z tests. --wall_s
 records a measured wall time for the run whose directory is named NAME.
@@ -19,12 +20,17 @@ import json
 import math
 import os
 
+import numpy as np
+
 from experiments.kappa_results import write_csv
 
 LOG2 = math.log(2)
 # The shared-Z test's design: 16 Z draws × 8 samples (zdiag's default; 8 × 6 before the power
 # study of experiments/main_job_power.py).
 NUM_Z, PER_Z = 16, 8
+# zdiag.shared_z_tests' results as columns of summary.csv.
+TEST_COLUMNS = [f"{name}_{k}" for name in ("position", "distance", "noise")
+                for k in ("within", "across", "p")]
 
 
 def read_curves(run):
@@ -63,13 +69,16 @@ def shared_z_study(run):
   trainer, state = checkpoint.load_run(run)
   texts, groups = zdiag.shared_z_samples(trainer, state.params, NUM_Z, PER_Z)
   tests = zdiag.shared_z_tests(texts, groups)
+  starts = [s for s in map(zdiag.block_start, texts) if s is not None]
   lines = zdiag.shared_z_lines(texts, groups, tests)
   print("\n".join(lines))
   return {"seed": int(trainer.cfg.seed), "step": int(state.step),
           "target_bits": trainer.cfg.model.latent.target_bits,
           **shared_z_columns(tests),
-          "position_chance": 1 / 57, "samples": len(texts),
-          "with_block": sum(zdiag.block_start(t) is not None for t in texts),
+          "position_chance": 1 / zdiag.BLOCK_STARTS,
+          "distance_chance": zdiag.BLOCK_START_DISTANCE_CHANCE, "samples": len(texts),
+          "with_block": len(starts), "start_std": float(np.std(starts)),
+          "data_start_std": math.sqrt((zdiag.BLOCK_STARTS**2 - 1) / 12),
           "well_formed": sum(synthetic.well_formed(texts, trainer.cfg.data.block_len)),
           "lines": lines}
 
@@ -101,9 +110,9 @@ def main(argv=None):
                     "target_bits": study["target_bits"],
                     "train_kl_bits_2nd_half": train_kl_2nd_half,
                     **{k: v for k, v in curve[-1].items() if k not in ("step", "tokens_per_sec")},
-                    **{k: study[k] for k in ("position_within", "position_across", "position_p",
-                                             "noise_within", "noise_across", "noise_p",
-                                             "samples", "with_block", "well_formed")}})
+                    **{k: study[k] for k in (*TEST_COLUMNS,
+                                             "samples", "with_block", "start_std",
+                                             "well_formed")}})
   write_csv(os.path.join(args.out, "summary.csv"), summary)
   for row in summary:
     print(row)

@@ -32,6 +32,10 @@ import jax.numpy as jnp
 ACTIVE_BIT_NATS = 0.01
 MI_TOKENS = 1024
 LOG2 = math.log(2)
+# Synthetic task: a block of 8 in a body of 64 starts at one of 57 places, uniformly in the data;
+# two independent starts then coincide with probability 1/57 and lie (57² − 1) / (3 · 57) apart.
+BLOCK_STARTS = 57
+BLOCK_START_DISTANCE_CHANCE = (BLOCK_STARTS**2 - 1) / (3 * BLOCK_STARTS)
 
 
 def bit_kl_NH(logits_NH: jax.Array) -> jax.Array:
@@ -95,40 +99,64 @@ def block_start(text: str) -> Optional[int]:
 def shared_z_tests(texts: list[str], groups: list[int], draws: int = 10000,
                    seed: int = 0) -> dict[str, tuple[float, float, float]]:
   """Synthetic task: do samples that share a Z draw agree more than samples that do not?
-  {"position": ..., "noise": ...}, each (within, across, p) of `group_permutation_test`.
-  Position: both blocks start at the same place (a sample without its letter's block agrees with
-  none); noise: the Jaccard overlap of the two samples' '!' positions."""
+  {"position": ..., "distance": ..., "noise": ...}, each (within, across, p) of
+  `group_permutation_test`. Position: both blocks start at the same place (a sample without its
+  letter's block agrees with none); distance: how far apart the two blocks start, over pairs where
+  both have one (a Z that encodes only a rough position; within < across, small p); noise: the
+  Jaccard overlap of the two samples' '!' positions."""
+  import numpy as np
   starts = [block_start(t) for t in texts]
   bangs = [{i for i, c in enumerate(t[2:]) if c == "!"} for t in texts]
-  return group_permutation_test(
+  start_N = np.array([np.nan if s is None else s for s in starts], float)
+  out = group_permutation_test(
       {"position": [[a is not None and a == b for b in starts] for a in starts],
+       "distance": -np.abs(start_N[:, None] - start_N[None, :]),
        "noise": [[len(a & b) / max(len(a | b), 1) for b in bangs] for a in bangs]},
       groups, draws, seed)
+  within, across, p = out["distance"]
+  out["distance"] = (-within, -across, p)
+  return out
 
 
 def group_permutation_test(agree: dict[str, Any], groups: list[int], draws: int = 10000,
                            seed: int = 0) -> dict[str, tuple[float, float, float]]:
   """For each pairwise agreement matrix (N × N) in `agree`: (within, across, p), the mean
-  agreement over pairs in the same group and over pairs in different groups, and a one-sided
-  permutation p-value of within − across over the group labels shuffled `draws` times (small p:
-  samples of a group agree more than chance)."""
+  agreement over pairs in the same group and over pairs in different groups (NaN entries: pairs
+  left out), and a one-sided permutation p-value of within − across over the group labels
+  shuffled `draws` times (small p: samples of a group agree more than chance)."""
   import numpy as np
   groups = np.asarray(groups)
-  upper = np.triu(np.ones((len(groups), len(groups)), bool), 1)
-
-  def rates(labels, m_NN):
-    eq = labels[:, None] == labels[None, :]
-    return m_NN[eq & upper].mean(), m_NN[~eq & upper].mean()
   rng = np.random.default_rng(seed)
-  perms = [rng.permutation(groups) for _ in range(draws)]
+  perms_DN = np.stack([rng.permutation(groups) for _ in range(draws)])
+  upper_NN = np.triu(np.ones((len(groups), len(groups)), bool), 1)
   out = {}
   for name, m in agree.items():
     m_NN = np.asarray(m, float)
-    within, across = rates(groups, m_NN)
-    null = np.array([np.subtract(*rates(g, m_NN)) for g in perms])
-    p = (1 + np.sum(null >= within - across - 1e-12)) / (1 + draws)
+    kept_NN = upper_NN & ~np.isnan(m_NN)
+    m_NN = np.where(kept_NN, m_NN, 0.0)
+    (within,), (across,) = _group_rates(groups[None], m_NN, kept_NN)
+    null_D = np.concatenate([np.subtract(*_group_rates(perms_DN[i:i + 500], m_NN, kept_NN))
+                             for i in range(0, draws, 500)])
+    # An undefined shuffled rate counts against the observed one; no defined rate: p = 1.
+    p = ((1 + np.sum(~(null_D < within - across - 1e-12))) / (1 + draws)
+         if np.isfinite(within - across) else 1.0)
     out[name] = (float(within), float(across), float(p))
   return out
+
+
+def _group_rates(labels_DN, m_NN, kept_NN):
+  """For each of D labellings: the mean of m over the kept pairs in the same group and over those
+  in different groups (NaN where there are none); m is 0 outside the kept pairs."""
+  import numpy as np
+  onehot_DGN = (labels_DN[:, None, :] == np.unique(labels_DN)[None, :, None]).astype(float)
+
+  def same_group_sum(x_NN):
+    return ((onehot_DGN @ x_NN) * onehot_DGN).sum((1, 2))
+  kept_NN = kept_NN.astype(float)
+  sums = same_group_sum(m_NN), m_NN.sum() - same_group_sum(m_NN)
+  counts = same_group_sum(kept_NN), kept_NN.sum() - same_group_sum(kept_NN)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return tuple(np.where(c > 0, s / np.maximum(c, 1), np.nan) for s, c in zip(sums, counts))
 
 
 def shared_z_samples(trainer: Any, params: dict, num_z: int = 16, per_z: int = 8,
@@ -169,7 +197,11 @@ def shared_z_lines(texts: list[str], groups: list[int],
     lines += ["  " + t for t, g in zip(texts, groups) if g == k]
   within, across, p = tests["position"]
   lines.append(f"same block position: {within:.2f} of pairs sharing a Z, {across:.2f} of pairs "
-               f"with different Z (chance ≈ {1 / 57:.2f}); permutation p = {p:.4f}")
+               f"with different Z (chance ≈ {1 / BLOCK_STARTS:.2f}); permutation p = {p:.4f}")
+  within, across, p = tests["distance"]
+  lines.append(f"distance between block starts: {within:.1f} for pairs sharing a Z, {across:.1f} "
+               f"for pairs with different Z (chance ≈ {BLOCK_START_DISTANCE_CHANCE:.0f}); "
+               f"permutation p = {p:.4f}")
   within, across, p = tests["noise"]
   lines.append(f"overlap of the '!' positions (Jaccard): {within:.2f} for pairs sharing a Z, "
                f"{across:.2f} for pairs with different Z; permutation p = {p:.4f}")

@@ -1,5 +1,6 @@
 """Experiment files and scripts: every sweep point resolves; plots and Z statistics are right."""
 
+import csv
 import json
 import math
 import os
@@ -75,9 +76,17 @@ def test_shared_z_tests_against_hand_counts_and_chance():
   within, across, p = out["noise"]
   assert within == pytest.approx(3 / 6) and across == 0.0
   assert p == pytest.approx(2 / 20, abs=0.03)
+  # Starts 4, 4, 4 | 1, 30, none: the sample without a block is left out of the distances.
+  within, across, p = out["distance"]
+  assert within == pytest.approx((0 + 0 + 0 + 29) / 4)
+  assert across == pytest.approx((3 + 26) * 3 / 6)
+  # Relabellings as small a within-group distance: the observed one and its mirror image.
+  assert p == pytest.approx(2 / 20, abs=0.03)
   # A sample without its letter's block agrees with no other on position.
   no_block = zdiag.shared_z_tests(["A>" + "_" * 64] * 4, [0, 0, 1, 1], draws=10)
   assert no_block["position"][:2] == (0, 0)
+  # ... and has no distance to any: no evidence either way.
+  assert no_block["distance"][2] == 1.0 and math.isnan(no_block["distance"][0])
 
 
 def test_kappa_results_groups_earlier_runs_with_their_device(tmp_path):
@@ -104,11 +113,47 @@ def test_kappa_results_groups_earlier_runs_with_their_device(tmp_path):
 def test_main_job_power_summary_counts_passes_per_design():
   from experiments import main_job_power
   rows = [{"run": "a", "num_z": 8, "per_z": 6, "sampling_wall_s": 1.0, "position_p": p,
-           "noise_p": q} for p, q in ((0.01, 0.5), (0.3, 0.02), (0.5, 0.6))]
+           "distance_p": d, "noise_p": q}
+          for p, d, q in ((0.01, 0.01, 0.5), (0.3, 0.02, 0.02), (0.5, 0.6, 0.6))]
   rows.append({"run": "a", "num_z": 16, "per_z": 8, "sampling_wall_s": 3.0, "position_p": 0.0001,
-               "noise_p": 0.0001})
+               "distance_p": 0.0001, "noise_p": 0.0001})
   small, large = main_job_power.summarize(rows)
-  assert (small["samples"], small["sets"], small["position_passes"], small["noise_passes"],
-          small["either_passes"]) == (48, 3, 1, 1, 2)
-  assert small["position_p_median"] == 0.3
-  assert (large["samples"], large["either_passes"]) == (128, 1)
+  # 0.02 is above 0.05 / 3: the three tests share 0.05.
+  assert (small["samples"], small["sets"], small["position_passes"], small["distance_passes"],
+          small["noise_passes"], small["any_passes"]) == (48, 3, 1, 1, 0, 1)
+  assert small["position_p_median"] == 0.3 and small["distance_p_median"] == 0.02
+  assert (large["samples"], large["any_passes"]) == (128, 1)
+
+
+def test_text_results_pairs_each_seed_with_its_baselines(tmp_path):
+  from experiments import text_results
+  def run(name, seed, bpb, layers=4, kappa=None, steps=400, reached=400):
+    d = tmp_path / name
+    d.mkdir()
+    latent = {"enabled": kappa is not None, "kappa": (kappa or 0) * math.log(2),
+              "post_sampler": "onehot"}
+    (d / "config.json").write_text(json.dumps({
+        "seed": seed, "data": {"name": "shakespeare"}, "train": {"steps": steps},
+        "model": {"num_layers": layers, "latent": latent}}))
+    row = {"step": reached, "eval_ce": bpb, "eval_bpb": bpb, "eval_elbo_bpb": bpb + 0.1}
+    if kappa is not None:
+      row.update(eval_kl=0.1, eval_z_use=0.0)
+    (d / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 3.0}) + "\n" +
+                                     json.dumps(row) + "\n")
+  for seed, (base, ft) in enumerate(((2.0, 1.9), (2.2, 2.2), (2.1, 2.0))):
+    run(f"b{seed}", seed, base)
+    run(f"c{seed}", seed, base - 0.05, layers=5)
+    run(f"f{seed}", seed, ft, kappa=1)
+  run("f3", 3, 1.0, kappa=1, reached=100)  # unfinished: listed, not grouped
+  text_results.main([f"--root={tmp_path}", f"--out={tmp_path}/out", "--device=CPU"])
+  with open(tmp_path / "out" / "groups.csv", encoding="utf-8") as f:
+    rows = {r["model"]: r for r in csv.DictReader(f)}
+  ft = rows["FT, kappa=1 bits, onehot"]
+  assert ft["seeds"] == "0,1,2"
+  assert float(ft["eval_bpb_minus_baseline_mean"]) == pytest.approx(-0.2 / 3)
+  assert float(ft["eval_bpb_minus_baseline_std"]) == pytest.approx(0.0577, abs=1e-4)
+  assert float(ft["eval_bpb_minus_control_mean"]) == pytest.approx(-0.2 / 3 + 0.05)
+  assert rows["baseline + 1 block"]["eval_bpb_minus_control_mean"] == ""
+  assert float(rows["baseline + 1 block"]["eval_bpb_minus_baseline_mean"]) == pytest.approx(-0.05)
+  with open(tmp_path / "out" / "runs.csv", encoding="utf-8") as f:
+    assert sum(r["finished"] == "False" for r in csv.DictReader(f)) == 1

@@ -109,6 +109,7 @@ def test_launcher_writes_run_files_and_samples(tmp_path):
   assert "MFU" in result.stdout and "ETA" in result.stdout and "kl " in result.stdout
   assert "samples sharing a Z draw" in result.stdout and "permutation p = " in result.stdout
   assert "overlap of the '!' positions" in result.stdout
+  assert "distance between block starts" in result.stdout
   for name in ("config.json", "metrics.jsonl", "tb", "checkpoints"):
     assert os.path.exists(tmp_path / name), name
   with open(tmp_path / "config.json") as f:

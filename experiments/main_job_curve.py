@@ -28,9 +28,9 @@ LOG2 = math.log(2)
 # The shared-Z test's design: 16 Z draws × 8 samples (zdiag's default; 8 × 6 before the power
 # study of experiments/main_job_power.py).
 NUM_Z, PER_Z = 16, 8
-# zdiag.shared_z_tests' results as columns of summary.csv.
-TEST_COLUMNS = [f"{name}_{k}" for name in ("position", "distance", "noise")
-                for k in ("within", "across", "p")]
+TESTS = ("position", "distance", "noise")  # zdiag.shared_z_tests'
+# Their results as columns of summary.csv.
+TEST_COLUMNS = [f"{name}_{k}" for name in TESTS for k in ("within", "across", "p")]
 
 
 def read_curves(run):

@@ -22,9 +22,8 @@ import time
 import numpy as np
 
 from experiments.kappa_results import write_csv
-from experiments.main_job_curve import shared_z_columns
+from experiments.main_job_curve import TESTS, shared_z_columns
 
-TESTS = ("position", "distance", "noise")  # zdiag.shared_z_tests'
 ALPHA = 0.05 / len(TESTS)  # per test: 0.05 over the three tests (Bonferroni)
 
 

@@ -11,7 +11,10 @@ Writes under --out:
               over the seeds, and the paired differences of eval_bpb and the ELBO (bpb) to the
               4-block baseline and to the 5-block control of the same corpus and seed (mean, std,
               number of seeds). A difference whose mean is inside about one std of zero is noise
-              at this number of seeds.
+              at this number of seeds;
+  groups.md   groups.csv as the markdown table of experiments/README.md section 3;
+  curves.csv  one row per run and eval step (the same metrics), e.g. to see when a FT's decoder
+              starts to read Z.
 Runs short of their configured steps are listed in runs.csv and left out of groups.csv.
 """
 
@@ -37,23 +40,29 @@ def model_label(cfg):
   return f"FT, kappa={lat['kappa'] / LOG2:g} bits, {lat['post_sampler']}"
 
 
+def eval_metrics(row):
+  """METRICS of one eval row (KL converted to bits per token)."""
+  out = {"eval_step": row["step"], "eval_ce": row["eval_ce"], "eval_bpb": row.get("eval_bpb"),
+         "eval_elbo_bpb": row.get("eval_elbo_bpb")}
+  if "eval_kl" in row:
+    out.update(eval_kl_bits=row["eval_kl"] / LOG2, eval_z_use=row.get("eval_z_use"))
+  return out
+
+
 def read_run(run_dir):
+  """(the run's summary: its last eval row, run.csv's columns; all its eval rows)."""
   with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
     cfg = json.load(f)
   with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
     rows = [json.loads(line) for line in f if line.strip()]
-  evals = [r for r in rows if "eval_ce" in r]
+  evals = [eval_metrics(r) for r in rows if "eval_ce" in r]
   out = {"run": os.path.basename(run_dir), "corpus": cfg["data"]["name"],
          "model": model_label(cfg), "seed": cfg["seed"], "steps": cfg["train"]["steps"],
          "step_reached": max((r["step"] for r in rows), default=0)}
   out["finished"] = out["step_reached"] >= out["steps"]
-  if evals:
-    last = evals[-1]
-    out.update(eval_step=last["step"], eval_ce=last["eval_ce"], eval_bpb=last.get("eval_bpb"),
-               eval_elbo_bpb=last.get("eval_elbo_bpb"))
-    if "eval_kl" in last:
-      out.update(eval_kl_bits=last["eval_kl"] / LOG2, eval_z_use=last.get("eval_z_use"))
-  return out
+  curve = [{"run": out["run"], "corpus": out["corpus"], "model": out["model"],
+            "seed": out["seed"], **e} for e in evals]
+  return {**out, **(evals[-1] if evals else {})}, curve
 
 
 def groups(runs):
@@ -82,6 +91,31 @@ def groups(runs):
   return out
 
 
+def _cell(mean, std, digits, sign=""):
+  if mean is None or mean == "":
+    return "–"
+  text = f"{mean:{sign}.{digits}f}"
+  return text if std is None else f"{text} ± {std:.{digits}f}"
+
+
+def markdown_table(summary):
+  """groups() as the markdown table of experiments/README.md section 3."""
+  cols = (("eval_ce", "eval_ce (nats/byte)", 4, ""), ("eval_bpb", "eval_bpb", 4, ""),
+          ("eval_elbo_bpb", "ELBO (bpb)", 4, ""), ("eval_kl_bits", "KL (bits/token)", 2, ""),
+          ("eval_z_use", "decoder use of Z", 4, ""),
+          ("eval_bpb_minus_baseline", "eval_bpb − baseline", 4, "+"),
+          ("eval_bpb_minus_control", "eval_bpb − (baseline + 1 block)", 4, "+"))
+  lines = ["| corpus | model | seeds | " + " | ".join(c[1] for c in cols) + " |",
+           "|---" * (3 + len(cols)) + "|"]
+  order = list(BASELINES.values())
+  rank = lambda g: order.index(g["model"]) if g["model"] in order else len(order)
+  for g in sorted(summary, key=lambda g: (g["corpus"], rank(g), g["model"])):
+    cells = [_cell(g.get(f"{key}_mean"), g.get(f"{key}_std"), digits, sign)
+             for key, _, digits, sign in cols]
+    lines.append(f"| {g['corpus']} | {g['model']} | {g['seeds']} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--root", required=True, help="The sweep's --workdir.")
@@ -92,11 +126,18 @@ def main(argv=None):
                 if os.path.exists(os.path.join(d, "metrics.jsonl")))
   if not dirs:
     parser.error(f"no runs (directories with metrics.jsonl) under {args.root}")
-  runs = [{**read_run(d), "device": args.device} for d in dirs]
+  runs, curves = [], []
+  for d in dirs:
+    run, curve = read_run(d)
+    runs.append({**run, "device": args.device})
+    curves += curve
   os.makedirs(args.out, exist_ok=True)
   write_csv(os.path.join(args.out, "runs.csv"), runs)
+  write_csv(os.path.join(args.out, "curves.csv"), curves)
   summary = groups(runs)
   write_csv(os.path.join(args.out, "groups.csv"), summary)
+  with open(os.path.join(args.out, "groups.md"), "w", encoding="utf-8") as f:
+    f.write(markdown_table(summary))
   for g in summary:
     diff = g.get("eval_bpb_minus_baseline_mean")
     print(f"{g['corpus']:14s} {g['model']:28s} seeds {g['seeds']:6s} eval_bpb "

@@ -157,3 +157,9 @@ def test_text_results_pairs_each_seed_with_its_baselines(tmp_path):
   assert float(rows["baseline + 1 block"]["eval_bpb_minus_baseline_mean"]) == pytest.approx(-0.05)
   with open(tmp_path / "out" / "runs.csv", encoding="utf-8") as f:
     assert sum(r["finished"] == "False" for r in csv.DictReader(f)) == 1
+  with open(tmp_path / "out" / "curves.csv", encoding="utf-8") as f:
+    assert len(list(csv.DictReader(f))) == 10  # one eval row per run, the unfinished one too
+  table = (tmp_path / "out" / "groups.md").read_text(encoding="utf-8").splitlines()
+  assert [line.split(" | ")[1] for line in table[2:]] == [
+      "baseline, 4 blocks", "baseline + 1 block", "FT, kappa=1 bits, onehot"]
+  assert table[4].endswith("| -0.0667 ± 0.0577 | -0.0167 ± 0.0577 |")

@@ -163,3 +163,33 @@ def test_text_results_pairs_each_seed_with_its_baselines(tmp_path):
   assert [line.split(" | ")[1] for line in table[2:]] == [
       "baseline, 4 blocks", "baseline + 1 block", "FT, kappa=1 bits, onehot"]
   assert table[4].endswith("| -0.0667 ± 0.0577 | -0.0167 ± 0.0577 |")
+
+
+def test_z_onset_finds_the_first_eval_step_at_the_threshold(tmp_path):
+  from experiments import z_onset
+  curves = {"seed=0,kappa_bits=1": (0, [(250, 0.001, 0.5, None), (500, -0.004, 0.6, None),
+                                        (750, 0.02, 0.9, None), (1000, 0.005, 0.9, None)]),
+            "seed=1,kappa_bits=1": (1, [(250, 0.0, 0.4, None), (500, 0.003, 0.5, None)]),
+            "seed=0,kappa_bits=4": (0, [(250, 0.5, 3.0, None)])}
+  runs, points = z_onset.summarize(curves, threshold=0.01)
+  by_run = {r["run"]: r for r in runs}
+  assert by_run["seed=0,kappa_bits=1"]["onset_step"] == 750  # the later dip does not undo it
+  assert by_run["seed=0,kappa_bits=1"]["max_abs_z_use_before"] == 0.004
+  assert by_run["seed=1,kappa_bits=1"]["onset_step"] is None
+  assert by_run["seed=0,kappa_bits=4"]["max_abs_z_use_before"] == 0.0
+  (one,) = [p for p in points if p["point"] == "kappa_bits=1"]
+  assert (one["seeds"], one["started"], one["onset_steps"]) == ("0,1", 1, "750,-")
+  assert one["last_z_use_mean"] == pytest.approx(0.004)
+  for seed, name in ((0, "seed=0,kappa_bits=1"), (1, "seed=1,baseline")):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"seed": seed}))
+    rows = [{"step": 1, "loss": 3.0}, {"step": 250, "eval_ce": 2.0}]
+    if "kappa" in name:
+      rows += [{"step": 500, "loss": 2.0, "kl_beta": 0.5},
+               {"step": 500, "eval_ce": 1.9, "eval_z_use": 0.05, "eval_kl": math.log(2)}]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  z_onset.main([f"--root={tmp_path}", f"--out={tmp_path}/out"])
+  with open(tmp_path / "out" / "z_use_curves.csv", encoding="utf-8") as f:
+    (row,) = list(csv.DictReader(f))  # the baseline has no Z use rows
+  assert (row["step"], float(row["eval_kl_bits"]), row["kl_beta"]) == ("500", 1.0, "0.5")

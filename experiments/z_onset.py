@@ -1,0 +1,109 @@
+"""When does a Free Transformer's decoder start to read Z? Onset steps from the eval rows.
+
+  python -m experiments.z_onset --root=runs/kappa_study [--root=...] --out=DIR [--threshold=0.01]
+
+For every FT run under the roots (directories with config.json and metrics.jsonl), the decoder's
+use of Z (eval_z_use: uniform-Z CE minus encoder-Z CE, nats per token) at each eval row. Writes
+under --out:
+  z_use_curves.csv    one row per run and eval step: Z use, the KL in bits per token and, for
+                      the target-rate control, β at that step;
+  z_onset.csv         per run: the first eval step at which Z use reaches --threshold (empty if
+                      it never does), the largest |Z use| before it, and the last Z use;
+  z_onset_groups.csv  per point (the run's name without its "seed=S," prefix): the seeds, how
+                      many of them started to read Z, their onset steps, the mean ± sample std
+                      of the last Z use.
+The onset step is only as fine as the eval interval: "1250" means between the eval before and
+step 1250. The default threshold, 0.01 nats, is several times the largest |Z use| of runs that
+never read Z (z_onset.csv's `max_abs_z_use_before` shows it).
+"""
+
+import argparse
+import glob
+import json
+import math
+import os
+import re
+
+from experiments.kappa_results import mean_std, write_csv
+
+LOG2 = math.log(2)
+
+
+def point_name(run):
+  return re.sub(r"^seed=\d+,", "", run)
+
+
+def read_curve(run_dir):
+  """[(step, z_use, kl_bits, kl_beta)] of a run's eval rows that report Z use (empty for a
+  baseline); kl_beta is the target-rate multiplier logged at that step (None without one)."""
+  with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  beta = {r["step"]: r["kl_beta"] for r in rows if "kl_beta" in r}
+  return [(r["step"], r["eval_z_use"], r["eval_kl"] / LOG2, beta.get(r["step"]))
+          for r in rows if "eval_z_use" in r]
+
+
+def onset(curve, threshold):
+  """(first step with Z use ≥ threshold or None, max |Z use| of the eval rows before it)."""
+  before = []
+  for step, z_use, *_ in curve:
+    if z_use >= threshold:
+      return step, max(before, default=0.0)
+    before.append(abs(z_use))
+  return None, max(before, default=0.0)
+
+
+def summarize(runs, threshold):
+  """(per-run rows, per-point rows) from {run name: (seed, curve)}."""
+  per_run = []
+  for name, (seed, curve) in sorted(runs.items()):
+    start, noise = onset(curve, threshold)
+    per_run.append({"run": name, "point": point_name(name), "seed": seed,
+                    "last_step": curve[-1][0], "onset_step": start,
+                    "max_abs_z_use_before": noise, "last_z_use": curve[-1][1],
+                    "last_kl_bits": curve[-1][2]})
+  per_point = []
+  for point in dict.fromkeys(r["point"] for r in per_run):
+    rs = sorted((r for r in per_run if r["point"] == point), key=lambda r: r["seed"])
+    mean, std, _ = mean_std([r["last_z_use"] for r in rs])
+    per_point.append({"point": point, "seeds": ",".join(str(r["seed"]) for r in rs),
+                      "last_steps": ",".join(str(r["last_step"]) for r in rs),
+                      "started": sum(r["onset_step"] is not None for r in rs),
+                      "onset_steps": ",".join("-" if r["onset_step"] is None
+                                              else str(r["onset_step"]) for r in rs),
+                      "last_z_use_mean": mean, "last_z_use_std": std})
+  return per_run, per_point
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--root", action="append", required=True, help="A sweep's --workdir.")
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--threshold", type=float, default=0.01, help="Z use (nats per token).")
+  args = parser.parse_args(argv)
+  runs = {}
+  for root in args.root:
+    for d in sorted(glob.glob(os.path.join(root, "*"))):
+      if not os.path.exists(os.path.join(d, "metrics.jsonl")):
+        continue
+      curve = read_curve(d)
+      if curve:
+        with open(os.path.join(d, "config.json"), encoding="utf-8") as f:
+          runs[os.path.basename(d)] = (json.load(f)["seed"], curve)
+  if not runs:
+    parser.error(f"no run with eval_z_use rows under {args.root}")
+  per_run, per_point = summarize(runs, args.threshold)
+  os.makedirs(args.out, exist_ok=True)
+  write_csv(os.path.join(args.out, "z_use_curves.csv"),
+            [{"run": name, "seed": seed, "step": s, "eval_z_use": z, "eval_kl_bits": kl,
+              "kl_beta": beta} for name, (seed, curve) in sorted(runs.items())
+             for s, z, kl, beta in curve])
+  write_csv(os.path.join(args.out, "z_onset.csv"), per_run)
+  write_csv(os.path.join(args.out, "z_onset_groups.csv"), per_point)
+  for p in per_point:
+    print(f"{p['point']:60s} started {p['started']}/{len(p['seeds'].split(','))} at "
+          f"{p['onset_steps']:16s} last Z use {p['last_z_use_mean']:.3f}")
+
+
+if __name__ == "__main__":
+  main()

@@ -33,14 +33,22 @@ def point_name(run):
   return re.sub(r"^seed=\d+,", "", run)
 
 
+def z_use(row):
+  """eval_z_use, or for runs of versions that did not log it, eval_ce − (eval_elbo − eval_kl):
+  the same difference, uniform-Z CE minus encoder-Z CE, from the ELBO's two terms."""
+  if "eval_z_use" in row:
+    return row["eval_z_use"]
+  return row["eval_ce"] - (row["eval_elbo"] - row["eval_kl"])
+
+
 def read_curve(run_dir):
-  """[(step, z_use, kl_bits, kl_beta)] of a run's eval rows that report Z use (empty for a
-  baseline); kl_beta is the target-rate multiplier logged at that step (None without one)."""
+  """[(step, z_use, kl_bits, kl_beta)] of a run's FT eval rows (empty for a baseline); kl_beta is
+  the target-rate multiplier logged at that step (None without one)."""
   with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
     rows = [json.loads(line) for line in f if line.strip()]
   beta = {r["step"]: r["kl_beta"] for r in rows if "kl_beta" in r}
-  return [(r["step"], r["eval_z_use"], r["eval_kl"] / LOG2, beta.get(r["step"]))
-          for r in rows if "eval_z_use" in r]
+  return [(r["step"], z_use(r), r["eval_kl"] / LOG2, beta.get(r["step"]))
+          for r in rows if "eval_kl" in r]
 
 
 def onset(curve, threshold):
@@ -91,7 +99,7 @@ def main(argv=None):
         with open(os.path.join(d, "config.json"), encoding="utf-8") as f:
           runs[os.path.basename(d)] = (json.load(f)["seed"], curve)
   if not runs:
-    parser.error(f"no run with eval_z_use rows under {args.root}")
+    parser.error(f"no Free Transformer run (eval rows with eval_kl) under {args.root}")
   per_run, per_point = summarize(runs, args.threshold)
   os.makedirs(args.out, exist_ok=True)
   write_csv(os.path.join(args.out, "z_use_curves.csv"),

@@ -187,9 +187,11 @@ def test_z_onset_finds_the_first_eval_step_at_the_threshold(tmp_path):
     rows = [{"step": 1, "loss": 3.0}, {"step": 250, "eval_ce": 2.0}]
     if "kappa" in name:
       rows += [{"step": 500, "loss": 2.0, "kl_beta": 0.5},
-               {"step": 500, "eval_ce": 1.9, "eval_z_use": 0.05, "eval_kl": math.log(2)}]
+               {"step": 500, "eval_ce": 1.9, "eval_z_use": 0.05, "eval_kl": math.log(2)},
+               {"step": 600, "eval_ce": 1.9, "eval_elbo": 2.5, "eval_kl": 1.0}]  # no eval_z_use
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   z_onset.main([f"--root={tmp_path}", f"--out={tmp_path}/out"])
   with open(tmp_path / "out" / "z_use_curves.csv", encoding="utf-8") as f:
-    (row,) = list(csv.DictReader(f))  # the baseline has no Z use rows
-  assert (row["step"], float(row["eval_kl_bits"]), row["kl_beta"]) == ("500", 1.0, "0.5")
+    first, second = list(csv.DictReader(f))  # the baseline has no Z use rows
+  assert (first["step"], float(first["eval_kl_bits"]), first["kl_beta"]) == ("500", 1.0, "0.5")
+  assert float(second["eval_z_use"]) == pytest.approx(0.4)  # 1.9 − (2.5 − 1.0)

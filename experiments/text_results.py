@@ -50,7 +50,7 @@ def eval_metrics(row):
 
 
 def read_run(run_dir):
-  """(the run's summary: its last eval row, run.csv's columns; all its eval rows)."""
+  """(the run's row of runs.csv, ending with its last eval row; all its eval rows)."""
   with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
     cfg = json.load(f)
   with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:

@@ -47,9 +47,8 @@ GROUP_METRICS = ("eval_ce", "eval_elbo", "eval_kl_bits", "eval_z_use", "eval_z_m
                  "uniform_start_max", "well_formed_uniform", "train_kl_bits_2nd_half")
 
 
-def read_run(run_dir, draws):
-  with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
-    cfg = json.load(f)
+def metrics_rows(run_dir):
+  """The rows of run_dir/metrics.jsonl; a line that does not parse (a torn last write) is skipped."""
   rows = []
   with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
     for line in f:
@@ -57,6 +56,13 @@ def read_run(run_dir, draws):
         rows.append(json.loads(line))
       except json.JSONDecodeError:
         pass
+  return rows
+
+
+def read_run(run_dir, draws):
+  with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+    cfg = json.load(f)
+  rows = metrics_rows(run_dir)
   lat, steps = cfg["model"]["latent"], cfg["train"]["steps"]
   control = lat.get("kl_control", "free_bits")
   out = {"run": os.path.basename(run_dir), "seed": cfg["seed"], "enabled": lat["enabled"],

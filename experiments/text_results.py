@@ -13,20 +13,17 @@ Writes under --out:
               number of seeds). A difference whose mean is inside about one std of zero is noise
               at this number of seeds;
   groups.md   groups.csv as the markdown table of experiments/README.md section 3;
-  curves.csv  one row per run and eval step (the same metrics), e.g. to see when a FT's decoder
-              starts to read Z.
+  curves.csv  one row per run and eval step (the same metrics), e.g. eval_bpb over training
+              (experiments/z_onset.py reads the onset of Z use from the runs).
 Runs short of their configured steps are listed in runs.csv and left out of groups.csv.
 """
 
 import argparse
 import glob
 import json
-import math
 import os
 
-from experiments.kappa_results import mean_std, write_csv
-
-LOG2 = math.log(2)
+from experiments.kappa_results import LOG2, mean_std, metrics_rows, write_csv
 METRICS = ("eval_ce", "eval_bpb", "eval_elbo_bpb", "eval_kl_bits", "eval_z_use")
 BASELINES = {"baseline": "baseline, 4 blocks", "control": "baseline + 1 block"}
 
@@ -53,8 +50,7 @@ def read_run(run_dir):
   """(the run's row of runs.csv, ending with its last eval row; all its eval rows)."""
   with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
     cfg = json.load(f)
-  with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
-    rows = [json.loads(line) for line in f if line.strip()]
+  rows = metrics_rows(run_dir)
   evals = [eval_metrics(r) for r in rows if "eval_ce" in r]
   out = {"run": os.path.basename(run_dir), "corpus": cfg["data"]["name"],
          "model": model_label(cfg), "seed": cfg["seed"], "steps": cfg["train"]["steps"],

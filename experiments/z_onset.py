@@ -20,13 +20,11 @@ never read Z (z_onset.csv's `max_abs_z_use_before` shows it).
 import argparse
 import glob
 import json
-import math
 import os
 import re
 
-from experiments.kappa_results import mean_std, write_csv
-
-LOG2 = math.log(2)
+from experiments.kappa_results import LOG2, mean_std, metrics_rows, write_csv
+from experiments.readme_tables import latent_columns
 
 
 def point_name(run):
@@ -38,14 +36,13 @@ def z_use(row):
   the same difference, uniform-Z CE minus encoder-Z CE, from the ELBO's two terms."""
   if "eval_z_use" in row:
     return row["eval_z_use"]
-  return row["eval_ce"] - (row["eval_elbo"] - row["eval_kl"])
+  return latent_columns(row)["z_use"]
 
 
 def read_curve(run_dir):
   """[(step, z_use, kl_bits, kl_beta)] of a run's FT eval rows (empty for a baseline); kl_beta is
   the target-rate multiplier logged at that step (None without one)."""
-  with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
-    rows = [json.loads(line) for line in f if line.strip()]
+  rows = metrics_rows(run_dir)
   beta = {r["step"]: r["kl_beta"] for r in rows if "kl_beta" in r}
   return [(r["step"], z_use(r), r["eval_kl"] / LOG2, beta.get(r["step"]))
           for r in rows if "eval_kl" in r]

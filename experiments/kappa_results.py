@@ -36,6 +36,7 @@ import tempfile
 import numpy as np
 
 from experiments import synthetic_study
+from ftjax.metrics import read_rows
 
 LOG2 = math.log(2)
 EVAL_KEYS = ("eval_ce", "eval_elbo", "eval_kl", "eval_z_use", "eval_z_mi", "eval_z_mi_bits_bound",
@@ -47,22 +48,10 @@ GROUP_METRICS = ("eval_ce", "eval_elbo", "eval_kl_bits", "eval_z_use", "eval_z_m
                  "uniform_start_max", "well_formed_uniform", "train_kl_bits_2nd_half")
 
 
-def metrics_rows(run_dir):
-  """The rows of run_dir/metrics.jsonl; a line that does not parse (a torn last write) is skipped."""
-  rows = []
-  with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
-    for line in f:
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError:
-        pass
-  return rows
-
-
 def read_run(run_dir, draws):
   with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
     cfg = json.load(f)
-  rows = metrics_rows(run_dir)
+  rows = read_rows(run_dir)
   lat, steps = cfg["model"]["latent"], cfg["train"]["steps"]
   control = lat.get("kl_control", "free_bits")
   out = {"run": os.path.basename(run_dir), "seed": cfg["seed"], "enabled": lat["enabled"],

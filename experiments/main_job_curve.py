@@ -22,9 +22,9 @@ import os
 
 import numpy as np
 
-from experiments.kappa_results import write_csv
+from experiments.kappa_results import LOG2, write_csv
+from ftjax.metrics import read_rows
 
-LOG2 = math.log(2)
 # The shared-Z test's design: 16 Z draws × 8 samples (zdiag's default; 8 × 6 before the power
 # study of experiments/main_job_power.py).
 NUM_Z, PER_Z = 16, 8
@@ -37,20 +37,20 @@ def read_curves(run):
   """(the run's eval rows (KL and I(X; Z) in bits) with the tokens/s of the train row at that
   step, the mean train-batch KL in bits over the logged steps of the second half of training)."""
   rows, speed, train_kl = [], {}, {}
-  with open(os.path.join(run, "metrics.jsonl"), encoding="utf-8") as f:
-    for line in f:
-      r = json.loads(line)
-      if "tokens_per_sec" in r:
-        speed[r["step"]] = r["tokens_per_sec"]
-      if "kl" in r and "eval_ce" not in r:
-        train_kl[r["step"]] = r["kl"] / LOG2
-      if "eval_ce" in r:
-        rows.append({"step": r["step"], "eval_ce": r["eval_ce"], "eval_elbo": r["eval_elbo"],
-                     "eval_kl_bits": r.get("eval_kl", 0) / LOG2,
-                     "eval_z_use": r.get("eval_z_use"),
-                     "eval_z_mi_bits": r.get("eval_z_mi", 0) / LOG2,
-                     "eval_z_active_bits": r.get("eval_z_active_bits"),
-                     "tokens_per_sec": speed.get(r["step"])})
+  for r in read_rows(run):
+    if "tokens_per_sec" in r:
+      speed[r["step"]] = r["tokens_per_sec"]
+    if "kl" in r and "eval_ce" not in r:
+      train_kl[r["step"]] = r["kl"] / LOG2
+    if "eval_ce" in r:
+      rows.append({"step": r["step"], "eval_ce": r["eval_ce"], "eval_elbo": r["eval_elbo"],
+                   "eval_kl_bits": r.get("eval_kl", 0) / LOG2,
+                   "eval_z_use": r.get("eval_z_use"),
+                   "eval_z_mi_bits": r.get("eval_z_mi", 0) / LOG2,
+                   "eval_z_active_bits": r.get("eval_z_active_bits"),
+                   "tokens_per_sec": speed.get(r["step"])})
+  if not train_kl:
+    raise SystemExit(f"main_job_curve: no train rows in {run}/metrics.jsonl")
   last = max(train_kl)
   second_half = [v for step, v in train_kl.items() if step > last / 2]
   return rows, sum(second_half) / len(second_half)

@@ -24,24 +24,20 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ftjax.metrics import read_rows  # noqa: E402
+
 
 def read_metrics(workdir):
   """{metric: [(step, value), ...]} from workdir/metrics.jsonl (a torn last line is skipped)."""
-  series = {}
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
     sys.exit(f"plot: no metrics.jsonl in {workdir}")
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      for k, v in row.items():
-        if k != "step" and isinstance(v, (int, float)):
-          series.setdefault(k, []).append((row["step"], v))
-          if k.endswith(("kl", "ce", "elbo")):
-            series.setdefault(k + "_bits", []).append((row["step"], v / math.log(2)))
+  series = {}
+  for row in read_rows(workdir):
+    for k, v in row.items():
+      if k != "step" and isinstance(v, (int, float)):
+        series.setdefault(k, []).append((row["step"], v))
+        if k.endswith(("kl", "ce", "elbo")):
+          series.setdefault(k + "_bits", []).append((row["step"], v / math.log(2)))
   return series
 
 

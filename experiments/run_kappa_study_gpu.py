@@ -18,7 +18,6 @@ every point). Ingest it with `python -m experiments.kappa_results --archive=OUT/
 import argparse
 import csv
 import importlib.util
-import json
 import os
 import re
 import signal
@@ -58,16 +57,10 @@ def load_points(sweep):
 
 
 def last_metrics(run_dir):
+  from ftjax.metrics import read_rows
   out = {}
-  try:
-    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
-      for line in f:
-        try:
-          out.update({k: v for k, v in json.loads(line).items() if k in SUMMARY_KEYS})
-        except json.JSONDecodeError:
-          pass
-  except OSError:
-    pass
+  for row in read_rows(run_dir):
+    out.update({k: v for k, v in row.items() if k in SUMMARY_KEYS})
   return out
 
 

@@ -23,7 +23,8 @@ import glob
 import json
 import os
 
-from experiments.kappa_results import LOG2, mean_std, metrics_rows, write_csv
+from experiments.kappa_results import LOG2, mean_std, write_csv
+from ftjax.metrics import read_rows
 METRICS = ("eval_ce", "eval_bpb", "eval_elbo_bpb", "eval_kl_bits", "eval_z_use")
 BASELINES = {"baseline": "baseline, 4 blocks", "control": "baseline + 1 block"}
 
@@ -50,7 +51,7 @@ def read_run(run_dir):
   """(the run's row of runs.csv, ending with its last eval row; all its eval rows)."""
   with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
     cfg = json.load(f)
-  rows = metrics_rows(run_dir)
+  rows = read_rows(run_dir)
   evals = [eval_metrics(r) for r in rows if "eval_ce" in r]
   out = {"run": os.path.basename(run_dir), "corpus": cfg["data"]["name"],
          "model": model_label(cfg), "seed": cfg["seed"], "steps": cfg["train"]["steps"],

@@ -23,8 +23,9 @@ import json
 import os
 import re
 
-from experiments.kappa_results import LOG2, mean_std, metrics_rows, write_csv
+from experiments.kappa_results import LOG2, mean_std, write_csv
 from experiments.readme_tables import latent_columns
+from ftjax.metrics import read_rows
 
 
 def point_name(run):
@@ -42,7 +43,7 @@ def z_use(row):
 def read_curve(run_dir):
   """[(step, z_use, kl_bits, kl_beta)] of a run's FT eval rows (empty for a baseline); kl_beta is
   the target-rate multiplier logged at that step (None without one)."""
-  rows = metrics_rows(run_dir)
+  rows = read_rows(run_dir)
   beta = {r["step"]: r["kl_beta"] for r in rows if "kl_beta" in r}
   return [(r["step"], z_use(r), r["eval_kl"] / LOG2, beta.get(r["step"]))
           for r in rows if "eval_kl" in r]

@@ -74,6 +74,22 @@ def write_error(path: str, e: OSError, step: Optional[int] = None) -> WriteError
                     "newest complete checkpoint).")
 
 
+def read_rows(workdir: str) -> list:
+  """The rows of workdir/metrics.jsonl in the order written ([] when there is no such file); a
+  line that does not parse (a torn last write) is skipped. The one reader of the file."""
+  rows = []
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+      for line in f:
+        try:
+          rows.append(json.loads(line))
+        except json.JSONDecodeError:
+          pass
+  except FileNotFoundError:
+    pass
+  return rows
+
+
 def _truncate_after(path, step):
   """Keeps the rows of a metrics file up to `step` (a torn last line is dropped too)."""
   kept = []

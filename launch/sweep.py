@@ -141,13 +141,10 @@ def train_command(config, workdir, overrides):
 
 def final_metrics(workdir):
   """The last value of each summary metric in the run's metrics.jsonl ({} if none)."""
+  from ftjax.metrics import read_rows
   out = {}
-  try:
-    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-      for line in f:
-        out.update({k: v for k, v in json.loads(line).items() if k in SUMMARY_KEYS})
-  except (OSError, json.JSONDecodeError):
-    pass
+  for row in read_rows(workdir):
+    out.update({k: v for k, v in row.items() if k in SUMMARY_KEYS})
   return out
 
 

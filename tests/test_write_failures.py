@@ -131,3 +131,16 @@ def test_free_space_warning():
   free = __import__("shutil").disk_usage("/").free
   warning = loop._free_space_warning("/", 3, free // 2)
   assert warning.startswith("warning:") and "checkpoint.keep=3 + 1 checkpoints" in warning
+
+
+def test_metrics_file_reads_back_skipping_a_torn_line_and_resume_drops_later_rows(tmp_path):
+  writer = metrics.MetricWriter(str(tmp_path))
+  for step in (1, 2, 3):
+    writer.write(step, {"loss": 1.0 / step})
+  writer.close()
+  with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as f:
+    f.write('{"step": 4, "lo')  # a write torn by a kill
+  assert metrics.read_rows(str(tmp_path)) == [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
+  metrics.MetricWriter(str(tmp_path), resume_step=2).close()
+  assert [r["step"] for r in metrics.read_rows(str(tmp_path))] == [1, 2]
+  assert metrics.read_rows(str(tmp_path / "no_run")) == []

@@ -5,7 +5,11 @@
 Times `Manager.save` (the call the loop waits for; the write continues in the background) and
 the full save (until the files are committed: since checkpoints carry checksums this includes
 hashing every file in the background), and verifying a step's checksums as a restore does,
-on the config's real train state.
+on the config's real train state. Then the hashing alone: `checkpoint.write_checksums` on one
+file of --hash_mb MB (in the page cache, so it measures hashing, not the disk) with each thread
+count of --hash_threads (files over 64 MiB are hashed by segments in parallel).
+
+  python -m benchmarks.checkpoint_io --configs= --hash_threads=1,2 --hash_mb=512
 """
 
 import os
@@ -23,6 +27,8 @@ from ftjax.configs import resolve
 
 _CONFIGS = flags.DEFINE_list("configs", ["synthetic", "shakespeare"], "Experiment configs.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Saves per config.")
+_HASH_THREADS = flags.DEFINE_list("hash_threads", [], "Thread counts for the hashing table.")
+_HASH_MB = flags.DEFINE_integer("hash_mb", 512, "Size of the file the hashing table hashes.")
 
 
 def _dir_bytes(path):
@@ -30,8 +36,47 @@ def _dir_bytes(path):
              for f in files)
 
 
+def _median_range(xs, scale=1.0):
+  xs = sorted(x * scale for x in xs)
+  return f"{xs[len(xs) // 2]:.0f} ({xs[0]:.0f}–{xs[-1]:.0f})"
+
+
+def hashing_table():
+  """write_checksums on one --hash_mb file with each --hash_threads count."""
+  step_dir = tempfile.mkdtemp()
+  size = _HASH_MB.value << 20
+  with open(os.path.join(step_dir, "data"), "wb") as f:
+    for _ in range(_HASH_MB.value):
+      f.write(os.urandom(1 << 20))
+  checkpoint.write_checksums(step_dir)  # warm the page cache
+  rows, base = [], None
+  for threads in map(int, _HASH_THREADS.value):
+    checkpoint.HASH_THREADS = threads
+    times = []
+    for _ in range(_REPEATS.value):
+      start = time.perf_counter()
+      checkpoint.write_checksums(step_dir)
+      times.append(time.perf_counter() - start)
+    median = sorted(times)[len(times) // 2]
+    base = base or median
+    rows.append([threads, _median_range(times, 1e3), f"{size / median / 1e6:.0f}",
+                 f"{base / median:.2f}"])
+    print(rows[-1], flush=True)
+  shutil.rmtree(step_dir)
+  common.record("Checkpoint hashing: threads", common.markdown_table(
+      ["threads", "write_checksums, ms (median, min–max)", "MB/s", "speed-up"], rows),
+      f"One {_HASH_MB.value} MB file of random bytes in the page cache, hashed by 64 MiB "
+      f"segments; {_REPEATS.value} repeats per thread count, same run.")
+
+
 def main(argv):
   del argv
+  if _HASH_THREADS.value:
+    hashing_table()
+  saves_table()
+
+
+def saves_table():
   import importlib
   rows = []
   for name in _CONFIGS.value:
@@ -56,13 +101,13 @@ def main(argv):
       verify.append(time.perf_counter() - start)
       manager.close()
       shutil.rmtree(workdir)
-    med = lambda xs: sorted(xs)[len(xs) // 2]
     rows.append([name, f"{metrics.count_params(state.params):,}", f"{size / 1e6:.1f}",
-                 f"{med(blocking) * 1e3:.0f} ({min(blocking) * 1e3:.0f}–{max(blocking) * 1e3:.0f})",
-                 f"{med(total) * 1e3:.0f} ({min(total) * 1e3:.0f}–{max(total) * 1e3:.0f})",
-                 f"{med(verify) * 1e3:.0f} ({min(verify) * 1e3:.0f}–{max(verify) * 1e3:.0f})",
-                 f"{size / med(verify) / 1e6:.0f}"])
+                 _median_range(blocking, 1e3), _median_range(total, 1e3),
+                 _median_range(verify, 1e3),
+                 f"{size / sorted(verify)[len(verify) // 2] / 1e6:.0f}"])
     print(rows[-1], flush=True)
+  if not rows:
+    return
   table = common.markdown_table(["config", "parameters", "checkpoint MB",
                                  "save blocks the loop, ms (median, min–max)",
                                  "save complete, ms", "verify on restore, ms",

@@ -2,8 +2,8 @@
 
 A step directory `checkpoints/<step>` is committed by orbax's atomic rename; just before it, in
 the save's background thread, process 0 writes `checkpoints/<step>/checksums.json`: the size and
-SHA-256 of every other file of the step, so that a committed step carries integrity data for all
-of its bytes. Each process's data-stream state is a small file next to it,
+SHA-256 of every other file of the step (hashed by several threads; a file over 64 MiB by
+segments), so that a committed step carries integrity data for all of its bytes. Each process's data-stream state is a small file next to it,
 `checkpoints/data_state/<step>.process<i>.json`, with its own SHA-256 in its first line. Restoring
 verifies both (`checkpoint.verify`); a step that fails is skipped for the previous one with one
 warning line naming the step and the file. `load_run` restores a run for sampling or evaluation
@@ -12,6 +12,7 @@ tokenizer and config files are covered by `workdir/run_checksums.json` (`write_r
 `verify_run_files`).
 """
 
+import concurrent.futures
 import glob
 import hashlib
 import json
@@ -34,6 +35,13 @@ CHECKSUMS = "checksums.json"  # in each step directory, written as part of the c
 CHECKSUMS_SINCE = "checksums_since.json"
 RUN_CHECKSUMS = "run_checksums.json"  # in the run directory: its config and tokenizer files
 _CHUNK = 1 << 22
+# A step's files are hashed by this many threads at once (hashlib and file reads release the
+# GIL), files over _SEGMENT bytes in segments, so that a large checkpoint is hashed at the
+# disk's speed rather than one core's. Such a file's digest is _SEGMENTED followed by the
+# SHA-256 of its segments' SHA-256 digests, in order; other files' is their SHA-256.
+HASH_THREADS = min(16, os.cpu_count() or 1)
+_SEGMENT = 1 << 26
+_SEGMENTED = "sha256-of-64MiB-segments:"
 # orbax's own marker, written into the step directory after the rename: not covered.
 _NOT_COVERED = {CHECKSUMS, "commit_success.txt"}
 # orbax adds the commit time to the step's metadata file when it renames the directory: that
@@ -131,23 +139,66 @@ def _digest(step_dir: str, rel: str) -> Optional[str]:
   return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
 
 
+def _range_sha256(path: str, offset: int, length: int) -> bytes:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    f.seek(offset)
+    while length > 0:
+      chunk = f.read(min(_CHUNK, length))
+      if not chunk:
+        break
+      h.update(chunk)
+      length -= len(chunk)
+  return h.digest()
+
+
+def _digests(step_dir: str, rels: list[str],
+             segmented: Callable[[str], bool]) -> dict[str, Optional[str]]:
+  """The digest of each file of `rels`: by segments where `segmented(rel)` (see _SEGMENTED),
+  else `_digest`. Files and segments are hashed by up to HASH_THREADS threads."""
+  jobs = []  # (rel, offset, length); offset None: the whole file
+  for rel in rels:
+    if segmented(rel):
+      size = os.path.getsize(os.path.join(step_dir, rel))
+      jobs += [(rel, at, min(_SEGMENT, size - at)) for at in range(0, size, _SEGMENT)]
+    else:
+      jobs.append((rel, None, None))
+
+  def run(job):
+    rel, offset, length = job
+    if offset is None:
+      return _digest(step_dir, rel)
+    return _range_sha256(os.path.join(step_dir, rel), offset, length)
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, min(HASH_THREADS, len(jobs)))) as pool:
+    results = list(pool.map(run, jobs))
+  digests, segments = {}, {}
+  for (rel, offset, _), result in zip(jobs, results):
+    if offset is None:
+      digests[rel] = result
+    else:
+      segments.setdefault(rel, []).append(result)
+  for rel, parts in segments.items():
+    digests[rel] = _SEGMENTED + hashlib.sha256(b"".join(parts)).hexdigest()
+  return digests
+
+
 def write_checksums(step_dir: str) -> None:
   """Writes `step_dir/checksums.json`: size and SHA-256 of every file under `step_dir`."""
-  files = {}
-  for root, _, names in os.walk(step_dir):
-    for name in names:
-      path = os.path.join(root, name)
-      rel = os.path.relpath(path, step_dir)
-      if rel not in _NOT_COVERED:
-        files[rel] = [None if rel == _STEP_METADATA else os.path.getsize(path),
-                      _digest(step_dir, rel)]
+  rels = sorted(os.path.relpath(os.path.join(root, name), step_dir)
+                for root, _, names in os.walk(step_dir) for name in names)
+  rels = [rel for rel in rels if rel not in _NOT_COVERED]
+  sizes = {rel: None if rel == _STEP_METADATA else os.path.getsize(os.path.join(step_dir, rel))
+           for rel in rels}
+  digests = _digests(step_dir, rels, lambda rel: (sizes[rel] or 0) > _SEGMENT)
+  files = {rel: [sizes[rel], digests[rel]] for rel in rels}
   _write_checked(os.path.join(step_dir, CHECKSUMS), {"files": files}, sync=True)
 
 
 def verify_files(step_dir: str, share: tuple[int, int] = (0, 1)) -> None:
   """Checks the files of a committed step against its checksums; raises _Unreadable naming the
-  first file that differs. `share` = (i, n): check only every n-th file from the i-th (each of n
-  processes checks its share)."""
+  first file (in sorted order) that differs. `share` = (i, n): check only every n-th file from
+  the i-th (each of n processes checks its share)."""
   manifest = _read_checked(os.path.join(step_dir, CHECKSUMS))
   files = manifest["files"]
   on_disk = {os.path.relpath(os.path.join(root, name), step_dir)
@@ -156,12 +207,17 @@ def verify_files(step_dir: str, share: tuple[int, int] = (0, 1)) -> None:
   if extra:
     raise _Unreadable(f"{extra[0]}: a file the checksums do not list", extra[0])
   index, count = share
-  for rel in sorted(files)[index::count]:
-    size, digest = files[rel]
+  mine = sorted(files)[index::count]
+  for rel in mine:
+    size = files[rel][0]
     path = os.path.join(step_dir, rel)
     if not os.path.exists(path):
       raise _Unreadable(f"{rel}: missing", rel)
-    if (size is not None and os.path.getsize(path) != size) or _digest(step_dir, rel) != digest:
+    if size is not None and os.path.getsize(path) != size:
+      raise _Unreadable(f"{rel}: checksum mismatch", rel)
+  digests = _digests(step_dir, mine, lambda rel: str(files[rel][1]).startswith(_SEGMENTED))
+  for rel in mine:
+    if digests[rel] != files[rel][1]:
       raise _Unreadable(f"{rel}: checksum mismatch", rel)
 
 

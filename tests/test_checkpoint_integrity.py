@@ -150,3 +150,37 @@ def test_verify_off_skips_the_check(trained, tmp_path):
                                  read_only=True, log=warnings.append)
     state, _ = manager.restore(None, trainer.abstract_state())
     assert int(state.step) == step and len(warnings) == int(verify)
+
+
+def test_large_files_are_hashed_by_segments_in_threads(tmp_path, monkeypatch):
+  """A file over the segment size gets the SHA-256 of its segments' SHA-256s (any number of
+  threads gives the same manifest); a flipped byte in any segment is found; a manifest with a
+  whole-file SHA-256 (older checkpoints) still verifies."""
+  import hashlib
+  monkeypatch.setattr(checkpoint, "_SEGMENT", 1000)
+  step_dir = tmp_path / "7"
+  (step_dir / "d").mkdir(parents=True)
+  big = os.urandom(3500)
+  (step_dir / "d" / "big").write_bytes(big)
+  (step_dir / "small").write_bytes(b"x" * 10)
+  manifests = []
+  for threads in (1, 4):
+    monkeypatch.setattr(checkpoint, "HASH_THREADS", threads)
+    checkpoint.write_checksums(str(step_dir))
+    manifests.append(open(step_dir / checkpoint.CHECKSUMS, "rb").read())
+    checkpoint.verify_files(str(step_dir))
+  assert manifests[0] == manifests[1]
+  files = json.loads(manifests[0].partition(b"\n")[2])["files"]
+  segments = b"".join(hashlib.sha256(big[i:i + 1000]).digest() for i in range(0, 3500, 1000))
+  assert files["d/big"] == [3500, checkpoint._SEGMENTED + hashlib.sha256(segments).hexdigest()]
+  assert files["small"] == [10, hashlib.sha256(b"x" * 10).hexdigest()]
+  for offset in (0, 2999, 3499):  # first, third and the short last segment
+    damaged = bytearray(big)
+    damaged[offset] ^= 0xFF
+    (step_dir / "d" / "big").write_bytes(bytes(damaged))
+    with pytest.raises(checkpoint._Unreadable, match="d/big: checksum mismatch"):
+      checkpoint.verify_files(str(step_dir))
+  (step_dir / "d" / "big").write_bytes(big)
+  files["d/big"][1] = hashlib.sha256(big).hexdigest()  # a manifest written before segments
+  checkpoint._write_checked(str(step_dir / checkpoint.CHECKSUMS), {"files": files})
+  checkpoint.verify_files(str(step_dir))

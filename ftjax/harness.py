@@ -18,7 +18,9 @@ How a Free Transformer's Z is chosen (`z_mode`):
 A baseline run ignores `z_mode`.
 
 Tokenizer: the run's Hugging Face tokenizer (`RUN/hf_tokenizer/tokenizer.json`, from
-`launch.import_hf`) when it has one, else the run's data tokenizer (bytes, sentencepiece).
+`launch.import_hf`) when it has one, else the run's data tokenizer (bytes, sentencepiece). With
+lm_eval's apply_chat_template, prompts are written in the checkpoint's chat template
+(ftjax.chat_template; a run without an HF tokenizer has none).
 """
 
 import functools
@@ -33,7 +35,8 @@ import lm_eval.models  # noqa: F401  (lm_eval's own models, registered lazily: "
 from lm_eval.api.model import TemplateLM  # resolvable once "ftjax" is in the registry)
 from lm_eval.api.registry import register_model
 
-from ftjax import hf, latent as latent_lib, sampling
+from ftjax import chat_template as chat_template_lib, hf, latent as latent_lib, sampling
+from ftjax.chat_template import ChatTemplateError
 from ftjax.model import make_model
 
 Z_MODES = ("uniform", "fixed", "encoder")
@@ -188,6 +191,38 @@ class FtjaxLM(TemplateLM):
     if self.hf_tokenizer is not None:
       return self.hf_tokenizer.decode(tokens)
     return self.trainer.source.decode(np.asarray(tokens, np.int32))
+
+  # -------------------------------------------------------------------- chat templates
+
+  def chat_template(self, chat_template: Union[bool, str] = False) -> Optional[str]:
+    """lm_eval (--apply_chat_template[=NAME]): the checkpoint's chat template to use (True:
+    the default one; a string: the one of that name); None when off."""
+    if chat_template is False or chat_template is None:
+      return None
+    if self.hf_tokenizer is None:
+      raise ChatTemplateError("this run has no Hugging Face tokenizer, so no chat template")
+    self._chat_template_name = None if chat_template is True else str(chat_template)
+    return chat_template_lib.pick(self.hf_tokenizer.chat_templates, self._chat_template_name)
+
+  def apply_chat_template(self, chat_history: list[dict[str, str]],
+                          add_generation_prompt: bool = True) -> str:
+    """The few-shot conversation as text in the chat template; without a generation prompt
+    the final (assistant) message is continued. A template that rejects the system role gets
+    the conversation without it (as lm_eval's `hf` model does)."""
+    if self.hf_tokenizer is None:
+      raise ChatTemplateError("this run has no Hugging Face tokenizer, so no chat template")
+    name = getattr(self, "_chat_template_name", None)
+
+    def render(messages):
+      return self.hf_tokenizer.apply_chat_template(
+          messages, add_generation_prompt, continue_final_message=not add_generation_prompt,
+          name=name)
+    try:
+      return render(chat_history)
+    except ChatTemplateError:
+      if not any(m["role"] == "system" for m in chat_history):
+        raise
+      return render([m for m in chat_history if m["role"] != "system"])
 
   # -------------------------------------------------------------------- scoring
 

@@ -37,13 +37,15 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import ml_dtypes
 import numpy as np
 
+from ftjax import chat_template
+
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 TOKENIZER_DIR = "hf_tokenizer"  # in a run directory: the checkpoint's tokenizer files
 HF_CONFIG_FILE = "hf_config.json"  # in a run directory: the imported config.json, for export
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "generation_config.json")
+                   "tokenizer.model", "generation_config.json", "chat_template.jinja")
 LATENT_PREFIX = "ftjax_latent."
 FTJAX_KEY = "ftjax"
 # Keys of config.json that decide the ftjax model; a user override must agree with them.
@@ -462,25 +464,51 @@ def copy_tokenizer(src_dir: str, dst_dir: str) -> list[str]:
   return copied
 
 
+def _read_json(path: str) -> dict:
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _token_text(token: Any) -> Any:
+  """A special token of tokenizer_config.json as text ({"content": ...} entries unwrapped)."""
+  if isinstance(token, dict):
+    return token.get("content")
+  if isinstance(token, list):
+    return [_token_text(t) for t in token]
+  return token
+
+
 class RunTokenizer:
   """A run's Hugging Face tokenizer (`RUN/hf_tokenizer/tokenizer.json`, read with the
-  `tokenizers` library): encode(text) → ids without special tokens, decode(ids), bos/eos ids."""
+  `tokenizers` library): encode(text) → ids without special tokens, decode(ids), bos/eos ids,
+  and the checkpoint's chat templates (`apply_chat_template`, see ftjax.chat_template)."""
 
   def __init__(self, run_dir: str) -> None:
     import tokenizers
     directory = os.path.join(run_dir, TOKENIZER_DIR)
     self._tok = tokenizers.Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
-    config = {}
-    if os.path.exists(os.path.join(directory, "tokenizer_config.json")):
-      with open(os.path.join(directory, "tokenizer_config.json"), encoding="utf-8") as f:
-        config = json.load(f)
-    self.bos_id = self._special_id(config.get("bos_token"))
-    self.eos_id = self._special_id(config.get("eos_token"))
+    config = _read_json(os.path.join(directory, "tokenizer_config.json"))
+    special = {**_read_json(os.path.join(directory, "special_tokens_map.json")), **config}
+    # The template's variables: bos_token, eos_token, ..., additional_special_tokens.
+    self.special_tokens = {k: _token_text(v) for k, v in special.items()
+                           if k.endswith("_token") or k == "additional_special_tokens"}
+    self.bos_id = self._special_id(self.special_tokens.get("bos_token"))
+    self.eos_id = self._special_id(self.special_tokens.get("eos_token"))
+    self.chat_templates = chat_template.load_templates(directory, config)
 
-  def _special_id(self, token: Any) -> Optional[int]:
-    if isinstance(token, dict):
-      token = token.get("content")
+  def _special_id(self, token: Optional[str]) -> Optional[int]:
     return None if token is None else self._tok.token_to_id(token)
+
+  def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                          continue_final_message: bool = False,
+                          name: Optional[str] = None) -> str:
+    """`messages` as text in the checkpoint's chat template (`name`: one of several named
+    templates); ChatTemplateError when there is none or it fails."""
+    return chat_template.render(chat_template.pick(self.chat_templates, name), messages,
+                                add_generation_prompt, continue_final_message,
+                                **self.special_tokens)
 
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids

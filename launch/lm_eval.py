@@ -3,7 +3,8 @@
   python -m launch.lm_eval --workdir=RUN --tasks=hellaswag,arc_easy [--num_fewshot=0]
       [--limit=100] [--include_path=DIR] [--output_path=DIR] [--log_samples] [--batch_size=8]
       [--z_mode=uniform|fixed|encoder] [--code=N] [--seed=0] [--max_length=N] [--add_bos_token]
-      [--confirm_run_unsafe_code]
+      [--confirm_run_unsafe_code] [--apply_chat_template [--chat_template=NAME]
+      --fewshot_as_multiturn --system_instruction=TEXT]
 
 The model is `ftjax.harness.FtjaxLM` ("ftjax" in lm_eval's registry): log-likelihoods with a
 full forward pass, generation with the KV cache. --z_mode picks a Free Transformer's Z: a code
@@ -11,7 +12,11 @@ drawn uniformly per token (default, as in the paper's evaluation), one fixed cod
 or the encoder's codes over the context with uniform codes for what is scored or generated.
 Tasks come from lm_eval (downloaded by `datasets`: needs network) or from YAML files under
 --include_path. Prints lm_eval's table; --output_path writes its results JSON (and with
---log_samples the per-sample JSON lines).
+--log_samples the per-sample JSON lines). --apply_chat_template writes every prompt in the
+imported checkpoint's chat template (its tokenizer's `chat_template.jinja` or
+tokenizer_config.json entry; ftjax.chat_template renders it as transformers does), with the
+few-shot examples as turns of the conversation (--fewshot_as_multiturn, default on) and
+--system_instruction as the system message.
 """
 
 from absl import app, flags, logging
@@ -39,6 +44,27 @@ _MAX_LENGTH = flags.DEFINE_integer("max_length", None, "Tokens per forward pass 
 _ADD_BOS = flags.DEFINE_bool("add_bos_token", False, "Prepend BOS to every context.")
 _UNSAFE = flags.DEFINE_bool("confirm_run_unsafe_code", False, "Let code tasks (humaneval, "
                             "mbpp) execute the generated code (also set HF_ALLOW_CODE_EVAL=1).")
+_CHAT = flags.DEFINE_bool("apply_chat_template", False, "Write prompts in the checkpoint's "
+                          "chat template.")
+_CHAT_NAME = flags.DEFINE_string("chat_template", None, "With --apply_chat_template: the name "
+                                 "of one of several templates (default: 'default').")
+_MULTITURN = flags.DEFINE_bool("fewshot_as_multiturn", True, "With --apply_chat_template: "
+                               "few-shot examples as turns of the conversation.")
+_SYSTEM = flags.DEFINE_string("system_instruction", None, "A system instruction for every "
+                              "prompt.")
+
+
+def _check_chat_template(workdir):
+  """Fails in one line when --apply_chat_template cannot work on this run."""
+  from ftjax import chat_template, hf
+  tokenizer = hf.run_tokenizer(workdir)
+  if tokenizer is None:
+    cli.fail(f"flag error: --apply_chat_template: {workdir} has no Hugging Face tokenizer "
+             "(hf_tokenizer/), so no chat template")
+  try:
+    chat_template.pick(tokenizer.chat_templates, _CHAT_NAME.value)
+  except chat_template.ChatTemplateError as e:
+    cli.fail(f"flag error: --apply_chat_template: {e}")
 
 
 def main(argv):
@@ -62,6 +88,10 @@ def main(argv):
   if missing:
     cli.fail(f"flag error: unknown lm_eval task(s) {missing} (see `lm_eval ls tasks`, or "
              "--include_path for your own YAML)")
+  if _CHAT_NAME.value and not _CHAT.value:
+    cli.fail("flag error: --chat_template needs --apply_chat_template")
+  if _CHAT.value:
+    _check_chat_template(_WORKDIR.value)
   trainer, state = cli.restored_run(argv, _WORKDIR.value, _STEP.value)
   from ftjax.harness import FtjaxLM
   try:
@@ -75,7 +105,10 @@ def main(argv):
       model=lm, tasks=_TASKS.value, num_fewshot=_NUM_FEWSHOT.value, limit=_LIMIT.value,
       batch_size=_BATCH_SIZE.value, log_samples=_LOG_SAMPLES.value, evaluation_tracker=tracker,
       task_manager=task_manager, random_seed=_SEED.value,
-      confirm_run_unsafe_code=_UNSAFE.value)
+      confirm_run_unsafe_code=_UNSAFE.value,
+      apply_chat_template=(_CHAT_NAME.value or True) if _CHAT.value else False,
+      fewshot_as_multiturn=_MULTITURN.value and _CHAT.value,
+      system_instruction=_SYSTEM.value)
   samples = results.pop("samples", None)
   if tracker is not None:
     tracker.general_config_tracker.model_name = f"ftjax:{_WORKDIR.value}"
@@ -85,7 +118,8 @@ def main(argv):
       for task_name in results["configs"]:
         tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
   print(f"ftjax {_WORKDIR.value} step {int(state.step)}, z_mode {lm.z_mode}, num_fewshot "
-        f"{_NUM_FEWSHOT.value}, limit {_LIMIT.value}")
+        f"{_NUM_FEWSHOT.value}, limit {_LIMIT.value}, chat template "
+        f"{(_CHAT_NAME.value or 'default') if _CHAT.value else 'off'}")
   print(make_table(results))
   if "groups" in results:
     print(make_table(results, "groups"))

@@ -61,3 +61,32 @@ def test_live_import_export_equal_transformers(models, name, tmp_path):
     # it ignores) → the same logits.
     hf.export(state.params, cfg.model, out, run_dir=run)
     np.testing.assert_allclose(hf_logits(out, tokens), reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("template", ["LLAMA3", "ALTERNATING", "JSONISH"])
+def test_chat_templates_render_as_transformers(template, tmp_path):
+  """ftjax.chat_template against transformers' apply_chat_template(tokenize=False), with and
+  without the generation prompt and continuing the final message."""
+  pytest.importorskip("transformers")
+  import shutil
+  from transformers import AutoTokenizer
+  from . import test_chat_template as t
+  from .test_hf import UNTIED
+  shutil.copytree(UNTIED, tmp_path / "hf")
+  (tmp_path / "hf" / "chat_template.jinja").write_text(getattr(t, template))
+  theirs = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+  hf.copy_tokenizer(str(tmp_path / "hf"), str(tmp_path / "run" / hf.TOKENIZER_DIR))
+  ours = hf.RunTokenizer(str(tmp_path / "run"))
+  chats = [t.CHAT[1:2], t.CHAT[1:], t.CHAT, [{"role": "user", "content": "é <b> & 'x'"}]]
+  for chat in chats:
+    for generation_prompt, continued in ((True, False), (False, False), (False, True)):
+      try:
+        expected = theirs.apply_chat_template(chat, tokenize=False,
+                                              add_generation_prompt=generation_prompt,
+                                              continue_final_message=continued)
+      except Exception as e:  # noqa: BLE001 (the template refuses this chat: so must ours)
+        with pytest.raises(Exception):
+          ours.apply_chat_template(chat, generation_prompt, continued)
+        print(template, "both refuse:", str(e)[:80])
+        continue
+      assert ours.apply_chat_template(chat, generation_prompt, continued) == expected

@@ -204,3 +204,36 @@ def test_same_numbers_as_lm_eval_hf_model(runs):
   for task in tasks:
     np.testing.assert_allclose(np.concatenate(ours[task]), np.concatenate(theirs[task]),
                                atol=1e-3, rtol=1e-4, err_msg=task)
+
+
+def test_launcher_with_a_chat_template(runs, tmp_path):
+  """--apply_chat_template writes each prompt in the checkpoint's chat template (few-shot
+  examples as turns) and scores it; a run without a template fails in one line."""
+  import shutil
+  from .test_chat_template import LLAMA3
+  hf_dir = tmp_path / "hf"
+  shutil.copytree(UNTIED, hf_dir)
+  (hf_dir / "chat_template.jinja").write_text(LLAMA3)
+  run = str(tmp_path / "run")
+  hf.import_run(str(hf_dir), run, config_for(str(hf_dir)), log=lambda *_: None)
+  r = subprocess.run(
+      [sys.executable, "-m", "launch.lm_eval", f"--workdir={run}", "--tasks=ftjax_tiny_mc",
+       f"--include_path={TASKS}", f"--output_path={tmp_path / 'out'}", "--log_samples",
+       "--num_fewshot=1", "--apply_chat_template", "--system_instruction=Answer."],
+      cwd=REPO, capture_output=True, text=True, timeout=600,
+      env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "chat template default" in r.stdout
+  samples = glob.glob(str(tmp_path / "out" / "**" / "samples_ftjax_tiny_mc_*.jsonl"),
+                      recursive=True)
+  row = json.loads(open(samples[0], encoding="utf-8").readline())
+  prompt = row["arguments"]["gen_args_0"]["arg_0"]
+  assert prompt.startswith("<s><|start_header_id|>system<|end_header_id|>\n\nAnswer.<|eot_id|>")
+  assert prompt.count("<|start_header_id|>user") == 2  # the few-shot example and the question
+  assert prompt.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+  bad = subprocess.run([sys.executable, "-m", "launch.lm_eval", f"--workdir={runs['ft'][0]}",
+                        "--tasks=ftjax_tiny_mc", f"--include_path={TASKS}",
+                        "--apply_chat_template"], cwd=REPO, capture_output=True, text=True,
+                       timeout=600)
+  assert bad.returncode == 2 and "has no chat template" in bad.stderr
+  assert bad.stderr.strip().count("\n") == 0

@@ -52,6 +52,9 @@ def default_config():
   c.model.seq_len = 64  # T, tokens per training sequence
   c.model.rope_theta = 10_000.0  # RoPE base
   c.model.norm_eps = 1e-5  # RMSNorm epsilon
+  # True: the logits use the input embedding (transposed), no separate unembed parameter (as
+  # Llama 3.2 1B/3B); the embedding is then initialised N(0, 1/d_model)
+  c.model.tie_embeddings = False
   c.model.rope_scaling = ml_collections.ConfigDict()  # RoPE frequency rescaling
   c.model.rope_scaling.type = "none"  # "none", or "llama3" (Llama 3.1+ checkpoints)
   c.model.rope_scaling.factor = 8.0  # llama3: long wavelengths stretched by this

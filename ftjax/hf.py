@@ -16,13 +16,14 @@ F MLP hidden, V vocabulary):
     model.layers.i.mlp.gate_proj/up_proj [F, D] → <block>/mlp/gate|up/kernel [D, F]
     model.layers.i.mlp.down_proj.weight [D, F]  → <block>/mlp/down/kernel [F, D]
     model.norm.weight                           → final_norm/scale
-    lm_head.weight [V, D] (tied: embed_tokens)  → unembed/kernel [D, V]
+    lm_head.weight [V, D]                       → unembed/kernel [D, V] (none when tied)
 
 <block> of HF layer i: layers_lo[i] for i < I, inject_block for i = I, layers_hi[i − I − 1]
 after it (I = model.latent.inject_layer). Hugging Face's Llama already uses the rotate-half RoPE
-convention that ftjax uses, so q/k need no permutation. Tied embeddings are untied on import
-(unembed = embed_tokens transposed); training then updates the two separately, and export writes
-an untied `lm_head`.
+convention that ftjax uses, so q/k need no permutation. A checkpoint with
+`tie_word_embeddings` imports with `model.tie_embeddings=True` (logits from the embedding, no
+unembed parameter) and exports tied again; `--config.model.tie_embeddings=False` unties it on
+import (unembed = embed_tokens transposed, then trained separately; export writes `lm_head`).
 
 A Free Transformer's latent path (`params["latent"]`) is exported in ftjax's own layout under
 the prefix `ftjax_latent.` with the latent config under the `ftjax` key of config.json; an HF
@@ -222,6 +223,7 @@ def model_fields(hf: dict) -> dict:
   if fields["head_dim"] % 2:
     raise HFError(f"head_dim={fields['head_dim']} is odd: RoPE needs an even head dim")
   fields["rope_theta"], fields["rope_scaling"] = _rope(hf)
+  fields["tie_embeddings"] = bool(hf.get("tie_word_embeddings", False))
   return fields
 
 
@@ -243,7 +245,7 @@ def hf_config(m: Any, base: Optional[dict] = None, latent: Optional[dict] = None
       "num_key_value_heads": m.num_kv_heads, "head_dim": m.head_dim,
       "vocab_size": m.vocab_size, "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta,
       "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-      "tie_word_embeddings": False, "torch_dtype": "float32"})
+      "tie_word_embeddings": bool(m.tie_embeddings), "torch_dtype": "float32"})
   out.setdefault("max_position_embeddings", m.seq_len)
   r = m.get("rope_scaling")
   out["rope_scaling"] = None
@@ -323,9 +325,10 @@ def param_map(m: Any, tied: bool) -> dict[tuple[str, ...], tuple]:
   """{ftjax param path (tuple): (HF names: a str, or a list over the stacked layers axis,
   to_ftjax(array) -> array, HF shape)} for every decoder parameter."""
   out = {("embed",): ("model.embed_tokens.weight", lambda w: w, (m.vocab_size, m.d_model)),
-         ("final_norm", "scale"): ("model.norm.weight", lambda w: w, (m.d_model,)),
-         ("unembed", "kernel"): ("model.embed_tokens.weight" if tied else "lm_head.weight",
-                                 lambda w: w.T, (m.vocab_size, m.d_model))}
+         ("final_norm", "scale"): ("model.norm.weight", lambda w: w, (m.d_model,))}
+  if not m.tie_embeddings:  # a tied checkpoint untied on import: unembed from the embedding
+    out[("unembed", "kernel")] = ("model.embed_tokens.weight" if tied else "lm_head.weight",
+                                  lambda w: w.T, (m.vocab_size, m.d_model))
   for stack, layers in block_layers(m).items():
     for sub in _layer_tensors(0):
       names = [_layer_tensors(i)[sub] for i in layers]
@@ -420,8 +423,9 @@ def export_tensors(params: Any, m: Any) -> list[TensorSpec]:
                   lambda convert=convert, leaf=leaf: convert(np.asarray(leaf))))
   out.append(("model.norm.weight", (m.d_model,), np.float32,
               lambda: np.asarray(params["final_norm"]["scale"])))
-  out.append(("lm_head.weight", (m.vocab_size, m.d_model), np.float32,
-              lambda: np.asarray(params["unembed"]["kernel"]).T))
+  if not m.tie_embeddings:
+    out.append(("lm_head.weight", (m.vocab_size, m.d_model), np.float32,
+                lambda: np.asarray(params["unembed"]["kernel"]).T))
   if "latent" in params:
     import jax
     for keypath, leaf in jax.tree_util.tree_leaves_with_path(params["latent"]):
@@ -541,6 +545,11 @@ def build_config(base: Any, hf: dict, overrides: Optional[dict] = None) -> Any:
       raise HFError(f"--config.model.{key}={given} contradicts the checkpoint "
                     f"({fields[key]}); architecture keys come from config.json")
     cfg.model[key] = fields[key]
+  tie = overrides.get("model.tie_embeddings")
+  if tie and not fields["tie_embeddings"]:
+    raise HFError("--config.model.tie_embeddings=True: the checkpoint has its own lm_head "
+                  "(tie_word_embeddings is false)")
+  cfg.model.tie_embeddings = fields["tie_embeddings"] if tie is None else bool(tie)
   for key, value in fields["rope_scaling"].items():
     given = overrides.get(f"model.rope_scaling.{key}")
     if given is not None and given != value:
@@ -602,7 +611,9 @@ def import_run(hf_dir: str, workdir: str, cfg: Any, log: Callable[[str], Any] = 
   manager.close()
   lat = cfg.model.latent
   log(f"imported {hf_dir} ({cfg.model.num_layers} layers, d_model {cfg.model.d_model}, "
-      f"{'tied' if tied else 'untied'} embeddings) into {workdir} at step 0; "
+      f"{'tied' if tied else 'untied'} embeddings"
+      f"{', untied on import' if tied and not cfg.model.tie_embeddings else ''}) into {workdir} "
+      "at step 0; "
       + (f"latent on (H={lat.num_bits}, inject_layer={lat.inject_layer})" if lat.enabled else
          "latent off (baseline)")
       + (f"; tokenizer files: {', '.join(copied)}" if copied else "; no tokenizer files"))

@@ -5,7 +5,7 @@ Shape letters: B batch, T tokens, D model width, V vocabulary, H latent bits, C 
 Layout of the L blocks (`inject_layer` = I, default L/2):
 
     embed → scan(I causal blocks) → [latent] → inject block → scan(L − I − 1 causal blocks)
-          → final norm → unembed
+          → final norm → unembed (or the embedding transposed, `model.tie_embeddings`)
 
 The inject block is the (I+1)-th decoder block; with the latent enabled its keys/values see
 X_I + R. The latent path (module `latent`) holds the encoder block (non-causal, queries from the
@@ -152,8 +152,8 @@ class Transformer(nn.Module):
       offset = index.value
       index.value = offset + t
     span = Span(offset, start_B, segment_ids_BT, positions_BT, left_padded=left_padded)
-    embed_VD = self.param("embed", nn.with_logical_partitioning(nn.initializers.normal(1.0),
-                                                                ("vocab", "embed")),
+    embed_init = nn.initializers.normal(m.d_model**-0.5 if m.tie_embeddings else 1.0)
+    embed_VD = self.param("embed", nn.with_logical_partitioning(embed_init, ("vocab", "embed")),
                           (m.vocab_size, m.d_model), jnp.float32)
     x_BTD = jnp.take(embed_VD, tokens_BT, axis=0).astype(jnp.float32)  # float32 residual stream
     x_BTD = nn.with_logical_constraint(x_BTD, ACTIVATION_AXES)
@@ -167,13 +167,25 @@ class Transformer(nn.Module):
     if m.num_layers - inject - 1 > 0:
       x_BTD, _ = block_stack(m, m.num_layers - inject - 1, "layers_hi", self.decode)(x_BTD, span)
     x_BTD = RMSNorm(m.norm_eps, jnp.dtype(m.dtype), name="final_norm")(x_BTD)
-    unembed = Einsum("btd,dv->btv", (m.d_model, m.vocab_size), ("embed", "vocab"), 1,
-                     jnp.dtype(m.dtype), name="unembed")
+    if m.tie_embeddings:
+      dtype = jnp.dtype(m.dtype)
+      unembed = lambda x: jnp.einsum("btd,vd->btv", x.astype(dtype), embed_VD.astype(dtype))
+    else:
+      unembed = Einsum("btd,dv->btv", (m.d_model, m.vocab_size), ("embed", "vocab"), 1,
+                       jnp.dtype(m.dtype), name="unembed")
     if return_hidden:
-      if self.is_initializing():
+      if self.is_initializing() and not m.tie_embeddings:
         unembed(x_BTD[:, :1])
       return x_BTD, aux
     return unembed(x_BTD).astype(jnp.float32), aux
+
+
+def unembed_kernel(params: Any, model_cfg: Any) -> jax.Array:
+  """The (D, V) output projection of `params`: the unembed kernel, or the embedding transposed
+  when `model.tie_embeddings` (for losses that take the hidden states, return_hidden=True)."""
+  if model_cfg.tie_embeddings:
+    return params["embed"].T
+  return params["unembed"]["kernel"]
 
 
 def make_model(model_cfg, decode: bool = False) -> "Transformer":

@@ -22,7 +22,7 @@ from ml_collections import ConfigDict
 from ftjax import losses, sharding, zdiag
 from ftjax.configs import ConfigError
 from ftjax.layers import resolve_attention_impl
-from ftjax.model import Transformer, make_model
+from ftjax.model import Transformer, make_model, unembed_kernel
 
 LOG2 = math.log(2)
 
@@ -133,7 +133,7 @@ def _nll(model, params, batch, z_mode, key):
   x_BTD, aux = model.apply({"params": params}, batch["inputs"], z_mode=z_mode, latent_key=key,
                            return_hidden=True, segment_ids_BT=batch.get("segment_ids"),
                            positions_BT=batch.get("positions"))
-  nll_BT = losses.cross_entropy(x_BTD, params["unembed"]["kernel"], batch["targets"],
+  nll_BT = losses.cross_entropy(x_BTD, unembed_kernel(params, m), batch["targets"],
                                 chunk_tokens=m.ce_chunk_tokens, dtype=jnp.dtype(m.dtype))
   return nll_BT, aux
 

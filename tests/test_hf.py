@@ -144,13 +144,11 @@ def test_export_baseline_gives_the_imported_tensors(imported, tmp_path):
     out = str(tmp_path / name)
     hf.export(state.params, cfg.model, out, run_dir=run)
     original, exported = _tensors(hf_dir), _tensors(out)
-    if name == "tied":  # exported untied: lm_head is a copy of the embedding
-      original["lm_head.weight"] = original["model.embed_tokens.weight"]
-    assert sorted(exported) == sorted(original)
+    assert sorted(exported) == sorted(original)  # tied: no lm_head on either side
     for key, value in original.items():
       np.testing.assert_array_equal(exported[key], value, err_msg=key)
     config = hf.read_config(out)
-    assert config["tie_word_embeddings"] is False and hf.FTJAX_KEY not in config
+    assert config["tie_word_embeddings"] is (name == "tied") and hf.FTJAX_KEY not in config
     assert hf.model_fields(config) == hf.model_fields(hf.read_config(hf_dir))
     assert os.path.exists(os.path.join(out, "tokenizer.json"))
 
@@ -280,3 +278,17 @@ def test_cli_import_train_export(tmp_path):
            "--config=experiments/tiny.py")
   assert r.returncode == 2 and "config.json not found" in r.stderr
   assert r.stderr.strip().count("\n") == 0
+
+
+def test_tied_checkpoint_stays_tied_unless_untied(imported, tmp_path):
+  cfg, state, _ = imported["tied", False]
+  assert cfg.model.tie_embeddings and "unembed" not in state.params
+  assert not imported["untied", False][0].model.tie_embeddings
+  untie = config_for(TIED, **{"model.tie_embeddings": False})
+  state2 = hf.import_run(TIED, str(tmp_path / "untied"), untie, log=lambda *_: None)
+  np.testing.assert_array_equal(state2.params["unembed"]["kernel"], state2.params["embed"].T)
+  expected = np.load(os.path.join(TIED, "expected.npz"))
+  np.testing.assert_allclose(logits(untie, state2.params, expected["tokens"], "zero"),
+                             expected["logits"], atol=1e-4, rtol=1e-4)
+  with pytest.raises(hf.HFError, match="has its own lm_head"):
+    config_for(UNTIED, **{"model.tie_embeddings": True})

@@ -114,3 +114,35 @@ def test_launcher_writes_run_files_and_samples(tmp_path):
     assert os.path.exists(tmp_path / name), name
   with open(tmp_path / "config.json") as f:
     assert json.load(f)["model"]["latent"]["num_bits"] == 4
+
+
+def test_tied_embeddings_are_an_untied_model_with_unembed_set_to_the_embedding(tiny_cfg):
+  """model.tie_embeddings: no unembed parameter, a N(0, 1/D) embedding; the loss equals the
+  untied model's with unembed = embedᵀ, and the embedding's gradient is the sum of that
+  model's embedding and unembed gradients."""
+  import jax.numpy as jnp
+  tied = Trainer.create(resolved(tiny_cfg, **{"model.tie_embeddings": True}))
+  untied = Trainer.create(tiny_cfg)
+  params_t = train.init_params(tied.model, 0)
+  assert "unembed" not in params_t
+  d = tiny_cfg.model.d_model
+  assert abs(float(jnp.std(params_t["embed"])) * d**0.5 - 1) < 0.1
+  params_u = {**params_t, "unembed": {"kernel": params_t["embed"].T}}
+  batch = untied.batch(0)
+  keys_B = train.row_keys(jax.random.key(0), jnp.arange(batch["inputs"].shape[0]))
+  mask_BT = train.token_mask(batch)
+
+  def loss_and_grad(model, params):
+    fn = lambda p: train.loss_fn(p, batch, keys_B, model, mask_BT, jnp.sum(mask_BT))[0]
+    return jax.value_and_grad(fn)(params)
+  loss_t, grad_t = loss_and_grad(tied.model, params_t)
+  loss_u, grad_u = loss_and_grad(untied.model, params_u)
+  np.testing.assert_allclose(float(loss_t), float(loss_u), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(grad_t["embed"]),
+                             np.asarray(grad_u["embed"] + grad_u["unembed"]["kernel"].T),
+                             rtol=1e-4, atol=1e-6)
+  logits_t, _ = tied.model.apply({"params": params_t}, batch["inputs"],
+                                 latent_key=jax.random.key(1))
+  logits_u, _ = untied.model.apply({"params": params_u}, batch["inputs"],
+                                   latent_key=jax.random.key(1))
+  np.testing.assert_allclose(np.asarray(logits_t), np.asarray(logits_u), rtol=1e-5, atol=1e-5)

@@ -3,8 +3,8 @@
   python -m launch.export_hf --workdir=RUN --out=DIR [--step=N]
 
 Writes DIR/config.json (LlamaForCausalLM, float32; tied embeddings when the run has them),
-DIR/model.safetensors and the run's tokenizer files (those import_hf copied). A baseline run loads in `transformers` as
-the same model. A Free Transformer run also stores its latent path under `ftjax_latent.*` and
+DIR/model.safetensors and the run's tokenizer files (those import_hf copied). A baseline run
+loads in `transformers` as the same model. A Free Transformer run also stores its latent path under `ftjax_latent.*` and
 its latent config under config.json's `ftjax` key: `launch.import_hf` reads both back, while a
 Hugging Face Llama loader ignores them (warning about unexpected keys) and computes the decoder
 alone, i.e. the FT with R = 0, which is neither Z uniform nor encoder Z.

@@ -7,6 +7,14 @@ Restores the parameters onto the devices at hand (one by default, whatever mesh 
 and the config and tokenizer saved with the run (for a run made by launch.import_hf: the
 checkpoint's own tokenizer, RUN/hf_tokenizer/tokenizer.json). Prints the samples and writes
 JSON lines {prompt, sample, z_mode, codes, seed}.
+
+An imported instruct checkpoint answers in its chat template:
+
+  python -m launch.sample --workdir=runs/llama_instruct --chat --prompt="Name three rivers." \
+      [--system="Be brief."] --max_new_tokens=64 --temperature=0
+
+(each prompt becomes a user message written in the template, followed by the assistant's
+header; generation stops at the tokenizer's end-of-sequence token).
 """
 
 import json
@@ -36,6 +44,25 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling threshold.", lower_b
                            upper_bound=1.0)
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON-lines file to write.")
+_CHAT = flags.DEFINE_bool("chat", False, "Write each prompt as a user message in the run's chat "
+                          "template (an imported instruct checkpoint) and stop at its EOS token.")
+_SYSTEM = flags.DEFINE_string("system", None, "With --chat: a system message before each prompt.")
+
+
+def _chat_prompts(hf_tokenizer, prompts):
+  """The prompts as user turns in the checkpoint's chat template, ready for the answer."""
+  from ftjax.chat_template import ChatTemplateError
+  if hf_tokenizer is None:
+    cli.fail(f"flag error: --chat: {_WORKDIR.value} has no Hugging Face tokenizer, so no chat "
+             "template")
+  if not prompts:
+    cli.fail("flag error: --chat needs --prompt or --prompts_file")
+  system = [{"role": "system", "content": _SYSTEM.value}] if _SYSTEM.value else []
+  try:
+    return [hf_tokenizer.apply_chat_template(system + [{"role": "user", "content": p}])
+            for p in prompts]
+  except ChatTemplateError as e:
+    cli.fail(f"flag error: --chat: {e}")
 
 
 def main(argv):
@@ -56,6 +83,11 @@ def main(argv):
   if _PROMPTS_FILE.value:
     with open(_PROMPTS_FILE.value, encoding="utf-8") as f:
       prompts += [line.rstrip("\n") for line in f if line.strip()]
+  if _SYSTEM.value and not _CHAT.value:
+    cli.fail("flag error: --system needs --chat")
+  eos_id = None
+  if _CHAT.value:
+    prompts, eos_id = _chat_prompts(hf_tokenizer, prompts), hf_tokenizer.eos_id
   try:
     tokens = ([encode(p, True) for p in prompts] if prompts else
               list(source.prompts(max(_NUM_SAMPLES.value, 1))))
@@ -75,7 +107,7 @@ def main(argv):
       jnp.asarray(start_B), jax.random.key(_SEED.value), max_new_tokens=max_new,
       z_mode=_Z_MODE.value, new_z=_NEW_Z.value, codes_B=codes_B,
       encoder_argmax=_ENCODER_ARGMAX.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-      top_p=_TOP_P.value)
+      top_p=_TOP_P.value, eos_id=eos_id)
   rows = []
   for i, row in enumerate(np.asarray(out["tokens"])):
     p = prompt_BP.shape[1]

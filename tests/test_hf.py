@@ -4,6 +4,7 @@ comparison with `transformers` is in test_hf_live.py (slow)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -112,7 +113,6 @@ def test_run_directory(imported):
 def test_damaged_run_files_are_refused(imported, tmp_path):
   """The run's tokenizer and configs are listed in run_checksums.json; a changed file (here one
   still readable, so nothing else would notice) is refused with a line naming it."""
-  import shutil
   from ftjax import checkpoint
   run = str(tmp_path / "run")
   shutil.copytree(imported["untied", False][2], run)
@@ -292,3 +292,27 @@ def test_tied_checkpoint_stays_tied_unless_untied(imported, tmp_path):
                              expected["logits"], atol=1e-4, rtol=1e-4)
   with pytest.raises(hf.HFError, match="has its own lm_head"):
     config_for(UNTIED, **{"model.tie_embeddings": True})
+
+
+@pytest.mark.slow  # two launch.sample processes
+def test_sample_chat_writes_prompts_in_the_chat_template(imported, tmp_path):
+  from .test_chat_template import LLAMA3
+  hf_dir = tmp_path / "hf"
+  shutil.copytree(UNTIED, hf_dir)
+  (hf_dir / "chat_template.jinja").write_text(LLAMA3)
+  run = str(tmp_path / "run")
+  hf.import_run(str(hf_dir), run, config_for(str(hf_dir)), log=lambda *_: None)
+  r = _run("launch.sample", f"--workdir={run}", "--chat", "--system=be brief",
+           "--prompt=the cat sat on", "--temperature=0", "--max_new_tokens=3",
+           f"--output={tmp_path}/s.jsonl")
+  assert r.returncode == 0, r.stderr[-2000:]
+  tok = hf.RunTokenizer(run)
+  text = tok.apply_chat_template([{"role": "system", "content": "be brief"},
+                                  {"role": "user", "content": "the cat sat on"}])
+  assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+  record = json.loads(open(f"{tmp_path}/s.jsonl").readline())
+  assert record["prompt"] == tok.decode(tok.encode(text))
+  r = _run("launch.sample", f"--workdir={imported['untied', False][2]}", "--chat",
+           "--prompt=the cat")
+  assert r.returncode == 2 and "no chat template" in r.stderr
+  assert r.stderr.strip().count("\n") == 0

@@ -580,11 +580,32 @@ def config_file_text(cfg: Any) -> str:
           '  return with_overrides(default_config(), VALUES)\n')
 
 
+def _write_run_files(hf_dir: str, workdir: str, cfg: Any, hf_config_dict: dict) -> list[str]:
+  """config.json, config.py, hf_config.json, hf_tokenizer/ and run_checksums.json of an
+  imported run; returns the tokenizer files copied."""
+  from ftjax import checkpoint as ckpt_lib
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+  with open(os.path.join(workdir, "config.py"), "w", encoding="utf-8") as f:
+    f.write(config_file_text(cfg))
+  with open(os.path.join(workdir, HF_CONFIG_FILE), "w", encoding="utf-8") as f:
+    json.dump(hf_config_dict, f, indent=2, sort_keys=True)
+  copied = copy_tokenizer(hf_dir, os.path.join(workdir, TOKENIZER_DIR))
+  ckpt_lib.write_run_checksums(workdir)
+  return copied
+
+
 def import_run(hf_dir: str, workdir: str, cfg: Any, log: Callable[[str], Any] = print) -> Any:
   """Writes `workdir` as a run directory holding the checkpoint in `hf_dir` at step 0 (fresh
   optimizer state; a fresh latent path unless the checkpoint is an ftjax export): config.json,
   config.py, hf_config.json, hf_tokenizer/ and checkpoints/0. `cfg` is resolved (see
-  `build_config`). Returns the train state."""
+  `build_config`). Returns the train state.
+
+  In a multi-process run (jax.distributed started) every process calls it with the same
+  arguments: process 0 writes the run's files, each process reads only the tensor shards its
+  devices hold, and the checkpoint is saved by all together."""
+  import jax
   from ftjax import checkpoint as ckpt_lib
   from ftjax.trainer import Trainer
   ckpt = Checkpoint(hf_dir)
@@ -593,15 +614,12 @@ def import_run(hf_dir: str, workdir: str, cfg: Any, log: Callable[[str], Any] = 
   checkpoints = os.path.join(workdir, "checkpoints")
   if os.path.isdir(checkpoints) and os.listdir(checkpoints):
     raise HFError(f"{workdir} already holds checkpoints: import into a new directory")
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
-  with open(os.path.join(workdir, "config.py"), "w", encoding="utf-8") as f:
-    f.write(config_file_text(cfg))
-  with open(os.path.join(workdir, HF_CONFIG_FILE), "w", encoding="utf-8") as f:
-    json.dump(ckpt.config, f, indent=2, sort_keys=True)
-  copied = copy_tokenizer(hf_dir, os.path.join(workdir, TOKENIZER_DIR))
-  ckpt_lib.write_run_checksums(workdir)
+  main = jax.process_index() == 0
+  copied = _write_run_files(hf_dir, workdir, cfg, ckpt.config) if main else []
+  if jax.process_count() > 1:  # the others read the run's files (tokenizer) from here on
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("ftjax import_run: run files written")
+  log = log if main else (lambda *_: None)
   trainer = Trainer.create(cfg, run_dir=workdir)
   state = trainer.init_state()
   state = state.replace(params=load_params(ckpt, cfg.model, state.params, tied))

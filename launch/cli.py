@@ -110,3 +110,31 @@ def restored_run(argv, workdir, step):
     fail(f"data error: {e}")
   except ConfigError as e:
     fail(str(e))
+
+
+class DistributedFlags:
+  """A launcher's multi-process flags (--coordinator_address, --num_processes, --process_id,
+  --multiprocess), defined at import time of the launcher that makes one."""
+
+  def __init__(self):
+    self._coordinator = flags.DEFINE_string(
+        "coordinator_address", None, "host:port of process 0, for multi-process runs outside "
+        "SLURM/TPU VMs.")
+    self._num = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+    self._id = flags.DEFINE_integer("process_id", None, "This process's index.")
+    self._auto = flags.DEFINE_bool("multiprocess", False, "Start jax.distributed and let jax "
+                                   "detect the cluster (TPU VM slices); SLURM is detected anyway.")
+
+  def check(self):
+    """Exits with one line when the process id and count do not fit together."""
+    num, pid = self._num.value, self._id.value
+    if num is not None and not (num >= 1 and 0 <= (pid or 0) < num):
+      fail(f"flag error: --process_id must be in 0..{num - 1} and --num_processes >= 1, got "
+           f"{pid} of {num}")
+
+  def start(self, peer_timeout_seconds):
+    """Starts jax.distributed when the flags (or SLURM) say so: (process index, count)."""
+    from ftjax import distributed
+    return distributed.initialize(self._coordinator.value, self._num.value, self._id.value,
+                                  auto=self._auto.value,
+                                  peer_timeout_seconds=peer_timeout_seconds)

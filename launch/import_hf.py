@@ -15,6 +15,12 @@ optimizer state. Continue with
 
 and read it with launch.sample / launch.evaluate / launch.lm_eval. Anything ftjax would compute
 differently (biases, another RoPE type, another architecture) is a one-line error, exit 2.
+
+A checkpoint too large for one host imports with several processes, each reading only the
+tensor shards of its own devices (same flags as launch.train; SLURM and TPU VMs are detected):
+
+  python -m launch.import_hf --hf_dir=DIR --workdir=RUN --config.mesh.fsdp=-1 \
+      --coordinator_address=HOST:PORT --num_processes=N --process_id=I
 """
 
 import os
@@ -29,6 +35,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", "experiments/hf_llama.py",
                                           "replaced by the checkpoint's).", lock_config=True)
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face model directory.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to create.")
+_DISTRIBUTED = cli.DistributedFlags()
 
 
 def main(argv):
@@ -37,6 +44,7 @@ def main(argv):
     cli.fail("flag error: --hf_dir and --workdir are required")
   if not os.path.isdir(_HF_DIR.value):
     cli.fail(f"flag error: --hf_dir={_HF_DIR.value} is not a directory")
+  _DISTRIBUTED.check()
   from ftjax import hf
   from ftjax.configs import ConfigError
   try:
@@ -50,6 +58,7 @@ def main(argv):
     cli.fail(f"import error: {e}")
   cfg = cli.resolve_or_fail(cfg)
   logging.set_verbosity(logging.WARNING)
+  _DISTRIBUTED.start(cfg.distributed.peer_timeout_seconds)
   from ftjax.checkpoint import CheckpointError
   try:
     hf.import_run(_HF_DIR.value, _WORKDIR.value, cfg)

@@ -20,16 +20,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it holds a "
                                "checkpoint).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for "
-                                   "multi-process runs outside SLURM/TPU VMs.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_DISTRIBUTED = cli.DistributedFlags()
 _CONFIG_HELP = flags.DEFINE_bool("config_help", False, "Print every config key (override with "
                                   "--config.<key>=value) with its default and meaning, and exit.")
 _STOP_AT = flags.DEFINE_integer("stop_at", None, "Stop at this step with a checkpoint, as a "
                                 "preemption would (the schedule stays that of train.steps).")
-_MULTIPROCESS = flags.DEFINE_bool("multiprocess", False, "Start jax.distributed and let jax "
-                                  "detect the cluster (TPU VM slices); SLURM is detected anyway.")
 
 
 class _NoOrbaxErrors(logging_std.Filter):
@@ -56,10 +51,7 @@ def main(argv):
   if not _WORKDIR.value:
     cli.fail("flag error: --workdir is required")
   cli.check_paths(directories=[("workdir", _WORKDIR.value)])
-  if _NUM_PROCESSES.value is not None and not (
-      _NUM_PROCESSES.value >= 1 and 0 <= (_PROCESS_ID.value or 0) < _NUM_PROCESSES.value):
-    cli.fail(f"flag error: --process_id must be in 0..{_NUM_PROCESSES.value - 1} and "
-             f"--num_processes >= 1, got {_PROCESS_ID.value} of {_NUM_PROCESSES.value}")
+  _DISTRIBUTED.check()
   cfg = cli.resolved_config(_CONFIG)
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it touches at INFO
   logging.get_absl_handler().addFilter(_NoOrbaxErrors())
@@ -67,9 +59,7 @@ def main(argv):
   from ftjax.configs import ConfigError
   from ftjax.data.text import CorpusError
   from ftjax.metrics import WriteError
-  _, processes = distributed.initialize(
-      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_MULTIPROCESS.value,
-      peer_timeout_seconds=cfg.distributed.peer_timeout_seconds)
+  _, processes = _DISTRIBUTED.start(cfg.distributed.peer_timeout_seconds)
   watchdog = None
   if processes > 1:  # a lost peer ends this process within the timeout, with one line
     distributed.set_lost_note(lambda: checkpoint.newest_note(_WORKDIR.value))

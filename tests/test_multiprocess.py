@@ -57,3 +57,29 @@ def test_two_processes_match_one_process(tmp_path):
   for (_, a), (_, b) in zip(multi_losses, single_losses):
     assert abs(a - b) <= 1e-5 * abs(b)
   assert abs(multi_eval[-1]["eval_ce"] - single_eval[-1]["eval_ce"]) <= 1e-5
+
+
+@pytest.mark.slow
+def test_two_process_hf_import_matches_transformers(tmp_path):
+  """launch.import_hf in two processes (fsdp over their two devices): process 0 writes the run
+  files, each reads its own shards; the run restores in one process with transformers' logits."""
+  import numpy as np
+  from ftjax import checkpoint
+  from tests.test_hf import UNTIED, logits
+  run = tmp_path / "run"
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, "-m", "launch.import_hf", f"--hf_dir={UNTIED}",
+                             f"--workdir={run}", "--config=experiments/tiny.py",
+                             "--config.mesh.fsdp=2", "--config.mesh.data=1",
+                             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                             f"--process_id={i}"], cwd=REPO, env=_env(1),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert "imported" in outs[0][0] + outs[0][1] and "imported" not in outs[1][0] + outs[1][1]
+  trainer, state = checkpoint.load_run(str(run))  # verifies every file's checksum
+  expected = np.load(os.path.join(UNTIED, "expected.npz"))
+  np.testing.assert_allclose(logits(trainer.cfg, state.params, expected["tokens"], "zero"),
+                             expected["logits"], atol=1e-4, rtol=1e-4)

@@ -34,22 +34,32 @@ def _free_port():
     return s.getsockname()[1]
 
 
+def start_processes(module, *args, count=2):
+  """`python -m module args` as processes 0..count-1 of one run on localhost (one CPU device
+  each, a fresh coordinator port)."""
+  port = _free_port()
+  return [subprocess.Popen([sys.executable, "-m", module, *args,
+                            f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={count}",
+                            f"--process_id={i}"], cwd=REPO, env=_env(1),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for i in range(count)]
+
+
+def finish(procs):
+  """Each process's (stdout, stderr), once all have exited with status 0."""
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  return outs
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
   single = subprocess.run([sys.executable, "-m", "launch.train", *FLAGS,
                            f"--workdir={tmp_path / 'single'}"], cwd=REPO, env=_env(2),
                           capture_output=True, text=True, timeout=300)
   assert single.returncode == 0, single.stderr[-3000:]
-  port = _free_port()
-  procs = [subprocess.Popen([sys.executable, "-m", "launch.train", *FLAGS,
-                             f"--workdir={tmp_path / 'multi'}",
-                             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                             f"--process_id={i}"], cwd=REPO, env=_env(1),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
-  outs = [p.communicate(timeout=300) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
+  outs = finish(start_processes("launch.train", *FLAGS, f"--workdir={tmp_path / 'multi'}"))
   assert "step 6/6" in outs[0][0] and "step 6/6" not in outs[1][0]  # process 0 logs
   single_losses, single_eval = _losses(tmp_path / "single")
   multi_losses, multi_eval = _losses(tmp_path / "multi")
@@ -67,17 +77,9 @@ def test_two_process_hf_import_matches_transformers(tmp_path):
   from ftjax import checkpoint
   from tests.test_hf import UNTIED, logits
   run = tmp_path / "run"
-  port = _free_port()
-  procs = [subprocess.Popen([sys.executable, "-m", "launch.import_hf", f"--hf_dir={UNTIED}",
-                             f"--workdir={run}", "--config=experiments/tiny.py",
-                             "--config.mesh.fsdp=2", "--config.mesh.data=1",
-                             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                             f"--process_id={i}"], cwd=REPO, env=_env(1),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
-  outs = [p.communicate(timeout=300) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
+  outs = finish(start_processes("launch.import_hf", f"--hf_dir={UNTIED}", f"--workdir={run}",
+                                "--config=experiments/tiny.py", "--config.mesh.fsdp=2",
+                                "--config.mesh.data=1"))
   assert "imported" in outs[0][0] + outs[0][1] and "imported" not in outs[1][0] + outs[1][1]
   trainer, state = checkpoint.load_run(str(run))  # verifies every file's checksum
   expected = np.load(os.path.join(UNTIED, "expected.npz"))

@@ -4,7 +4,6 @@ line; the restarted pair reproduces the uninterrupted run bit for bit), and a tw
 checkpoint restored on one process and back."""
 
 import glob
-import json
 import os
 import signal
 import subprocess
@@ -18,7 +17,7 @@ import pytest
 from ftjax import checkpoint
 from tests.conftest import REPO
 from tests.test_fault_tolerance import _last_step, _rows
-from tests.test_multiprocess import _env, _free_port
+from tests.test_multiprocess import _env, finish, start_processes
 
 PEER_TIMEOUT = 5
 # Host-side settings only (the compiled steps are those of the tiny config on a 2-device mesh);
@@ -31,20 +30,11 @@ FLAGS = ["--config=experiments/tiny.py", "--config.mesh.data=2", "--config.train
 
 
 def _pair(workdir, *extra):
-  port = _free_port()
-  return [subprocess.Popen([sys.executable, "-m", "launch.train", *FLAGS, f"--workdir={workdir}",
-                            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                            f"--process_id={i}", *extra], cwd=REPO, env=_env(1),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-          for i in range(2)]
+  return start_processes("launch.train", *FLAGS, f"--workdir={workdir}", *extra)
 
 
 def _run_pair(workdir, *extra):
-  procs = _pair(workdir, *extra)
-  outs = [p.communicate(timeout=300) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-  return outs
+  return finish(_pair(workdir, *extra))
 
 
 def _params(workdir):

@@ -15,6 +15,7 @@ experiments/kappa_study.py's after_point) and writes under --out:
   groups.csv      per (post-sampler, κ or target): mean and sample standard deviation over the
                   seeds of each metric, the number of seeds, and the paired difference to the
                   baseline of the same seed (mean ± std over seeds);
+  groups.md       groups.csv as the markdown table of experiments/README.md section 4;
   controller.csv  the target-rate runs: mean train KL over the second half of the run against
                   the target (within 10 %?), and at 1 bit the comparison with fixed κ = 1 bit;
   results.json    all of it, plus the device and the source.
@@ -26,6 +27,7 @@ row names the device that ran it.
 
 import argparse
 import csv
+import fractions
 import json
 import math
 import os
@@ -173,6 +175,46 @@ def earlier_runs(path, only):
           if re.search(only, r["run"])]
 
 
+def cell(mean, std, digits, sign=""):
+  """A table cell: mean ± std ('–' when there is no value; no ± with one seed)."""
+  if mean is None or mean == "":
+    return "–"
+  text = f"{mean:{sign}.{digits}f}"
+  return text if std is None else f"{text} ± {std:.{digits}f}"
+
+
+def point_label(g):
+  """A groups() row's point as README text: 'baseline', 'per-bit κ 1/4', 'one-hot κ 4', ..."""
+  if g["post_sampler"] == "baseline":
+    return "baseline"
+  sampler = {"bits": "per-bit", "onehot": "one-hot"}.get(g["post_sampler"], g["post_sampler"])
+  value = str(fractions.Fraction(g["value"]).limit_denominator(64))
+  return f"{sampler} κ {value}" if g["knob"] == "kappa_bits" else f"{sampler} target {value} bit"
+
+
+# (groups() metric, column, digits, sign); p is the mean of the seeds' permutation p-values.
+MARKDOWN_COLUMNS = (("eval_ce", "eval CE", 3, ""), ("eval_ce_minus_baseline", "CE − baseline", 3,
+                                                     "+"),
+                    ("eval_elbo", "ELBO", 3, ""), ("eval_kl_bits", "KL bits", 2, ""),
+                    ("eval_z_use", "Z use", 3, ""),
+                    ("position_same_minus_other", "position", 3, "+"),
+                    ("position_p", "p (mean)", 4, ""),
+                    ("uniform_in_block_bang", "in-block !", 3, ""),
+                    ("uniform_strict_well_formed", "strict", 2, ""))
+
+
+def markdown_table(grouped):
+  """groups() as the markdown table of experiments/README.md section 4 (mean ± std over seeds;
+  CE − baseline: the paired difference to the same seed's baseline)."""
+  lines = ["| run | seeds | " + " | ".join(c[1] for c in MARKDOWN_COLUMNS) + " |",
+           "|---" * (2 + len(MARKDOWN_COLUMNS)) + "|"]
+  for g in grouped:
+    cells = [cell(g.get(f"{key}_mean"), None if key == "position_p" else g.get(f"{key}_std"),
+                  digits, sign) for key, _, digits, sign in MARKDOWN_COLUMNS]
+    lines.append(f"| {point_label(g)} | {g['seeds']} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def write_csv(path, rows):
   keys = list(dict.fromkeys(k for r in rows for k in r))
   with open(path, "w", newline="", encoding="utf-8") as f:
@@ -214,6 +256,8 @@ def main(argv=None):
   ctl = controller(runs)
   write_csv(os.path.join(args.out, "runs.csv"), runs)
   write_csv(os.path.join(args.out, "groups.csv"), grouped)
+  with open(os.path.join(args.out, "groups.md"), "w", encoding="utf-8") as f:
+    f.write(markdown_table(grouped))
   if ctl:
     write_csv(os.path.join(args.out, "controller.csv"), ctl)
   with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
@@ -223,7 +267,7 @@ def main(argv=None):
                "fixed_kappa1_spread": fixed_kappa1_spread(runs)}, f, indent=1)
   done = sum(r["finished"] for r in runs)
   print(f"{len(runs)} runs ({done} finished) from {args.archive or args.root}; wrote "
-        f"runs.csv, groups.csv{', controller.csv' if ctl else ''}, results.json in {args.out}")
+        f"runs.csv, groups.csv, groups.md{', controller.csv' if ctl else ''}, results.json in {args.out}")
   for g in grouped:
     ce = g.get("eval_ce_mean")
     print(f"  {g['post_sampler']:8s} {g['knob']:11s} {g['value']!s:8s} seeds {g['seeds']:6s} "

@@ -23,7 +23,7 @@ import glob
 import json
 import os
 
-from experiments.kappa_results import LOG2, mean_std, write_csv
+from experiments.kappa_results import LOG2, cell, mean_std, write_csv
 from ftjax.metrics import read_rows
 METRICS = ("eval_ce", "eval_bpb", "eval_elbo_bpb", "eval_kl_bits", "eval_z_use")
 BASELINES = {"baseline": "baseline, 4 blocks", "control": "baseline + 1 block"}
@@ -88,13 +88,6 @@ def groups(runs):
   return out
 
 
-def _cell(mean, std, digits, sign=""):
-  if mean is None or mean == "":
-    return "–"
-  text = f"{mean:{sign}.{digits}f}"
-  return text if std is None else f"{text} ± {std:.{digits}f}"
-
-
 def markdown_table(summary):
   """groups() as the markdown table of experiments/README.md section 3."""
   cols = (("eval_ce", "eval_ce (nats/byte)", 4, ""), ("eval_bpb", "eval_bpb", 4, ""),
@@ -107,7 +100,7 @@ def markdown_table(summary):
   order = list(BASELINES.values())
   rank = lambda g: order.index(g["model"]) if g["model"] in order else len(order)
   for g in sorted(summary, key=lambda g: (g["corpus"], rank(g), g["model"])):
-    cells = [_cell(g.get(f"{key}_mean"), g.get(f"{key}_std"), digits, sign)
+    cells = [cell(g.get(f"{key}_mean"), g.get(f"{key}_std"), digits, sign)
              for key, _, digits, sign in cols]
     lines.append(f"| {g['corpus']} | {g['model']} | {g['seeds']} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"

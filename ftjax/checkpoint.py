@@ -3,8 +3,9 @@
 A step directory `checkpoints/<step>` is committed by orbax's atomic rename; just before it, in
 the save's background thread, process 0 writes `checkpoints/<step>/checksums.json`: the size and
 SHA-256 of every other file of the step (hashed by several threads; a file over 64 MiB by
-segments), so that a committed step carries integrity data for all of its bytes. Each process's data-stream state is a small file next to it,
-`checkpoints/data_state/<step>.process<i>.json`, with its own SHA-256 in its first line. Restoring
+segments), so that a committed step carries integrity data for all of its bytes. Each process's
+data-stream state is a small file next to it, `checkpoints/data_state/<step>.process<i>.json`,
+with its own SHA-256 in its first line. Restoring
 verifies both (`checkpoint.verify`); a step that fails is skipped for the previous one with one
 warning line naming the step and the file. `load_run` restores a run for sampling or evaluation
 onto the devices at hand, whatever mesh trained it, and refuses a damaged step. The run's

@@ -142,6 +142,7 @@ class FtjaxLM(TemplateLM):
     self.batch_size_per_gpu = int(batch_size) if str(batch_size) != "auto" else 8
     self.add_bos_token = _as_bool(add_bos_token)
     self.hf_tokenizer = hf.run_tokenizer(workdir)
+    self._chat_template_name = None  # lm_eval's choice, set by chat_template()
     tok = self.trainer.source.tokenizer
     if self.hf_tokenizer is not None:
       self._eot = self.hf_tokenizer.eos_id
@@ -211,12 +212,10 @@ class FtjaxLM(TemplateLM):
     the conversation without it (as lm_eval's `hf` model does)."""
     if self.hf_tokenizer is None:
       raise ChatTemplateError("this run has no Hugging Face tokenizer, so no chat template")
-    name = getattr(self, "_chat_template_name", None)
-
     def render(messages):
       return self.hf_tokenizer.apply_chat_template(
           messages, add_generation_prompt, continue_final_message=not add_generation_prompt,
-          name=name)
+          name=self._chat_template_name)
     try:
       return render(chat_history)
     except ChatTemplateError:

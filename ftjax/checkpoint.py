@@ -26,7 +26,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from ftjax.configs import default_config, resolve
+from ftjax.configs import default_config, resolve, url_error
 from ftjax.metrics import WriteError
 from ftjax.trainer import Trainer
 
@@ -53,6 +53,13 @@ PathLike = Union[str, os.PathLike]  # a directory: a str or a pathlib.Path
 
 class CheckpointError(RuntimeError):
   """A run directory without a usable checkpoint; the message names the directory."""
+
+
+def require_file_system(path: PathLike) -> None:
+  """Raises CheckpointError when `path` is a URL (gs://, s3://): os and open would turn it into a
+  local folder named after the scheme."""
+  if url_error(path):
+    raise CheckpointError(url_error(path))
 
 
 class SaveError(WriteError):
@@ -330,6 +337,7 @@ class Manager:
 
   def __init__(self, directory: PathLike, cfg: Optional[ml_collections.ConfigDict] = None,
                read_only: bool = False, log: Callable[[str], Any] = print) -> None:
+    require_file_system(directory)
     self._cfg = cfg
     self._log = log
     self.directory = os.path.abspath(directory)  # orbax needs absolute paths
@@ -662,6 +670,7 @@ def load_run(workdir: str, step: Optional[int] = None, mesh: Optional[dict] = No
   `mesh` ({'data', 'fsdp', 'tensor'}; default one device) replaces the mesh the run trained on;
   the checkpoint is resharded onto it.
   """
+  require_file_system(workdir)
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
     if not os.path.exists(os.path.join(workdir, "config.json")):

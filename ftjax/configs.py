@@ -7,6 +7,7 @@ exit status 2.
 """
 
 import math
+import re
 
 import ml_collections
 from ml_collections import config_dict
@@ -26,6 +27,20 @@ POST_SAMPLERS = ("onehot", "bits")
 KL_CONTROLS = ("free_bits", "target_rate")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 ONEHOT_CHUNK_BYTES = 2 * 2**30  # bound on one backward chunk of the one-hot post-sampler
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+FILE_SYSTEM_ONLY = ("ftjax reads and writes runs and data through the file system, not through "
+                    "object-store APIs: give a path that every process sees (a shared file system "
+                    "such as NFS, Filestore or Lustre, or a mounted bucket)")
+
+
+def url_error(path):
+  """Why `path` cannot be used when it is a URL (gs://, s3://, ...), else None: a URL given to
+  os/open would silently become a local folder named after its scheme."""
+  if path and _URL.match(str(path)):
+    return f"{path} is a URL; {FILE_SYSTEM_ONLY}"
+  return None
 
 
 class ConfigError(ValueError):
@@ -337,8 +352,11 @@ def _check_data(cfg):
   _require(d.loader == "grain" or d.name != "python_stdlib", "data.loader",
            "data.name='python_stdlib' is read with data.loader='grain'")
   _require(not (d.path and d.mixture), "data.mixture", "set data.path or data.mixture, not both")
+  paths = [("data.path", d.path), ("data.data_dir", d.data_dir), ("data.tokenizer", d.tokenizer)]
   if d.mixture:
-    parse_mixture(d.mixture)  # raises ConfigError
+    paths += [("data.mixture", path) for path, _ in parse_mixture(d.mixture)]  # or ConfigError
+  for key, path in paths:
+    _require(not url_error(path), key, url_error(path))
   if d.name == "prepared":  # the data itself is checked when the source is made (dry runs
     return  # need none): its tokenizer against data.tokenizer, its vocabulary against the model
   _require(not d.path and not d.mixture, "data.path",

@@ -192,6 +192,7 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
   """
   from ftjax import checkpoint as ckpt_lib  # orbax is heavy to import; only the loop needs it
 
+  ckpt_lib.require_file_system(workdir)
   if jax.process_index() != 0:  # one process logs and writes files; all of them compute
     log = lambda *_: None
   else:

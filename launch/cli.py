@@ -63,10 +63,16 @@ def print_config_help():
     print(f"{key:<{width}}  {value!r:<14}  {comment}")
 
 
-def check_paths(inputs=(), outputs=(), directories=()):
+def check_paths(inputs=(), outputs=(), directories=(), others=()):
   """Exits 2 with one line unless every (flag, path) of `inputs` is a readable file, every
-  output's folder exists, and no `directories` path is an existing file. Empty paths pass."""
+  output's folder exists, no `directories` path is an existing file, and no path of these or of
+  `others` is a URL. Empty paths pass."""
   import os
+
+  from ftjax.configs import url_error
+  for flag, path in (*inputs, *outputs, *directories, *others):
+    if url_error(path):
+      fail(f"flag error: --{flag}={url_error(path)}")
   for flag, path in inputs:
     if path and not os.path.isfile(path):
       fail(f"flag error: --{flag}={path}: no such file")
@@ -97,6 +103,7 @@ def restored_run(argv, workdir, step):
   no_extra_args(argv)
   if not workdir:
     fail("flag error: --workdir is required")
+  check_paths(directories=[("workdir", workdir)])
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it touches at INFO
   import logging as py_logging
   py_logging.getLogger("absl").addFilter(_read_only_notices)  # orbax on reading a run: expected

@@ -24,6 +24,7 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest
 def main(argv):
   if not _OUT.value:
     cli.fail("flag error: --out is required")
+  cli.check_paths(directories=[("out", _OUT.value)])
   if os.path.exists(os.path.join(_OUT.value, "config.json")):
     cli.fail(f"flag error: --out={_OUT.value} already holds a model (config.json)")
   trainer, state = cli.restored_run(argv, _WORKDIR.value, _STEP.value)

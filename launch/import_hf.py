@@ -42,6 +42,7 @@ def main(argv):
   cli.no_extra_args(argv)
   if not _HF_DIR.value or not _WORKDIR.value:
     cli.fail("flag error: --hf_dir and --workdir are required")
+  cli.check_paths(directories=[("workdir", _WORKDIR.value), ("hf_dir", _HF_DIR.value)])
   if not os.path.isdir(_HF_DIR.value):
     cli.fail(f"flag error: --hf_dir={_HF_DIR.value} is not a directory")
   _DISTRIBUTED.check()

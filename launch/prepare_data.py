@@ -41,6 +41,8 @@ def main(argv):
   cli.no_extra_args(argv)
   if not _INPUT.value or not _OUTPUT.value:
     cli.fail("flag error: --input and --output are required")
+  cli.check_paths(directories=[("output", _OUTPUT.value)],
+                  others=[("input", _INPUT.value), ("tokenizer", _TOKENIZER.value)])
   from ftjax.data import prepared
   from ftjax.data.text import CorpusError
   try:

@@ -176,6 +176,7 @@ def main(argv):
   cli.no_extra_args(argv)
   if not _CONFIG.value or not _WORKDIR.value:
     cli.fail("flag error: --config and --workdir are required")
+  cli.check_paths(directories=[("workdir", _WORKDIR.value)])
   module = load_module(_CONFIG.value)
   points = module.get_sweep()
   extra = parse_set(_SET.value)

@@ -1,6 +1,7 @@
 """launch.sample and launch.evaluate on a run trained on the fake 8-device mesh; the scorer."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -118,6 +119,11 @@ BAD_FLAGS = [
     ("launch.train", ["--config=experiments/tiny.py", "--workdir={tmp}/file"], "not a directory"),
     ("launch.train", ["--config=experiments/tiny.py", "--workdir={tmp}/run", "--num_processes=2",
                       "--process_id=2", "--coordinator_address=127.0.0.1:1"], "process_id"),
+    # os/open would make a local folder named "gs:" (issue: workdirs on object stores)
+    ("launch.train", ["--config=experiments/tiny.py", "--workdir=gs://bucket/run"], "is a URL"),
+    ("launch.sample", ["--workdir=gs://bucket/run"], "is a URL"),
+    ("launch.sweep", ["--config=tests/sweep_tiny.py", "--workdir=gs://bucket/sweep"], "is a URL"),
+    ("launch.prepare_data", ["--input=s3://bucket/*.jsonl", "--output={tmp}/data"], "is a URL"),
 ]
 
 
@@ -126,8 +132,19 @@ BAD_FLAGS = [
 def test_bad_launcher_flags_exit_2_with_one_line(module, flags, message, tmp_path):
   (tmp_path / "file").write_text("not a directory")
   flags = [f.format(tmp=tmp_path) for f in flags]
-  if module in ("launch.sample", "launch.evaluate"):
+  if module in ("launch.sample", "launch.evaluate") and not flags[0].startswith("--workdir"):
     flags.append(f"--workdir={tmp_path}/no_run")
   result = _run(module, *flags)
   lines = result.stderr.strip().splitlines()
   assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+  assert not os.path.exists(os.path.join(REPO, "gs:")) and not os.path.exists(tmp_path / "data")
+
+
+def test_library_refuses_url_run_directories(tiny_cfg, tmp_path, monkeypatch):
+  from ftjax import checkpoint, loop
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(checkpoint.CheckpointError, match="gs://bucket/run is a URL"):
+    loop.train_and_evaluate(tiny_cfg, "gs://bucket/run")
+  with pytest.raises(checkpoint.CheckpointError, match="is a URL"):
+    checkpoint.load_run("s3://bucket/run")
+  assert not os.listdir(tmp_path)

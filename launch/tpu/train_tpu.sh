@@ -2,8 +2,11 @@
 # Multi-host TPU VM training: runs the same command on every worker of a TPU VM slice;
 # jax.distributed detects the TPU topology and the coordinator itself.
 #
-#   launch/tpu/train_tpu.sh TPU_NAME ZONE experiments/ft_8b.py gs://bucket/runs/ft_8b \
+#   launch/tpu/train_tpu.sh TPU_NAME ZONE experiments/ft_8b.py /mnt/shared/runs/ft_8b \
 #       [--config.x=y ...]
+#
+# WORKDIR (and the config's data.path) must be a path that every worker mounts (Filestore, NFS, a
+# bucket mounted with Cloud Storage FUSE that allows directory renames); gs:// URLs are refused.
 #
 # The repository must be at ~/ftjax on every worker with requirements installed
 # (pip install -r requirements.txt "jax[tpu]==0.10.2"). Check the fit first with

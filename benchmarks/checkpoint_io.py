@@ -1,4 +1,5 @@
-"""How long a checkpoint save blocks the training loop (async orbax), and how big it is.
+"""How long a checkpoint save blocks the training loop (async orbax), how big it is, and how
+long a restore takes (the train state, or the parameters only).
 
   python -m benchmarks.checkpoint_io [--configs=synthetic,shakespeare] [--repeats=3]
 
@@ -86,7 +87,8 @@ def saves_table():
     for step in range(2):  # a trained state: moments and post-sampler rows no longer all zero
       state, _ = trainer.train_step(state, trainer.batch(step))
     state = jax.block_until_ready(state)
-    blocking, total, verify, size = [], [], [], 0
+    blocking, total, verify, restore, params_only, size = [], [], [], [], [], 0
+    abstract = trainer.abstract_state()
     for i in range(_REPEATS.value):
       workdir = tempfile.mkdtemp()
       manager = checkpoint.Manager(os.path.join(workdir, "checkpoints"), cfg, log=lambda *_: None)
@@ -100,25 +102,37 @@ def saves_table():
       checkpoint.verify_files(os.path.join(workdir, "checkpoints", str(i + 1)))
       verify.append(time.perf_counter() - start)
       manager.close()
+      reader = checkpoint.Manager(os.path.join(workdir, "checkpoints"), read_only=True)
+      reader.verify = False  # timed above: this is reading the arrays onto the device
+      for wanted, times in ((abstract, restore),
+                            (checkpoint.without_optimizer(abstract), params_only)):
+        start = time.perf_counter()
+        jax.block_until_ready(reader.restore(i + 1, wanted)[0])
+        times.append(time.perf_counter() - start)
+      reader.close()
       shutil.rmtree(workdir)
     rows.append([name, f"{metrics.count_params(state.params):,}", f"{size / 1e6:.1f}",
                  _median_range(blocking, 1e3), _median_range(total, 1e3),
                  _median_range(verify, 1e3),
-                 f"{size / sorted(verify)[len(verify) // 2] / 1e6:.0f}"])
+                 f"{size / sorted(verify)[len(verify) // 2] / 1e6:.0f}",
+                 _median_range(restore, 1e3), _median_range(params_only, 1e3)])
     print(rows[-1], flush=True)
   if not rows:
     return
   table = common.markdown_table(["config", "parameters", "checkpoint MB",
                                  "save blocks the loop, ms (median, min–max)",
                                  "save complete, ms", "verify on restore, ms",
-                                 "verify MB/s"], rows)
+                                 "verify MB/s", "restore train state, ms",
+                                 "restore parameters only, ms"], rows)
   common.record("Checkpoint save: time the loop is blocked (async) and size", table,
                 f"Train state after 2 steps = parameters + AdamW moments (fp32) + counters; orbax "
                 f"compresses the untouched (zero) rows of the post-sampler; "
                 f"{_REPEATS.value} saves per config to a fresh directory on local disk. Saves write "
                 f"SHA-256 checksums of every file before the commit (in orbax's background "
                 f"thread); 'verify' re-reads and hashes a committed step as a restore does "
-                f"(checkpoint.verify=True).")
+                f"(checkpoint.verify=True). 'restore' reads a step onto the device without verifying it: "
+                f"the whole train state (resuming) or, as `load_run` does for sampling, "
+                f"evaluation and export, the parameters without the optimizer state.")
 
 
 if __name__ == "__main__":

@@ -75,10 +75,10 @@ def shape_mismatches(saved_metadata: Any, abstract_state: Any) -> list[str]:
   """Lines naming each array whose saved shape differs from what the config builds."""
   saved = {_path_name(p): tuple(m.shape)
            for p, m in jax.tree_util.tree_leaves_with_path(saved_metadata)}
-  wanted = {_path_name(p): tuple(a.shape)
+  wanted = {_path_name(p): None if a is ocp.PLACEHOLDER else tuple(a.shape)  # not read
             for p, a in jax.tree_util.tree_leaves_with_path(abstract_state)}
   lines = [f"{name}: checkpoint {saved.get(name)}, config {shape}"
-           for name, shape in wanted.items() if saved.get(name) != shape]
+           for name, shape in wanted.items() if shape is not None and saved.get(name) != shape]
   lines += [f"{name}: in the checkpoint, not built by the config" for name in saved
             if name not in wanted]
   return lines
@@ -574,10 +574,22 @@ class Manager:
                             f"the config: {mismatches[0]}" +
                             (f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else ""))
     try:
-      return self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state)))["state"], data_state
+      return self._read_state(step, abstract_state), data_state
     except Exception as e:  # noqa: BLE001
       raise _Unreadable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+
+  def _read_state(self, step: int, abstract_state: Any) -> Any:
+    """The state saved at `step`, placed as `abstract_state` says; its `ocp.PLACEHOLDER` leaves
+    (e.g. the optimizer state, for sampling) are neither read nor allocated."""
+    if not any(leaf is ocp.PLACEHOLDER for leaf in jax.tree_util.tree_leaves(abstract_state)):
+      return self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state)))["state"]
+    restore_args = jax.tree_util.tree_map(
+        lambda a: a if a is ocp.PLACEHOLDER else ocp.ArrayRestoreArgs(
+            sharding=a.sharding, global_shape=a.shape, dtype=a.dtype), abstract_state)
+    with ocp.PyTreeCheckpointer() as reader:  # the manager's handler takes no placeholders
+      return reader.restore(os.path.join(self.directory, str(step), "state"),
+                            args=ocp.args.PyTreeRestore(abstract_state, restore_args))
 
   def saved_steps(self, step: Optional[int] = None) -> list[int]:
     """The saved steps; CheckpointError when there are none or `step` (if given) is not one."""
@@ -592,7 +604,7 @@ class Manager:
   def restore(self, step: Optional[int], abstract_state: Any) -> tuple[Any, Any]:
     """(state, data-stream state) saved at `step` (None: the newest readable one, falling back
     over damaged steps with a warning), the state placed as `abstract_state` says, whatever
-    mesh saved it."""
+    mesh saved it; its `ocp.PLACEHOLDER` leaves are not read (`without_optimizer`)."""
     steps = self.saved_steps(step)
     for candidate in ([step] if step is not None else steps[::-1]):
       try:
@@ -661,11 +673,22 @@ def _with_defaults(saved: dict) -> ml_collections.ConfigDict:
   return resolve(ml_collections.ConfigDict(fill(dict(saved), default_config().to_dict())))
 
 
+def without_optimizer(abstract_state: Any) -> Any:
+  """`abstract_state` with `ocp.PLACEHOLDER` for every optimizer leaf: a restore then reads the
+  parameters and counters only."""
+  return abstract_state.replace(
+      opt_state=jax.tree_util.tree_map(lambda _: ocp.PLACEHOLDER, abstract_state.opt_state))
+
+
 def load_run(workdir: str, step: Optional[int] = None, mesh: Optional[dict] = None,
-             verify: bool = True) -> tuple[Trainer, Any]:
+             verify: bool = True, optimizer: bool = False) -> tuple[Trainer, Any]:
   """(trainer, state) of a run restored onto the devices at hand, from `step` (None: the newest
   readable one). The config is the one saved with the checkpoint (checked by its checksums), so a
   damaged `config.json` cannot change the model; a damaged step is a CheckpointError.
+
+  The optimizer state (two float32 moments per parameter: 2/3 or more of a checkpoint) is
+  left as `ocp.PLACEHOLDER` leaves, not read, unless `optimizer=True`: sampling, evaluation and
+  export need the parameters only.
 
   `mesh` ({'data', 'fsdp', 'tensor'}; default one device) replaces the mesh the run trained on;
   the checkpoint is resharded onto it.
@@ -690,7 +713,8 @@ def load_run(workdir: str, step: Optional[int] = None, mesh: Optional[dict] = No
       cfg.mesh.update(mesh or {"data": 1, "fsdp": 1, "tensor": 1})
       cfg.lock()
       trainer = Trainer.create(cfg, run_dir=workdir)  # with the run's own tokenizer
-      state, _ = manager.restore(chosen, trainer.abstract_state())
+      wanted = trainer.abstract_state()
+      state, _ = manager.restore(chosen, wanted if optimizer else without_optimizer(wanted))
     except CheckpointError as e:
       older = [s for s in steps if s < chosen]
       raise CheckpointError(f"{e}" + (f"; older steps: {older} (choose one with --step)"

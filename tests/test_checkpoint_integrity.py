@@ -10,6 +10,7 @@ import shutil
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from ftjax import checkpoint, loop
@@ -78,10 +79,15 @@ def test_undamaged_checkpoint_restores_bit_identically(trained):
   manager = checkpoint.Manager(workdir / "checkpoints", read_only=True)
   assert manager.all_steps() == [10, 15, 20]
   assert os.path.exists(workdir / "checkpoints" / "20" / checkpoint.CHECKSUMS)
-  trainer, state = checkpoint.load_run(str(workdir))
+  trainer, state = checkpoint.load_run(str(workdir), optimizer=True)
   assert int(state.step) == 20
   _leaves_equal(state.params, final.params)
   _leaves_equal(state.opt_state, final.opt_state)
+  _, params_only = checkpoint.load_run(str(workdir))  # what sampling and evaluation read
+  _leaves_equal(params_only.params, final.params)
+  _leaves_equal(params_only.latent_ctl, final.latent_ctl)
+  opt_leaves = jax.tree_util.tree_leaves(params_only.opt_state)
+  assert opt_leaves and all(leaf is ocp.PLACEHOLDER for leaf in opt_leaves)
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -99,7 +105,7 @@ def test_flipped_bytes_are_detected_and_skipped(trained, tmp_path, kind):
   assert len(warnings) == 1, warnings
   assert "step 20" in warnings[0] and "damaged" in warnings[0]
   assert os.path.basename(damaged) in warnings[0]  # names the file
-  _, undamaged = checkpoint.load_run(str(trained[1]), step=15)
+  _, undamaged = checkpoint.load_run(str(trained[1]), step=15, optimizer=True)
   _leaves_equal(state, undamaged)
   with pytest.raises(checkpoint.CheckpointError, match=r"step 20 .* is damaged .*older steps"):
     checkpoint.load_run(str(run))  # launch.sample / launch.evaluate: refused, one line

@@ -136,6 +136,8 @@ class FtjaxLM(TemplateLM):
     self.latent = self.cfg.model.latent
     self.z_mode = z_mode if self.latent.enabled else "uniform"
     self.code = None if code is None else int(code)
+    if self.code is not None and z_mode != "fixed":
+      raise ValueError(f"code is for z_mode='fixed', got z_mode={z_mode!r}")
     if self.code is not None and not 0 <= self.code < 2**self.latent.num_bits:
       raise ValueError(f"code must be in 0..{2**self.latent.num_bits - 1}, got {self.code}")
     self.key, self.encoder_key = jax.random.split(jax.random.key(int(seed)))

@@ -75,6 +75,8 @@ def main(argv):
     cli.fail("flag error: --tasks is required")
   if _BATCH_SIZE.value < 1:
     cli.fail("flag error: --batch_size must be >= 1")
+  if _CODE.value is not None and _Z_MODE.value != "fixed":
+    cli.fail("flag error: --code needs --z_mode=fixed")
   logging.set_verbosity(logging.WARNING)  # datasets and orbax log at INFO
   try:
     import lm_eval

@@ -18,6 +18,7 @@ header; generation stops at the tokenizer's end-of-sequence token).
 """
 
 import json
+import sys
 
 from absl import app, flags
 
@@ -65,8 +66,19 @@ def _chat_prompts(hf_tokenizer, prompts):
     cli.fail(f"flag error: --chat: {e}")
 
 
+def _check_z_flags():
+  """Exits 2 with one line when a Z flag would be ignored by the chosen --z_mode."""
+  encoder = _Z_MODE.value == "encoder"
+  if _CODE.value is not None and not (_Z_MODE.value == "fixed" or
+                                      (encoder and _NEW_Z.value == "fixed")):
+    cli.fail("flag error: --code needs --z_mode=fixed (or --z_mode=encoder --new_z=fixed)")
+  if not encoder and (_NEW_Z.value != "uniform" or _ENCODER_ARGMAX.value):
+    cli.fail("flag error: --new_z and --encoder_argmax need --z_mode=encoder")
+
+
 def main(argv):
   cli.check_paths(inputs=[("prompts_file", _PROMPTS_FILE.value)], outputs=[("output", _OUTPUT.value)])
+  _check_z_flags()
   trainer, state = cli.restored_run(argv, _WORKDIR.value, _STEP.value)
   import jax
   import jax.numpy as jnp
@@ -76,6 +88,8 @@ def main(argv):
   from ftjax.model import make_model
   from ftjax import hf
   cfg, source = trainer.cfg, trainer.source
+  if not cfg.model.latent.enabled and (_Z_MODE.value != "uniform" or _CODE.value is not None):
+    cli.fail(f"flag error: --z_mode={_Z_MODE.value}: {_WORKDIR.value} is a baseline run (no Z)")
   hf_tokenizer = hf.run_tokenizer(_WORKDIR.value)  # an imported checkpoint's own tokenizer
   encode = (lambda string, start: hf_tokenizer.encode(string)) if hf_tokenizer else source.encode
   decode = hf_tokenizer.decode if hf_tokenizer else source.decode
@@ -97,6 +111,9 @@ def main(argv):
     tokens = [t for t in tokens for _ in range(_NUM_SAMPLES.value)]
   prompt_BP, start_B = sampling.left_pad(tokens)
   max_new = _MAX_NEW.value or max(cfg.model.seq_len + 1 - prompt_BP.shape[1], 1)
+  if not _MAX_NEW.value and prompt_BP.shape[1] >= cfg.model.seq_len:
+    print(f"note: a prompt of {prompt_BP.shape[1]} tokens fills the training length "
+          f"({cfg.model.seq_len}); generating 1 token (set --max_new_tokens)", file=sys.stderr)
   codes_B = None
   if _CODE.value is not None:
     if not 0 <= _CODE.value < 2**cfg.model.latent.num_bits:

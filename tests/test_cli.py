@@ -46,6 +46,13 @@ def test_sample_cli_restores_onto_one_device(run_on_8_devices, tmp_path):
   assert again.stdout.splitlines()[:2] == result.stdout.splitlines()[:2]  # deterministic
 
 
+def test_sample_cli_notes_a_prompt_that_fills_the_training_length(run_on_8_devices):
+  result = _run("launch.sample", f"--workdir={run_on_8_devices}", "--prompt=" + "_" * 80)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "tokens fills the training length (66); generating 1 token" in result.stderr
+  assert len(result.stdout.strip().splitlines()) == 1
+
+
 def test_evaluate_cli_reports_uniform_ce_elbo_and_choices(run_on_8_devices, tmp_path):
   questions = tmp_path / "q.jsonl"
   questions.write_text('{"question": "A>", "choices": ["AAAA", "!!!!"], "answer": 0}\n')
@@ -111,6 +118,9 @@ BAD_FLAGS = [
     ("launch.sample", ["--step=-3"], "step"),
     ("launch.sample", ["--prompts_file={tmp}/missing.txt"], "no such file"),
     ("launch.sample", ["--output={tmp}/no/dir/samples.jsonl"], "does not exist"),
+    ("launch.sample", ["--code=5"], "--code needs --z_mode=fixed"),
+    ("launch.sample", ["--z_mode=fixed", "--new_z=fixed"], "need --z_mode=encoder"),
+    ("launch.sample", ["--encoder_argmax"], "need --z_mode=encoder"),
     ("launch.evaluate", ["--num_batches=-1"], "num_batches"),
     ("launch.evaluate", ["--choices_file={tmp}/missing.jsonl"], "no such file"),
     ("launch.evaluate", ["--output={tmp}"], "is a directory"),

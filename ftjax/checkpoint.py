@@ -690,8 +690,8 @@ def load_run(workdir: str, step: Optional[int] = None, mesh: Optional[dict] = No
   left as `ocp.PLACEHOLDER` leaves, not read, unless `optimizer=True`: sampling, evaluation and
   export need the parameters only.
 
-  `mesh` ({'data', 'fsdp', 'tensor'}; default one device) replaces the mesh the run trained on;
-  the checkpoint is resharded onto it.
+  `mesh` ({'data', 'fsdp', 'tensor'}: sizes, 1 for an axis not named; default one device)
+  replaces the mesh the run trained on; the checkpoint is resharded onto it.
   """
   require_file_system(workdir)
   directory = os.path.join(workdir, "checkpoints")
@@ -710,7 +710,7 @@ def load_run(workdir: str, step: Optional[int] = None, mesh: Optional[dict] = No
     try:
       cfg = manager.saved_config(chosen).copy_and_resolve_references()
       cfg.unlock()
-      cfg.mesh.update(mesh or {"data": 1, "fsdp": 1, "tensor": 1})
+      cfg.mesh.update({"data": 1, "fsdp": 1, "tensor": 1, **(mesh or {})})
       cfg.lock()
       trainer = Trainer.create(cfg, run_dir=workdir)  # with the run's own tokenizer
       wanted = trainer.abstract_state()

@@ -86,6 +86,23 @@ def check_paths(inputs=(), outputs=(), directories=(), others=()):
       fail(f"flag error: --{flag}={path}: exists and is not a directory")
 
 
+def parse_mesh(text):
+  """{axis: size} of a --mesh flag such as "fsdp=4,tensor=2"; exits 2 on a bad item."""
+  sizes = {}
+  for item in filter(None, text.split(",")):
+    axis, _, size = item.partition("=")
+    if axis not in ("data", "fsdp", "tensor") or not size.lstrip("-").isdigit():
+      fail(f"flag error: --mesh item {item!r}: expected data|fsdp|tensor=<int>")
+    sizes[axis] = int(size)
+  return sizes
+
+
+def define_restore_mesh():
+  """The --mesh flag of the launchers that restore a run (sample, evaluate)."""
+  return flags.DEFINE_string("mesh", "", "Devices to restore the run onto, e.g. fsdp=4,tensor=2 "
+                             "(axes not named: 1; default: one device).")
+
+
 def no_extra_args(argv):
   if len(argv) > 1:
     fail(f"flag error: unexpected arguments {argv[1:]}")
@@ -97,10 +114,12 @@ def _read_only_notices(record):
   return not ("read_only=True" in message or "Given directory is read only" in message)
 
 
-def restored_run(argv, workdir, step):
-  """(trainer, state) of the run in `workdir`, restored onto one device for the sample and
-  evaluate launchers; exits 2 with one line on bad flags or a missing/unreadable run."""
+def restored_run(argv, workdir, step, mesh=""):
+  """(trainer, state) of the run in `workdir` (parameters only), restored onto one device or
+  the `mesh` flag's devices, for the launchers that sample, evaluate or export; exits 2 with one
+  line on bad flags or a missing/unreadable run."""
   no_extra_args(argv)
+  mesh = parse_mesh(mesh)
   if not workdir:
     fail("flag error: --workdir is required")
   check_paths(directories=[("workdir", workdir)])
@@ -110,7 +129,7 @@ def restored_run(argv, workdir, step):
   from ftjax import checkpoint  # after flag checks: errors stay fast
   from ftjax.data.text import CorpusError
   try:
-    return checkpoint.load_run(workdir, step)
+    return checkpoint.load_run(workdir, step, mesh=mesh)
   except checkpoint.CheckpointError as e:
     fail(f"checkpoint error: {e}")
   except CorpusError as e:  # the run's data moved or is damaged

@@ -39,11 +39,7 @@ def _apply_mesh(cfg, text):
     return cfg
   cfg = cfg.copy_and_resolve_references()
   cfg.unlock()
-  for item in text.split(","):
-    axis, _, size = item.partition("=")
-    if axis not in ("data", "fsdp", "tensor") or not size.lstrip("-").isdigit():
-      cli.fail(f"flag error: --mesh item {item!r}: expected data|fsdp|tensor=<int>")
-    cfg.mesh[axis] = int(size)
+  cfg.mesh.update(cli.parse_mesh(text))
   return cfg
 
 

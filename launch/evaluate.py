@@ -32,6 +32,7 @@ _GENERATE = flags.DEFINE_integer("generate", 0, "Synthetic task: sequences to ge
                                  "well-formed fraction.", lower_bound=0)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for Z and sampling.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the results to this JSON file.")
+_MESH = cli.define_restore_mesh()
 
 
 def describe(key, value):
@@ -51,14 +52,14 @@ def describe(key, value):
 
 def main(argv):
   cli.check_paths(inputs=[("choices_file", _CHOICES.value)], outputs=[("output", _OUTPUT.value)])
-  trainer, state = cli.restored_run(argv, _WORKDIR.value, _STEP.value)
+  trainer, state = cli.restored_run(argv, _WORKDIR.value, _STEP.value, _MESH.value)
   import jax
   import numpy as np
 
   from ftjax import evaluation, loop
   from ftjax.data import synthetic
   cfg, params = trainer.cfg, state.params
-  results = {"step": int(state.step)}
+  results = {"step": int(state.step), "devices": int(trainer.mesh.devices.size)}
   key = jax.random.key(_SEED.value)
   results.update(trainer.evaluate(params, _SPLIT.value, _NUM_BATCHES.value, key))
   if _CHOICES.value:

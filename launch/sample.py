@@ -45,6 +45,7 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling threshold.", lower_b
                            upper_bound=1.0)
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON-lines file to write.")
+_MESH = cli.define_restore_mesh()
 _CHAT = flags.DEFINE_bool("chat", False, "Write each prompt as a user message in the run's chat "
                           "template (an imported instruct checkpoint) and stop at its EOS token.")
 _SYSTEM = flags.DEFINE_string("system", None, "With --chat: a system message before each prompt.")
@@ -79,7 +80,7 @@ def _check_z_flags():
 def main(argv):
   cli.check_paths(inputs=[("prompts_file", _PROMPTS_FILE.value)], outputs=[("output", _OUTPUT.value)])
   _check_z_flags()
-  trainer, state = cli.restored_run(argv, _WORKDIR.value, _STEP.value)
+  trainer, state = cli.restored_run(argv, _WORKDIR.value, _STEP.value, _MESH.value)
   import jax
   import jax.numpy as jnp
   import numpy as np

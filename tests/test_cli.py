@@ -46,6 +46,25 @@ def test_sample_cli_restores_onto_one_device(run_on_8_devices, tmp_path):
   assert again.stdout.splitlines()[:2] == result.stdout.splitlines()[:2]  # deterministic
 
 
+def test_sample_and_evaluate_on_a_mesh_match_one_device(run_on_8_devices, tmp_path):
+  flags = [f"--workdir={run_on_8_devices}", "--prompt=A>", "--prompt=QQ", "--num_samples=2",
+           "--z_mode=fixed", "--code=5", "--seed=3"]
+  one, sharded = (_run("launch.sample", *flags, *mesh) for mesh in ([], ["--mesh=fsdp=2,tensor=2"]))
+  assert one.returncode == 0 and sharded.returncode == 0, sharded.stderr[-3000:]
+  assert sharded.stdout == one.stdout
+  reports = []
+  for mesh in ([], ["--mesh=data=2,tensor=2"]):
+    out = tmp_path / f"eval{len(mesh)}.json"
+    result = _run("launch.evaluate", f"--workdir={run_on_8_devices}", f"--output={out}", *mesh)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports.append(json.load(open(out)))
+  assert (reports[0]["devices"], reports[1]["devices"]) == (1, 4)
+  assert reports[1]["eval_ce"] == pytest.approx(reports[0]["eval_ce"], abs=1e-5)
+  assert reports[1]["eval_elbo"] == pytest.approx(reports[0]["eval_elbo"], abs=1e-5)
+  bad = _run("launch.sample", f"--workdir={run_on_8_devices}", "--mesh=fsdp=3")
+  assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr[-2000:]
+
+
 def test_sample_cli_notes_a_prompt_that_fills_the_training_length(run_on_8_devices):
   result = _run("launch.sample", f"--workdir={run_on_8_devices}", "--prompt=" + "_" * 80)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -568,6 +568,7 @@ class Manager:
       problem = _Unreadable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     if not self._agreed_ok(problem is None):
       raise problem or _Unreadable("another process found it damaged")
+    self._verified.add((step, (0, 1)))  # each process checked its share: the step is sound
     mismatches = shape_mismatches(metadata, abstract_state)
     if mismatches:
       raise CheckpointError(f"the checkpoint at step {step} in {self.directory} does not match "

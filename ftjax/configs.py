@@ -192,6 +192,13 @@ def key_help():
           for key, value in _flat_keys(default_config()).items()]
 
 
+def config_changes(old, new):
+  """["key: old → new"] for each key whose value differs between two resolved configs."""
+  a, b = _flat_keys(old), _flat_keys(new)
+  return [f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
+          if a.get(k) != b.get(k)]
+
+
 def _flat_keys(cfg, prefix=""):
   out = {}
   for k, v in cfg.items():

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax import distributed, metrics as metrics_lib, sampling, sharding, train
+from ftjax.configs import config_changes
 from ftjax.model import make_model
 from ftjax.trainer import Trainer
 
@@ -232,6 +233,9 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
   start = int(state.step)
   if start:
     log(f"resumed from step {start}")
+    changes = config_changes(manager.saved_config(start), cfg)
+    if changes:  # e.g. more steps; a change of shape would have failed the restore
+      log(f"the config differs from step {start}'s: " + "; ".join(changes))
   for line in _describe(cfg, trainer, state):
     log(line)
   peak = t.peak_flops or metrics_lib.measure_matmul_peak(jnp.dtype(cfg.model.dtype))

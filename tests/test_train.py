@@ -40,9 +40,13 @@ def test_resumed_run_matches_uninterrupted(tiny_cfg, tmp_path):
   cfg = resolved(tiny_cfg, **{"train.peak_flops": 1.0, "train.num_samples": 0})
   full = loop.train_and_evaluate(cfg, str(tmp_path / "full"), log=_quiet)
   loop.train_and_evaluate(cfg, str(tmp_path / "resumed"), log=_quiet, stop_at=10)
-  resumed = loop.train_and_evaluate(cfg, str(tmp_path / "resumed"), log=_quiet)
+  logs = []  # a host-side change (more frequent logs) keeps the parameters; it is reported
+  changed = resolved(cfg, **{"train.log_every": cfg.train.log_every + 1})
+  resumed = loop.train_and_evaluate(changed, str(tmp_path / "resumed"), log=logs.append)
   assert int(resumed.step) == cfg.train.steps
   jax.tree_util.tree_map(np.testing.assert_array_equal, full.params, resumed.params)
+  assert ("the config differs from step 10's: train.log_every: "
+          f"{cfg.train.log_every} → {cfg.train.log_every + 1}") in logs
 
 
 def test_latent_samples_differ_per_step_and_repeat_per_key(tiny_cfg):

@@ -19,6 +19,7 @@ from launch import cli
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
 _OUT = flags.DEFINE_string("out", None, "Output directory (created).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+_MESH = cli.define_restore_mesh()
 
 
 def main(argv):
@@ -27,7 +28,7 @@ def main(argv):
   cli.check_paths(directories=[("out", _OUT.value)])
   if os.path.exists(os.path.join(_OUT.value, "config.json")):
     cli.fail(f"flag error: --out={_OUT.value} already holds a model (config.json)")
-  trainer, state = cli.restored_run(argv, _WORKDIR.value, _STEP.value)
+  trainer, state = cli.restored_run(argv, _WORKDIR.value, _STEP.value, _MESH.value)
   from ftjax import hf
   hf.export(state.params, trainer.cfg.model, _OUT.value, run_dir=_WORKDIR.value)
   lat = trainer.cfg.model.latent

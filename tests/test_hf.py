@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ftjax import hf
+from ftjax import checkpoint, hf
 from ftjax.configs import resolve, with_overrides
 from ftjax.model import make_model
 
@@ -102,7 +102,6 @@ def test_run_directory(imported):
   tok = hf.run_tokenizer(run)
   assert tok.decode(tok.encode("the cat sat on the mat")) == "the cat sat on the mat"
   assert (tok.bos_id, tok.eos_id) == (1, 2)
-  from ftjax import checkpoint
   trainer, state = checkpoint.load_run(run)
   assert trainer.cfg.model.to_dict() == cfg.model.to_dict()
   chex = jax.tree_util.tree_map(lambda a, b: bool(jnp.all(a == b)), state.params,
@@ -113,7 +112,6 @@ def test_run_directory(imported):
 def test_damaged_run_files_are_refused(imported, tmp_path):
   """The run's tokenizer and configs are listed in run_checksums.json; a changed file (here one
   still readable, so nothing else would notice) is refused with a line naming it."""
-  from ftjax import checkpoint
   run = str(tmp_path / "run")
   shutil.copytree(imported["untied", False][2], run)
   listed = checkpoint._read_checked(os.path.join(run, checkpoint.RUN_CHECKSUMS))
@@ -151,6 +149,18 @@ def test_export_baseline_gives_the_imported_tensors(imported, tmp_path):
     assert config["tie_word_embeddings"] is (name == "tied") and hf.FTJAX_KEY not in config
     assert hf.model_fields(config) == hf.model_fields(hf.read_config(hf_dir))
     assert os.path.exists(os.path.join(out, "tokenizer.json"))
+
+
+def test_export_from_a_sharded_restore_gives_the_checkpoint_tensors(imported, tmp_path):
+  """launch.export_hf --mesh: the run restored sharded (parameters only), gathered to write."""
+  _, _, run = imported["untied", False]
+  trainer, state = checkpoint.load_run(run, mesh={"fsdp": 2, "tensor": 2})
+  assert trainer.mesh.devices.size == 4
+  hf.export(state.params, trainer.cfg.model, str(tmp_path), run_dir=run)
+  original, exported = _tensors(UNTIED), _tensors(str(tmp_path))
+  assert sorted(exported) == sorted(original)
+  for key, value in original.items():
+    np.testing.assert_array_equal(exported[key], value, err_msg=key)
 
 
 def test_export_free_transformer_imports_back(imported, tmp_path):

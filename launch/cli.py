@@ -98,7 +98,7 @@ def parse_mesh(text):
 
 
 def define_restore_mesh():
-  """The --mesh flag of the launchers that restore a run (sample, evaluate, export_hf)."""
+  """The --mesh flag of the launchers that restore a run (sample, evaluate, export_hf, lm_eval)."""
   return flags.DEFINE_string("mesh", "", "Devices to restore the run onto, e.g. fsdp=4,tensor=2 "
                              "(axes not named: 1; default: one device).")
 

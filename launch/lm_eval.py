@@ -37,6 +37,7 @@ _Z_MODE = flags.DEFINE_enum("z_mode", "uniform", ["uniform", "fixed", "encoder"]
                             "How a Free Transformer's Z is chosen.")
 _CODE = flags.DEFINE_integer("code", None, "With --z_mode=fixed: the code (default: one drawn "
                              "per request).")
+_MESH = cli.define_restore_mesh()
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for Z (and sampling, when a task samples).")
 _MAX_LENGTH = flags.DEFINE_integer("max_length", None, "Tokens per forward pass (default: the "
                                    "imported checkpoint's max_position_embeddings, else "
@@ -94,7 +95,7 @@ def main(argv):
     cli.fail("flag error: --chat_template needs --apply_chat_template")
   if _CHAT.value:
     _check_chat_template(_WORKDIR.value)
-  trainer, state = cli.restored_run(argv, _WORKDIR.value, _STEP.value)
+  trainer, state = cli.restored_run(argv, _WORKDIR.value, _STEP.value, _MESH.value)
   from ftjax.harness import FtjaxLM
   try:
     lm = FtjaxLM(_WORKDIR.value, z_mode=_Z_MODE.value, code=_CODE.value, seed=_SEED.value,

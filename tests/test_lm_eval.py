@@ -125,6 +125,22 @@ def test_loglikelihood_rolling_windows(runs):
   assert abs(windowed - whole) > 1e-3  # the windows do cut the context
 
 
+def test_a_sharded_restore_scores_and_generates_as_one_device(runs):
+  """launch.lm_eval --mesh: the run restored on 4 devices gives the same numbers and text."""
+  from ftjax import checkpoint
+  run = runs["ft"][0]
+  lms = []
+  for mesh in (None, {"fsdp": 4}):  # (one kv head: no tensor split)
+    trainer, state = checkpoint.load_run(run, mesh=mesh)
+    lms.append(FtjaxLM(run, trainer=trainer, params=state.params, batch_size=4, z_mode="fixed",
+                       code=7))
+  assert lms[1].trainer.mesh.devices.size == 4
+  one, sharded = (lm.loglikelihood(requests("loglikelihood", PAIRS)) for lm in lms)
+  np.testing.assert_allclose([g[0] for g in sharded], [g[0] for g in one], atol=1e-4, rtol=1e-5)
+  prompts = [lms[0].tok_encode(c) for c in ("one two", "the cat")]
+  assert lms[1].generate_tokens(prompts, 5) == lms[0].generate_tokens(prompts, 5)
+
+
 def test_generate_until_is_greedy(runs):
   """Greedy KV-cache generation (Z uniform, the FT at step 0) equals teacher-forced argmax;
   the text is the decoded tokens cut at the first `until` string."""

@@ -193,9 +193,10 @@ def point_label(g):
 
 
 # (groups() metric, column, digits, sign); p is the mean of the seeds' permutation p-values.
-MARKDOWN_COLUMNS = (("eval_ce", "eval CE", 3, ""), ("eval_ce_minus_baseline", "CE − baseline", 3,
-                                                     "+"),
-                    ("eval_elbo", "ELBO", 3, ""), ("eval_kl_bits", "KL bits", 2, ""),
+MARKDOWN_COLUMNS = (("eval_ce", "eval CE", 3, ""),
+                    ("eval_ce_minus_baseline", "CE − baseline", 3, "+"),
+                    ("eval_elbo", "ELBO", 3, ""),
+                    ("eval_kl_bits", "KL bits", 2, ""),
                     ("eval_z_use", "Z use", 3, ""),
                     ("position_same_minus_other", "position", 3, "+"),
                     ("position_p", "p (mean)", 4, ""),

@@ -153,6 +153,8 @@ BAD_FLAGS = [
     ("launch.sample", ["--workdir=gs://bucket/run"], "is a URL"),
     ("launch.sweep", ["--config=tests/sweep_tiny.py", "--workdir=gs://bucket/sweep"], "is a URL"),
     ("launch.prepare_data", ["--input=s3://bucket/*.jsonl", "--output={tmp}/data"], "is a URL"),
+    ("launch.lm_eval", ["--workdir={tmp}/run", "--tasks=t", "--output_path=gs://bucket/eval"],
+     "is a URL"),
 ]
 
 

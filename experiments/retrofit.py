@@ -32,17 +32,10 @@ _OUT = flags.DEFINE_string("out", "experiments/results/retrofit", "Where the num
 
 
 def pretrain_config(steps):
-  from ftjax.configs import default_config
-  c = default_config()
-  c.data.name = "shakespeare"
+  """The text sweep's model shape (experiments/text_sweep.py) as a baseline, in-memory crops."""
+  from experiments import text_sweep
+  c = text_sweep.get_config()
   c.data.loader = "memory"
-  c.model.num_layers = 4
-  c.model.d_model = 128
-  c.model.num_heads = 4
-  c.model.num_kv_heads = 2
-  c.model.mlp_dim = 384
-  c.model.vocab_size = 264
-  c.model.seq_len = 128
   c.model.latent.enabled = False
   c.model.latent.num_bits = 8
   c.model.latent.kappa_bits = 0.5

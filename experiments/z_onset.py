@@ -1,6 +1,7 @@
 """When does a Free Transformer's decoder start to read Z? Onset steps from the eval rows.
 
   python -m experiments.z_onset --root=runs/kappa_study [--root=...] --out=DIR [--threshold=0.01]
+  python -m experiments.z_onset --root=... --out=DIR --also=DIR/z_use_curves.csv --also_only=REGEX
 
 For every FT run under the roots (directories with config.json and metrics.jsonl), the decoder's
 use of Z (eval_z_use: uniform-Z CE minus encoder-Z CE, nats per token) at each eval row. Writes
@@ -15,9 +16,12 @@ under --out:
 The onset step is only as fine as the eval interval: "1250" means between the eval before and
 step 1250. The default threshold, 0.01 nats, is several times the largest |Z use| of runs that
 never read Z (z_onset.csv's `max_abs_z_use_before` shows it).
+--also adds the curves of an earlier z_use_curves.csv (the runs whose name matches --also_only),
+e.g. runs whose directories are gone; a run found under a root replaces its earlier curve.
 """
 
 import argparse
+import csv
 import glob
 import json
 import os
@@ -47,6 +51,18 @@ def read_curve(run_dir):
   beta = {r["step"]: r["kl_beta"] for r in rows if "kl_beta" in r}
   return [(r["step"], z_use(r), r["eval_kl"] / LOG2, beta.get(r["step"]))
           for r in rows if "eval_kl" in r]
+
+
+def earlier_curves(path, only):
+  """{run: (seed, curve)} from an earlier z_use_curves.csv, the runs whose name matches `only`."""
+  runs = {}
+  with open(path, encoding="utf-8", newline="") as f:
+    for row in csv.DictReader(f):
+      if re.search(only, row["run"]):
+        beta = float(row["kl_beta"]) if row["kl_beta"] else None
+        runs.setdefault(row["run"], (int(row["seed"]), []))[1].append(
+            (int(row["step"]), float(row["eval_z_use"]), float(row["eval_kl_bits"]), beta))
+  return runs
 
 
 def onset(curve, threshold):
@@ -86,8 +102,10 @@ def main(argv=None):
   parser.add_argument("--root", action="append", required=True, help="A sweep's --workdir.")
   parser.add_argument("--out", required=True)
   parser.add_argument("--threshold", type=float, default=0.01, help="Z use (nats per token).")
+  parser.add_argument("--also", help="z_use_curves.csv of earlier runs to add to these.")
+  parser.add_argument("--also_only", default="", help="Regex: --also runs whose name matches.")
   args = parser.parse_args(argv)
-  runs = {}
+  runs = earlier_curves(args.also, args.also_only) if args.also else {}
   for root in args.root:
     for d in sorted(glob.glob(os.path.join(root, "*"))):
       if not os.path.exists(os.path.join(d, "metrics.jsonl")):

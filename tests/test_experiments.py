@@ -195,3 +195,18 @@ def test_z_onset_finds_the_first_eval_step_at_the_threshold(tmp_path):
     first, second = list(csv.DictReader(f))  # the baseline has no Z use rows
   assert (first["step"], float(first["eval_kl_bits"]), first["kl_beta"]) == ("500", 1.0, "0.5")
   assert float(second["eval_z_use"]) == pytest.approx(0.4)  # 1.9 − (2.5 − 1.0)
+  # --also: the committed curves of runs whose directories are gone come back unchanged; a run
+  # under a root replaces its earlier curve, and --also_only leaves the others out.
+  (tmp_path / "empty").mkdir()
+  z_onset.main([f"--root={tmp_path}/empty", f"--out={tmp_path}/again",
+                f"--also={tmp_path}/out/z_use_curves.csv"])
+  for name in ("z_use_curves.csv", "z_onset.csv", "z_onset_groups.csv"):
+    assert ((tmp_path / "again" / name).read_text(encoding="utf-8")
+            == (tmp_path / "out" / name).read_text(encoding="utf-8"))
+  with open(tmp_path / "again" / "z_use_curves.csv", "a", encoding="utf-8") as f:
+    f.write('"seed=2,kappa_bits=1",2,250,0.5,0.1,\n"seed=3,kappa_bits=1",3,250,0.5,0.1,\n')
+  z_onset.main([f"--root={tmp_path}", f"--out={tmp_path}/merged", "--also_only=seed=[02],",
+                f"--also={tmp_path}/again/z_use_curves.csv"])
+  with open(tmp_path / "merged" / "z_onset.csv", encoding="utf-8") as f:
+    assert [(r["run"], r["last_step"]) for r in csv.DictReader(f)] == [
+        ("seed=0,kappa_bits=1", "600"), ("seed=2,kappa_bits=1", "250")]

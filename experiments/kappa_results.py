@@ -175,6 +175,16 @@ def earlier_runs(path, only):
           if re.search(only, r["run"])]
 
 
+def check_also(parser, args):
+  """One-line errors (exit 2) for --also / --also_only: a missing file, a bad regex."""
+  if args.also and not os.path.isfile(args.also):
+    parser.error(f"--also: no file {args.also}")
+  try:
+    re.compile(args.also_only)
+  except re.error as e:
+    parser.error(f"--also_only: not a regular expression ({e}): {args.also_only}")
+
+
 def cell(mean, std, digits, sign=""):
   """A table cell: mean ± std ('–' when there is no value; no ± with one seed)."""
   if mean is None or mean == "":
@@ -236,6 +246,11 @@ def main(argv=None):
   parser.add_argument("--also", help="results.json of earlier runs to group with these.")
   parser.add_argument("--also_only", default="", help="Regex: --also runs whose name matches.")
   args = parser.parse_args(argv)
+  check_also(parser, args)
+  try:
+    earlier = earlier_runs(args.also, args.also_only) if args.also else []
+  except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+    parser.error(f"--also: {args.also} is not a kappa_results results.json ({e!r})")
   with tempfile.TemporaryDirectory() as tmp:
     root = args.root
     if args.archive:
@@ -247,8 +262,8 @@ def main(argv=None):
             and os.path.exists(os.path.join(root, d, "config.json"))]
   for r in runs:
     r["device"] = args.device
-  if args.also:
-    runs += earlier_runs(args.also, args.also_only)
+  if earlier:
+    runs += earlier
     runs.sort(key=lambda r: (r["seed"], r["run"]))
   if not runs:
     raise SystemExit("kappa_results: no runs found")

@@ -27,9 +27,12 @@ import json
 import os
 import re
 
-from experiments.kappa_results import LOG2, mean_std, write_csv
+from experiments.kappa_results import LOG2, check_also, mean_std, write_csv
 from experiments.readme_tables import latent_columns
 from ftjax.metrics import read_rows
+
+
+CURVE_COLUMNS = ("run", "seed", "step", "eval_z_use", "eval_kl_bits", "kl_beta")  # z_use_curves.csv
 
 
 def point_name(run):
@@ -57,7 +60,11 @@ def earlier_curves(path, only):
   """{run: (seed, curve)} from an earlier z_use_curves.csv, the runs whose name matches `only`."""
   runs = {}
   with open(path, encoding="utf-8", newline="") as f:
-    for row in csv.DictReader(f):
+    reader = csv.DictReader(f)
+    missing = sorted(set(CURVE_COLUMNS) - set(reader.fieldnames or ()))
+    if missing:
+      raise ValueError(f"no column {', '.join(missing)}")
+    for row in reader:
       if re.search(only, row["run"]):
         beta = float(row["kl_beta"]) if row["kl_beta"] else None
         runs.setdefault(row["run"], (int(row["seed"]), []))[1].append(
@@ -105,7 +112,11 @@ def main(argv=None):
   parser.add_argument("--also", help="z_use_curves.csv of earlier runs to add to these.")
   parser.add_argument("--also_only", default="", help="Regex: --also runs whose name matches.")
   args = parser.parse_args(argv)
-  runs = earlier_curves(args.also, args.also_only) if args.also else {}
+  check_also(parser, args)
+  try:
+    runs = earlier_curves(args.also, args.also_only) if args.also else {}
+  except (ValueError, KeyError, TypeError) as e:
+    parser.error(f"--also: {args.also} is not a z_use_curves.csv ({e!r})")
   for root in args.root:
     for d in sorted(glob.glob(os.path.join(root, "*"))):
       if not os.path.exists(os.path.join(d, "metrics.jsonl")):
@@ -119,9 +130,8 @@ def main(argv=None):
   per_run, per_point = summarize(runs, args.threshold)
   os.makedirs(args.out, exist_ok=True)
   write_csv(os.path.join(args.out, "z_use_curves.csv"),
-            [{"run": name, "seed": seed, "step": s, "eval_z_use": z, "eval_kl_bits": kl,
-              "kl_beta": beta} for name, (seed, curve) in sorted(runs.items())
-             for s, z, kl, beta in curve])
+            [dict(zip(CURVE_COLUMNS, (name, seed, *point))) for name, (seed, curve)
+             in sorted(runs.items()) for point in curve])
   write_csv(os.path.join(args.out, "z_onset.csv"), per_run)
   write_csv(os.path.join(args.out, "z_onset_groups.csv"), per_point)
   for p in per_point:

@@ -165,7 +165,7 @@ def test_text_results_pairs_each_seed_with_its_baselines(tmp_path):
   assert table[4].endswith("| -0.0667 ± 0.0577 | -0.0167 ± 0.0577 |")
 
 
-def test_z_onset_finds_the_first_eval_step_at_the_threshold(tmp_path):
+def test_z_onset_finds_the_first_eval_step_at_the_threshold(tmp_path, capsys):
   from experiments import z_onset
   curves = {"seed=0,kappa_bits=1": (0, [(250, 0.001, 0.5, None), (500, -0.004, 0.6, None),
                                         (750, 0.02, 0.9, None), (1000, 0.005, 0.9, None)]),
@@ -210,3 +210,11 @@ def test_z_onset_finds_the_first_eval_step_at_the_threshold(tmp_path):
   with open(tmp_path / "merged" / "z_onset.csv", encoding="utf-8") as f:
     assert [(r["run"], r["last_step"]) for r in csv.DictReader(f)] == [
         ("seed=0,kappa_bits=1", "600"), ("seed=2,kappa_bits=1", "250")]
+  curves = f"--also={tmp_path}/again/z_use_curves.csv"
+  for flags, message in (([f"--also={tmp_path}/none.csv"], "--also: no file"),
+                         ([f"--also={tmp_path}/again/z_onset.csv"], "no column eval_kl_bits"),
+                         ([curves, "--also_only=("], "--also_only: not a regular expression")):
+    with pytest.raises(SystemExit) as e:
+      z_onset.main([f"--root={tmp_path}", f"--out={tmp_path}/bad", *flags])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err

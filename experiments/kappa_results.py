@@ -175,14 +175,21 @@ def earlier_runs(path, only):
           if re.search(only, r["run"])]
 
 
-def check_also(parser, args):
-  """One-line errors (exit 2) for --also / --also_only: a missing file, a bad regex."""
-  if args.also and not os.path.isfile(args.also):
-    parser.error(f"--also: no file {args.also}")
+def read_also(parser, args, read, what):
+  """read(args.also, args.also_only), or None without --also. A bad regex, a missing file or a
+  file that `read` cannot take (not `what`) end the program in one line (exit 2)."""
   try:
     re.compile(args.also_only)
   except re.error as e:
     parser.error(f"--also_only: not a regular expression ({e}): {args.also_only}")
+  if not args.also:
+    return None
+  if not os.path.isfile(args.also):
+    parser.error(f"--also: no file {args.also}")
+  try:
+    return read(args.also, args.also_only)
+  except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+    parser.error(f"--also: {args.also} is not {what} ({e!r})")
 
 
 def cell(mean, std, digits, sign=""):
@@ -246,11 +253,7 @@ def main(argv=None):
   parser.add_argument("--also", help="results.json of earlier runs to group with these.")
   parser.add_argument("--also_only", default="", help="Regex: --also runs whose name matches.")
   args = parser.parse_args(argv)
-  check_also(parser, args)
-  try:
-    earlier = earlier_runs(args.also, args.also_only) if args.also else []
-  except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
-    parser.error(f"--also: {args.also} is not a kappa_results results.json ({e!r})")
+  earlier = read_also(parser, args, earlier_runs, "a kappa_results results.json")
   with tempfile.TemporaryDirectory() as tmp:
     root = args.root
     if args.archive:
@@ -262,7 +265,7 @@ def main(argv=None):
             and os.path.exists(os.path.join(root, d, "config.json"))]
   for r in runs:
     r["device"] = args.device
-  if earlier:
+  if args.also:
     runs += earlier
     runs.sort(key=lambda r: (r["seed"], r["run"]))
   if not runs:

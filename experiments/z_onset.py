@@ -27,7 +27,7 @@ import json
 import os
 import re
 
-from experiments.kappa_results import LOG2, check_also, mean_std, write_csv
+from experiments.kappa_results import LOG2, mean_std, read_also, write_csv
 from experiments.readme_tables import latent_columns
 from ftjax.metrics import read_rows
 
@@ -112,11 +112,7 @@ def main(argv=None):
   parser.add_argument("--also", help="z_use_curves.csv of earlier runs to add to these.")
   parser.add_argument("--also_only", default="", help="Regex: --also runs whose name matches.")
   args = parser.parse_args(argv)
-  check_also(parser, args)
-  try:
-    runs = earlier_curves(args.also, args.also_only) if args.also else {}
-  except (ValueError, KeyError, TypeError) as e:
-    parser.error(f"--also: {args.also} is not a z_use_curves.csv ({e!r})")
+  runs = read_also(parser, args, earlier_curves, "a z_use_curves.csv") or {}
   for root in args.root:
     for d in sorted(glob.glob(os.path.join(root, "*"))):
       if not os.path.exists(os.path.join(d, "metrics.jsonl")):

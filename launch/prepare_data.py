@@ -8,7 +8,8 @@ Inputs: JSON lines (plain or .gz; the document is the `--text_key` field), Parqu
 `--text_key` column) or plain text (one document per file, or per non-empty line with
 `--text_unit=line`); `--format=auto` goes by the file extension. `--tokenizer`: `bytes`, a
 sentencepiece `.model` file, or a Hugging Face `tokenizer.json` (or its directory). Every
-`--validation_every`-th document of each file is held out for validation. Re-running with the
+`--validation_every`-th document of each file is held out for validation (a file with fewer
+documents: the last 1/validation_every of its text). Re-running with the
 same flags skips finished shards; metadata.json is written last. Bad input exits 2 with one line.
 """
 
@@ -34,7 +35,8 @@ _NUM_WORKERS = flags.DEFINE_integer("num_workers", os.cpu_count() or 1,
 _DOCS_PER_SHARD = flags.DEFINE_integer("docs_per_shard", 10_000, "Documents per chunk (one "
                                        "train and one validation shard each).")
 _VALIDATION_EVERY = flags.DEFINE_integer("validation_every", 100, "Hold out every N-th "
-                                         "document of each file for validation.")
+                                         "document of each file for validation (a file with "
+                                         "fewer: the last 1/N of its text).")
 
 
 def main(argv):

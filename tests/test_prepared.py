@@ -69,15 +69,19 @@ def _all_docs(path, split):
 def test_prepare_reads_every_format_and_holds_out_every_nth_document(corpus, tmp_path):
   meta = _prepare(corpus, tmp_path)
   train, val = meta["splits"]["train"], meta["splits"]["validation"]
-  # per file, every 10th document (counted from the file's first) is held out
+  # per file, every 10th document (counted from the file's first) is held out; c.txt has 5
+  # documents, fewer than 10: the last tenth of its text (the end of its last line) instead
   held = [DOCS[i] for i in (9, 19, 29, 39)] + [DOCS[40 + 9]]
-  assert val["documents"] == len(held) and train["documents"] == len(DOCS) - len(held)
+  tail = len("".join(DOCS[55:])) // 10
+  c_head, c_tail = DOCS[59][:-tail], DOCS[59][-tail:]
+  assert val["documents"] == len(held) + 1 and train["documents"] == len(DOCS) - len(held)
+  decoded = lambda split: sorted(text.decode(d["tokens"][:-1]) for d in _all_docs(tmp_path, split))
+  assert decoded("validation") == sorted(held + [c_tail])
+  assert decoded("train") == sorted([d for d in DOCS[:59] if d not in held] + [c_head])
   docs = _all_docs(tmp_path, "train") + _all_docs(tmp_path, "validation")
-  texts = sorted(text.decode(d["tokens"][:-1]) for d in docs)
-  assert texts == sorted(DOCS)
   assert all(d["tokens"][-1] == text.EOS and d["nbytes"][-1] == 0 for d in docs)
   assert train["bytes"] + val["bytes"] == sum(len(d.encode()) for d in DOCS)
-  assert train["tokens"] + val["tokens"] == sum(len(d.encode()) + 1 for d in DOCS)
+  assert train["tokens"] + val["tokens"] == sum(len(d.encode()) + 1 for d in DOCS) + 1  # 2 EOS
   assert meta["tokenizer"]["kind"] == "bytes" and meta["tokenizer"]["eos_id"] == text.EOS
   # a.jsonl.gz: 40 documents in chunks of 16 -> 3 train shards
   assert [s["file"] for s in train["shards"]][:3] == [

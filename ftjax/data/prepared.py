@@ -13,7 +13,9 @@ A prepared directory holds
 One record per document: its token ids followed by the end-of-document id as little-endian
 uint32, then the UTF-8 bytes each id decodes to as little-endian uint16 (0 for the
 end-of-document id; `ftjax.data.tokenizers.document_arrays`). Every `validation_every`-th document
-of each input file (counted from its first) is held out for the validation split.
+of each input file (counted from its first) is held out for the validation split; a file with
+fewer documents holds out the last 1/`validation_every` of its text instead, so that the
+validation split is never empty.
 
 A re-run skips the chunks whose `parts/*.json` exists; shards are written under a temporary name
 and renamed when complete, so an interrupted run leaves no shard and no metadata that looks
@@ -38,6 +40,7 @@ FORMAT = "ftjax.prepared/1"
 METADATA = "metadata.json"
 PLAN = "plan.json"
 SPLITS = ("train", "validation")
+SMALL_VALIDATION_TOKENS = 65_536  # fewer held-out tokens than this gets a warning
 FORMATS = ("auto", "jsonl", "parquet", "text")
 TEXT_UNITS = ("file", "line")
 PREPARE_COMMAND = "python -m launch.prepare_data --input=GLOB --output=DIR --tokenizer=SPEC"
@@ -246,16 +249,16 @@ def _init_worker(spec, eos_token):
   _WORKER_TOKENIZER = tokenizers.load(spec, eos_token or None)
 
 
-def _write_chunk(out, chunk_id, first_index, docs, validation_every):
-  """Tokenises one chunk of documents and writes its shards and parts/<chunk>.json."""
+def _write_chunk(out, chunk_id, docs):
+  """Tokenises one chunk of (split, document) pairs and writes its shards and
+  parts/<chunk>.json."""
   import array_record.python.array_record_module as arm
   tok = _WORKER_TOKENIZER
   counts = {}
   temps = []
   try:
     writers, stats = {}, {split: [0, 0, 0] for split in SPLITS}  # documents, tokens, bytes
-    for i, doc in enumerate(docs, first_index):
-      split = "validation" if i % validation_every == validation_every - 1 else "train"
+    for split, doc in docs:
       ids, nbytes = tokenizers.document_arrays(tok, doc)
       if split not in writers:
         temp = os.path.join(out, f"{split}-{chunk_id}.array_record.tmp{os.getpid()}")
@@ -285,22 +288,45 @@ def _write_chunk(out, chunk_id, first_index, docs, validation_every):
 
 
 def _chunks(settings, done):
-  """(chunk id, index of its first document in its file, documents) to tokenise, in order;
-  chunks in `done` are read past, not returned."""
+  """(chunk id, its (split, document) pairs) to tokenise, in order; chunks in `done` are read
+  past, not returned. Every `validation_every`-th document of a file is held out; a file with
+  fewer documents holds out the end of its text instead (`_hold_out_tail`), so that every file
+  contributes to the validation split."""
+  every = settings.validation_every
   for file_index, path in enumerate(settings.inputs):
-    docs, first, chunk = [], 0, 0
-    for index, doc in enumerate(read_documents(path, settings.format, settings.text_key,
-                                               settings.text_unit)):
-      docs.append(doc)
-      if len(docs) == settings.docs_per_shard:
-        chunk_id = f"{file_index:05d}-{chunk:05d}"
+    chunk, number, count = [], 0, 0
+    for doc in read_documents(path, settings.format, settings.text_key, settings.text_unit):
+      if len(chunk) == settings.docs_per_shard:
+        chunk_id = f"{file_index:05d}-{number:05d}"
         if chunk_id not in done:
-          yield chunk_id, first, docs
-        docs, first, chunk = [], index + 1, chunk + 1
-    if docs:
-      chunk_id = f"{file_index:05d}-{chunk:05d}"
-      if chunk_id not in done:
-        yield chunk_id, first, docs
+          yield chunk_id, chunk
+        chunk, number = [], number + 1
+      chunk.append(("validation" if count % every == every - 1 else "train", doc))
+      count += 1
+    if count < every:
+      chunk = _hold_out_tail(chunk, every)
+    chunk_id = f"{file_index:05d}-{number:05d}"
+    if chunk and chunk_id not in done:
+      yield chunk_id, chunk
+
+
+def _hold_out_tail(docs, every):
+  """The (split, document) pairs of a file's last chunk with the final 1/`every` of their text
+  held out: trailing documents whole, and the one the cut falls in split at a line break (at the
+  cut if it has none after it), its head for training, its tail for validation."""
+  budget = max(sum(len(doc) for _, doc in docs) // every, 1)
+  out = list(docs)
+  for i in range(len(out) - 1, -1, -1):
+    doc = out[i][1]
+    if len(doc) <= budget:
+      out[i] = ("validation", doc)
+      budget -= len(doc)
+      continue
+    cut = doc.find("\n", len(doc) - budget)
+    cut = len(doc) - budget if cut < 0 or cut == len(doc) - 1 else cut + 1
+    out[i:i + 1] = [("train", doc[:cut]), ("validation", doc[cut:])]
+    break
+  return out
 
 
 def _write_json(path, value):
@@ -358,20 +384,21 @@ def prepare(settings, out, num_workers=1, progress=None, progress_every=2.0):
   chunks = _chunks(settings, done)
   if num_workers <= 1:
     _init_worker(settings.tokenizer, settings.eos_token)
-    for chunk_id, first, docs in chunks:
-      finished(_write_chunk(out, chunk_id, first, docs, settings.validation_every)[1])
+    for chunk_id, docs in chunks:
+      finished(_write_chunk(out, chunk_id, docs)[1])
   else:
     context = multiprocessing.get_context("spawn")  # no forked jax/grain state in the workers
     with context.Pool(num_workers, _init_worker, (settings.tokenizer, settings.eos_token)) as pool:
       pending = []
-      for chunk_id, first, docs in chunks:
-        pending.append(pool.apply_async(_write_chunk, (out, chunk_id, first, docs,
-                                                       settings.validation_every)))
+      for chunk_id, docs in chunks:
+        pending.append(pool.apply_async(_write_chunk, (out, chunk_id, docs)))
         while len(pending) >= 2 * num_workers:  # bounded: the corpus is never all in memory
           finished(pending.pop(0).get()[1])
       for result in pending:
         finished(result.get()[1])
   finished(None, last=True)
+  if not any(name.endswith(".json") for name in os.listdir(os.path.join(out, "parts"))):
+    raise CorpusError(f"no documents in the {len(settings.inputs)} input files")
   return write_metadata(out, plan)
 
 
@@ -400,6 +427,11 @@ def summary(meta):
     s = meta["splits"][split]
     lines.append(f"{split}: {s['documents']:,} documents, {s['tokens']:,} tokens, "
                  f"{s['bytes']:,} bytes in {len(s['shards'])} shards")
+  held_out = meta["splits"]["validation"]["tokens"]
+  if held_out < SMALL_VALIDATION_TOKENS:
+    lines.append(f"warning: the validation split holds {held_out:,} tokens, fewer than "
+                 f"{SMALL_VALIDATION_TOKENS:,}: evaluations will repeat it (train.eval_batches "
+                 "is checked against it at start-up); a smaller --validation_every holds out more")
   tok = meta["tokenizer"]
   lines.append(f"tokenizer: {tok['kind']} (vocabulary {tok['vocab_size']:,}, end of document "
                f"{tok['eos_id']}, sha256 {tok['sha256'][:12]})")

@@ -2,6 +2,7 @@
 cadence of logs, evals and saves, SIGTERM, the non-finite policy and end-of-run samples."""
 
 import dataclasses
+import errno
 import math
 import os
 import signal
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax import distributed, metrics as metrics_lib, sampling, sharding, train
+from ftjax import distributed, metrics as metrics_lib, preflight, sampling, sharding, train
 from ftjax.configs import config_changes
 from ftjax.model import make_model
 from ftjax.trainer import Trainer
@@ -64,18 +65,6 @@ def _describe(cfg, trainer, state):
   return lines
 
 
-def _check_writable(directory):
-  """WriteError (one line) unless this process can create files in `directory`."""
-  probe = os.path.join(directory, f".write_test.process{jax.process_index()}")
-  try:
-    os.makedirs(directory, exist_ok=True)
-    with open(probe, "w", encoding="utf-8") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise metrics_lib.write_error(directory, e) from None
-
-
 def _free_space_warning(directory, keep, checkpoint_bytes):
   """A warning line when `directory` has room for fewer than `keep` + 1 checkpoints (the newest
   `keep` and the one being written), each estimated at the state's uncompressed bytes."""
@@ -90,11 +79,18 @@ def _free_space_warning(directory, keep, checkpoint_bytes):
           "a save may fail for lack of space")
 
 
+class Preempted(Exception):
+  """Raised by the SIGTERM/SIGINT handler while `_Preemption.raise_now` is set (sampling)."""
+
+
 class _Preemption:
-  """Turns SIGTERM/SIGINT into a flag the loop polls: it saves a checkpoint and exits cleanly."""
+  """Turns SIGTERM/SIGINT into a flag the loop polls (between steps and evaluation batches): it
+  saves a checkpoint and exits cleanly. With `raise_now` set (after the last save: sampling) the
+  signal raises `Preempted` at once instead."""
 
   def __init__(self):
     self.requested = False
+    self.raise_now = False
     self._previous = {}
 
   def __enter__(self):
@@ -104,8 +100,10 @@ class _Preemption:
     return self
 
   def _handle(self, signum, frame):
-    del frame
+    del signum, frame
     self.requested = True
+    if self.raise_now:
+      raise Preempted()
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -209,8 +207,8 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
         f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
     except OSError as e:
       raise metrics_lib.write_error(path, e) from None
-  _check_writable(os.path.join(workdir, "checkpoints"))
   trainer = trainer or Trainer.create(cfg, run_dir=workdir)
+  preflight.check_before_training(trainer, workdir)  # nothing is compiled before this
   if jax.process_index() == 0:
     from ftjax.data import tokenizers
     try:
@@ -238,6 +236,8 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
       log(f"the config differs from step {start}'s: " + "; ".join(changes))
   for line in _describe(cfg, trainer, state):
     log(line)
+  evaluate_first = _agreed(start > 0 and Due.after(start, t.steps, cfg).eval and
+                           not _has_eval_row(workdir, start))[0]
   peak = t.peak_flops or metrics_lib.measure_matmul_peak(jnp.dtype(cfg.model.dtype))
   flops_per_token = metrics_lib.flops_per_token(cfg.model)
   tokens_per_step = t.batch_size * cfg.model.seq_len
@@ -260,15 +260,22 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
     log(format_progress(step, t.steps, row, tokens_per_step))
 
   end = t.steps if stop_at is None else min(stop_at, t.steps)
+  finished = start  # the newest step whose state and data-stream position are both in hand
   with _Preemption() as preemption:
     try:
+      if evaluate_first:  # the run before was stopped during this step's evaluation
+        ev = trainer.evaluate(state.params, stop=lambda: _agreed(preemption.requested)[0])
+        if ev is not None:
+          writer.write(start, ev)
+          log(format_eval(start, ev))
       for step in range(start, end):
         manager.check()  # a save that failed in the background ends the run now
         if step == start:
           log("compiling the train step…")
           compile_start = time.perf_counter()
+        finished = None  # while the stream is read and the old state donated
         state, device_metrics = trainer.train_step(state, trainer.to_global(next(stream)))
-        done = step + 1
+        done = finished = step + 1
         if pending is not None:
           flush()
         meter.start_if_stopped(state, done)
@@ -291,10 +298,13 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
             log(f"warning: {count} step(s) with non-finite loss or gradients skipped so far "
                 f"(the first at step {int(state.first_nonfinite_step)})")
             reported_nonfinite = count
-        if due.eval:
-          ev = trainer.evaluate(state.params)
-          writer.write(done, ev)
-          log(format_eval(done, ev))
+        if due.eval and not preempted:
+          ev = trainer.evaluate(state.params, stop=lambda: _agreed(preemption.requested)[0])
+          if ev is None:  # a signal during the evaluation: save now, evaluate after resuming
+            preempted = save = True
+          else:
+            writer.write(done, ev)
+            log(format_eval(done, ev))
           meter.restart()
         if save:
           manager.save(done, state, stream.get_state())
@@ -310,20 +320,68 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
         flush()
       _check_nonfinite(state, cfg, manager)
       manager.save(int(state.step), state, stream.get_state())
+    except Exception as e:
+      _save_after_error(e, manager, state, stream, finished, start, cfg)
+      raise
     finally:
       try:
         manager.close()
       finally:
         stream.close()
-  if t.num_samples and jax.process_count() > 1:
-    log("samples are printed by single-process runs only")
-  elif t.num_samples:
-    text = show_samples(trainer, state.params, t.num_samples, log)
-    writer.write_text(int(state.step), "samples", text)
+    done = int(state.step)
+    if preemption.requested:  # during the last save
+      log(f"stopped by a signal at step {done}: checkpoint saved; run the same command to resume")
+    elif t.num_samples and jax.process_count() > 1:
+      log("samples are printed by single-process runs only")
+    elif t.num_samples:
+      preemption.raise_now = True  # the checkpoint is complete: a signal ends sampling at once
+      try:
+        writer.write_text(done, "samples", show_samples(trainer, state.params, t.num_samples, log))
+      except Preempted:
+        log(f"stopped by a signal while sampling after step {done}: checkpoint saved; run the "
+            "same command to resume (it samples again)")
+        writer.close()
+        return state
+      except Exception as e:
+        e.add_note(f"step {done} is saved: run the same command to resume (it samples again)")
+        raise
+      finally:
+        preemption.raise_now = False
   writer.close()
   log(f"outputs in {workdir}: config.json, metrics.jsonl, tb/ (TensorBoard), checkpoints/ "
-      f"(step {int(state.step)})")
+      f"(step {done})")
   return state
+
+
+def _has_eval_row(workdir, step):
+  """Whether metrics.jsonl holds the evaluation of `step` (process 0 reads; others say no)."""
+  if jax.process_index() != 0:
+    return False
+  return any(r.get("step") == step and any(k.startswith("eval_") for k in r)
+             for r in metrics_lib.read_rows(workdir))
+
+
+def _save_after_error(error, manager, state, stream, finished, start, cfg):
+  """Saves the state of step `finished` (if training got past `start` and the state can be
+  trusted) before `error` ends the run, and adds a note to `error` saying what was kept.
+
+  Not tried with several processes (a save is collective: the others may still be training), for
+  a failed save or a full disk (the storage is the problem), without a consistent stream
+  position, or after non-finite steps under train.on_nonfinite=stop."""
+  full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+  from ftjax.checkpoint import SaveError
+  if (finished is None or finished <= start or jax.process_count() > 1 or full or
+      isinstance(error, (SaveError, NonFiniteError))):
+    return
+  try:
+    if cfg.train.on_nonfinite == "stop" and int(jax.device_get(state.nonfinite_steps)):
+      return
+    manager.save(finished, state, stream.get_state())
+    manager.wait()
+  except Exception as e:  # noqa: BLE001 (the first error is the one to report)
+    error.add_note(f"the train state of step {finished} could not be saved ({e})")
+    return
+  error.add_note(f"step {finished} is saved: run the same command to resume from it")
 
 
 def sample_texts(trainer: Trainer, params, num_samples: int, key: jax.Array,

@@ -69,9 +69,11 @@ class WriteError(RuntimeError):
 def write_error(path: str, e: OSError, step: Optional[int] = None) -> WriteError:
   """WriteError for an OSError `e` met writing `path`."""
   where = f" at step {step}" if step is not None else ""
-  return WriteError(f"cannot write {path}{where}: {e.strerror or e}. Free space or fix the "
-                    "directory's permissions, then run the same command to resume (from the "
-                    "newest complete checkpoint).")
+  error = WriteError(f"cannot write {path}{where}: {e.strerror or e}. Free space or fix the "
+                     "directory's permissions, then run the same command to resume (from the "
+                     "newest complete checkpoint).")
+  error.errno = e.errno
+  return error
 
 
 def read_rows(workdir: str) -> list:

@@ -15,6 +15,9 @@ from ftjax import data as data_lib
 from ftjax import distributed, sharding, train
 from ftjax.model import Transformer
 
+STOP_EVERY = 16  # evaluation batches between two stop checks with several processes
+QUEUED = 8  # evaluation batches dispatched ahead of the device
+
 @dataclasses.dataclass
 class Trainer:
   """Everything a training loop needs, built once from a resolved config and a mesh.
@@ -77,15 +80,29 @@ class Trainer:
       next(stream)
     return self.to_global(next(stream))
 
-  def evaluate(self, params, split="validation", num_batches=None, key=None):
+  def evaluate(self, params, split="validation", num_batches=None, key=None, stop=None):
     """Mean of the eval metrics over the first `num_batches` (default `train.eval_batches`)
     batches of `split`, with fixed keys, each batch weighted by the tokens it scores
     (`eval_tokens`: their total). Bits per byte, where the batches carry `target_bytes`,
-    are exact: the nats of all scored tokens over ln 2 × all the bytes their targets decode to."""
+    are exact: the nats of all scored tokens over ln 2 × all the bytes their targets decode to.
+
+    `stop()` is asked before every batch with one process, every STOP_EVERY batches with several
+    (a collective: it must answer alike everywhere); once it says True the evaluation ends and
+    returns None. At most QUEUED batches run ahead of the device, so that ending is quick."""
     key = jax.random.key(self.cfg.seed + 1) if key is None else key
+    every = 1 if jax.process_count() == 1 else STOP_EVERY
     stream = self.stream(split)
-    rows = [self.eval_step(params, self.to_global(next(stream)), jax.random.fold_in(key, i))
-            for i in range(num_batches or self.cfg.train.eval_batches)]
+    rows = []
+    try:
+      for i in range(num_batches or self.cfg.train.eval_batches):
+        if stop is not None and i % every == 0 and stop():
+          return None
+        rows.append(self.eval_step(params, self.to_global(next(stream)),
+                                   jax.random.fold_in(key, i)))
+        if len(rows) > QUEUED:
+          jax.block_until_ready(rows[-QUEUED - 1])
+    finally:
+      stream.close()
     rows = distributed.fetch(rows)
     tokens = np.array([float(r["eval_tokens_sum"]) for r in rows])  # scored tokens per batch
     out = {k: float(np.sum(tokens * [float(r[k]) for r in rows]) / max(tokens.sum(), 1.0))

@@ -43,6 +43,11 @@ def _exit_now(message, status):
   os._exit(status)
 
 
+def _with_notes(error):
+  """The error's message and the loop's notes on it (which step was saved), in one line."""
+  return "; ".join([str(error), *getattr(error, "__notes__", ())])
+
+
 def main(argv):
   cli.no_extra_args(argv)
   if _CONFIG_HELP.value:
@@ -66,16 +71,16 @@ def main(argv):
     watchdog = distributed.PeerWatchdog(cfg.distributed.peer_timeout_seconds).start()
   try:
     loop.train_and_evaluate(cfg, _WORKDIR.value, stop_at=_STOP_AT.value)
-  except ConfigError as e:  # found once the devices are known (mesh, divisibility)
-    cli.fail(str(e))
+  except ConfigError as e:  # found at start-up (mesh, divisibility, eval and sample settings)
+    cli.fail(_with_notes(e))
   except CorpusError as e:  # missing, unprepared or corrupt data
-    cli.fail(f"data error: {e}")
+    cli.fail(f"data error: {_with_notes(e)}")
   except checkpoint.CheckpointError as e:  # e.g. the run's checkpoints do not match a changed config
-    cli.fail(f"checkpoint error: {e}")
+    cli.fail(f"checkpoint error: {_with_notes(e)}")
   except loop.NonFiniteError as e:
     cli.fail(f"training stopped: {e}", status=1)
   except WriteError as e:  # disk full, quota, permissions: the run cannot keep its results
-    _exit_now(f"error: {e}", 1)
+    _exit_now(f"error: {_with_notes(e)}", 1)
   except Exception:
     if watchdog is not None:  # a collective failed: a lost peer? (the watchdog then ends it)
       watchdog.lost()

@@ -76,6 +76,7 @@ class Source:
   encode: Callable[[str, bool], np.ndarray]  # (text, starts a sequence) -> tokens
   bytes_per_token: float  # for bits-per-byte; 0 when the data is not text
   tokenizer: Any = None  # text sources: the tokenizer (saved with the run)
+  validation_tokens: Optional[int] = None  # where the validation split is finite: its tokens
 
 
 def _step_keyed(make_tokens):
@@ -217,7 +218,8 @@ def _prepared_source(cfg, run_dir):
   val = [meta["splits"]["validation"] for _, meta in components]
   bytes_per_token = sum(s["bytes"] for s in val) / max(sum(s["tokens"] for s in val), 1)
   return Source("prepared", stream, prompts, tokenizer.decode,
-                lambda string, start=True: tokenizer.encode(string), bytes_per_token, tokenizer)
+                lambda string, start=True: tokenizer.encode(string), bytes_per_token, tokenizer,
+                validation_tokens=sum(s["tokens"] for s in val))
 
 
 def _identity(example):

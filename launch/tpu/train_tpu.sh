@@ -8,9 +8,9 @@
 # WORKDIR (and the config's data.path) must be a path that every worker mounts (Filestore, NFS, a
 # bucket mounted with Cloud Storage FUSE that allows directory renames); gs:// URLs are refused.
 #
-# The repository must be at ~/ftjax on every worker with requirements installed
-# (pip install -r requirements.txt "jax[tpu]==0.10.2"). Check the fit first with
-# python -m launch.dryrun --config=... --num_devices=<chips>.
+# The repository must be at ~/ftjax on every worker with requirements installed (Python >= 3.12:
+# pip install -r requirements.txt "jax[tpu]==0.12.0.1"; not yet run on a TPU). Check the fit
+# first with python -m launch.dryrun --config=... --num_devices=<chips>.
 set -euo pipefail
 TPU_NAME=${1:?usage: train_tpu.sh TPU_NAME ZONE CONFIG WORKDIR [--config.x=y ...]}
 ZONE=${2:?}

@@ -25,7 +25,8 @@ LOADERS = ("memory", "grain")
 DTYPES = ("float32", "bfloat16")
 POST_SAMPLERS = ("onehot", "bits")
 KL_CONTROLS = ("free_bits", "target_rate")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "cudnn_mask", "pallas", "splash")
+MATMUL_DTYPES = ("default", "fp8")
 ONEHOT_CHUNK_BYTES = 2 * 2**30  # bound on one backward chunk of the one-hot post-sampler
 
 
@@ -80,8 +81,14 @@ def default_config():
   c.model.remat_policy = "none"  # one of REMAT_POLICIES: none, full, dots, dots_no_batch, nothing
   c.model.ce_chunk_tokens = 0  # 0: plain CE; else CE over chunks of this many tokens
   c.model.attention_q_chunk = 0  # xla attention: 0 dense; else queries in chunks of this many
-  # "auto" (cuDNN flash attention on GPU with bfloat16, else "xla"), "xla" (einsum), "cudnn"
+  # "auto" (cuDNN flash attention on GPU with bfloat16, packed rows through its segment
+  # offsets; else "xla"), "xla" (einsum), "cudnn", "cudnn_mask" (packed rows through a dense
+  # mask), "pallas" (Pallas GPU flash kernel with segment ids), "splash" (TPU)
   c.model.attention_impl = "auto"
+  # "default": matmuls in model.dtype; "fp8": the decoder blocks' dense layers in FP8 (e4m3
+  # inputs and weights, e5m2 gradients, per-tensor scales from each step's amax; needs
+  # model.dtype=bfloat16 and an FP8 GPU). Encoder, mapper, unembed, norms stay in model.dtype.
+  c.model.matmul_dtype = "default"
   c.model.param_dtype = "float32"  # parameters (and the Adam moments' source); or "bfloat16"
 
   c.model.latent = ml_collections.ConfigDict()
@@ -255,6 +262,10 @@ def _check_model(m):
            f"must be one of {DTYPES}, got {m.param_dtype!r}")
   _require(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl",
            f"must be one of {ATTENTION_IMPLS}, got {m.attention_impl!r}")
+  _require(m.matmul_dtype in MATMUL_DTYPES, "model.matmul_dtype",
+           f"must be one of {MATMUL_DTYPES}, got {m.matmul_dtype!r}")
+  _require(m.matmul_dtype != "fp8" or m.dtype == "bfloat16", "model.matmul_dtype",
+           f"fp8 needs model.dtype='bfloat16', got {m.dtype!r}")
 
 
 def _check_latent(m):

@@ -14,8 +14,14 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from ftjax import fp8 as fp8_lib
+
 Dtype = Any
 ACTIVATION_AXES = ("batch", "length", "embed")  # logical axes of the residual stream
+GPU_IMPLS = ("cudnn", "cudnn_mask", "pallas")  # attention kernels that need a GPU
+# Runs of equal segment ids (documents, padding) per row that cuDNN's packed attention is
+# compiled for; a batch with a row holding more takes the dense-mask path (`_attend_cudnn`).
+PACKED_MAX_SEGMENTS = 64
 
 
 @flax.struct.dataclass
@@ -68,12 +74,15 @@ class Einsum(nn.Module):
   num_in_axes: int = 1
   dtype: Dtype = jnp.float32
   kernel_init: Optional[Callable] = None
+  fp8: bool = False  # the matmul in FP8 (`ftjax.fp8.einsum`)
 
   @nn.compact
   def __call__(self, x):
     init = self.kernel_init or fan_in_init(self.num_in_axes)
     kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.axes)),
                         tuple(self.shape), jnp.float32)
+    if self.fp8:
+      return fp8_lib.einsum(self.equation, x, kernel, self.dtype)
     return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
 
 
@@ -120,18 +129,19 @@ def rope(x_BTQE, positions_BT, theta, scaling=None):
 
 def resolve_attention_impl(impl, dtype, head_dim, backend=None):
   """The implementation `impl` names on `backend` (default: jax's): "auto" picks cuDNN flash
-  attention on GPU for 16-bit compute with a head dim it supports, splash attention on TPU, XLA
-  otherwise. A kernel the backend lacks is a ValueError naming the backend."""
+  attention on GPU for 16-bit compute with a head dim it supports (packed rows through cuDNN's
+  segment offsets, see `_attend_cudnn`), splash attention on TPU, XLA otherwise. A kernel the
+  backend lacks is a ValueError naming the backend."""
   backend = backend or jax.default_backend()
   if impl == "auto" and backend == "tpu":
     return "splash"
   if impl == "auto":
     cudnn_ok = jnp.dtype(dtype).itemsize == 2 and head_dim % 8 == 0 and head_dim <= 128
     return "cudnn" if backend == "gpu" and cudnn_ok else "xla"
-  if impl == "cudnn" and backend != "gpu":
-    raise ValueError(f"attention_impl='cudnn' needs a GPU; the backend is {backend!r}")
-  if impl == "cudnn" and jnp.dtype(dtype).itemsize != 2:
-    raise ValueError("attention_impl='cudnn' needs model.dtype='bfloat16'")
+  if impl in GPU_IMPLS and backend != "gpu":
+    raise ValueError(f"attention_impl={impl!r} needs a GPU; the backend is {backend!r}")
+  if impl in GPU_IMPLS and jnp.dtype(dtype).itemsize != 2:
+    raise ValueError(f"attention_impl={impl!r} needs model.dtype='bfloat16'")
   if impl == "splash" and backend != "tpu":
     raise ValueError(f"attention_impl='splash' needs a TPU; the backend is {backend!r}")
   return impl
@@ -207,6 +217,102 @@ def _attend_dot_product(q_BTKGE, k_BSKE, v_BSKE, causal, span, implementation):
   return out_BTQE.reshape(b, t, k, g, e)
 
 
+def segment_runs(segment_ids_BT, max_runs):
+  """Each row's runs of equal segment ids in cuDNN's packed layout: (starts_BR, lengths_BM,
+  count_B), R = max_runs + 1 columns of run starts and M = max_runs of run lengths, -1 past the
+  row's runs; count_B runs per row (only the first max_runs are listed)."""
+  b, t = segment_ids_BT.shape
+  new_BT = jnp.concatenate([jnp.ones((b, 1), bool),
+                            segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
+  starts_BR = jax.vmap(lambda row: jnp.nonzero(row, size=max_runs + 1, fill_value=-1)[0])(new_BT)
+  starts_BR = starts_BR.astype(jnp.int32)
+  next_BR = jnp.concatenate([starts_BR[:, 1:], jnp.full((b, 1), -1, jnp.int32)], axis=1)
+  ends_BR = jnp.where(next_BR >= 0, next_BR, t)
+  lengths_BM = jnp.where(starts_BR >= 0, ends_BR - starts_BR, -1)[:, :max_runs]
+  return starts_BR, lengths_BM, jnp.sum(new_BT, axis=1, dtype=jnp.int32)
+
+
+def _cudnn_packed(q_BTKGE, k_BSKE, v_BSKE, causal, starts_BR, lengths_BM):
+  """cuDNN flash attention over packed runs (jax's `fused_attention_stablehlo`, which
+  `jax.nn.dot_product_attention` wraps without exposing its segment offsets): each run attends
+  only to itself, causally from its own start. K/V are repeated to one per query head: before
+  jax 0.11.1 the key offsets are strided by the query heads (wrong under GQA)."""
+  from jax._src.cudnn import fused_attention_stablehlo as fa
+  b, t, k, g, e = q_BTKGE.shape
+  k_BSQE, v_BSQE = (jnp.repeat(x, g, axis=2) for x in (k_BSKE, v_BSKE))
+  mask_type = fa.MaskType.PADDING_CAUSAL if causal else fa.MaskType.PADDING
+  out_BTQE = fa.dot_product_attention(
+      q_BTKGE.reshape(b, t, k * g, e), k_BSQE, v_BSQE, q_seqlen=lengths_BM, kv_seqlen=lengths_BM,
+      q_offsets=starts_BR, kv_offsets=starts_BR, scale=e**-0.5, mask_type=mask_type)
+  return out_BTQE.reshape(b, t, k, g, e)
+
+
+def _attend_cudnn(q_BTKGE, k_BSKE, v_BSKE, causal, span):
+  """cuDNN flash attention. Packed rows (segment ids, no left padding, as many keys as queries)
+  go through cuDNN's segment offsets, with no (T, S) mask, when no row has more than
+  PACKED_MAX_SEGMENTS runs of equal ids; a batch with such a row takes the dense-mask call
+  (`lax.cond`, decided per batch)."""
+  seg_BT = span.segment_ids_BT
+  if seg_BT is None or span.left_padded or k_BSKE.shape[1] != q_BTKGE.shape[1]:
+    return _attend_dot_product(q_BTKGE, k_BSKE, v_BSKE, causal, span, "cudnn")
+  starts_BR, lengths_BM, count_B = segment_runs(seg_BT, PACKED_MAX_SEGMENTS)
+  return jax.lax.cond(
+      jnp.max(count_B) <= PACKED_MAX_SEGMENTS,
+      lambda q, k, v: _cudnn_packed(q, k, v, causal, starts_BR, lengths_BM),
+      lambda q, k, v: _attend_dot_product(q, k, v, causal, span, "cudnn"),
+      q_BTKGE, k_BSKE, v_BSKE)
+
+
+def _kernel_segment_ids(span, t):
+  """(B, T) segment ids for the kernels that take them (None: one segment). Left padding
+  becomes segment 0, which sees only padding."""
+  seg_BT = span.segment_ids_BT
+  if span.left_padded:
+    real_BT = jnp.arange(t)[None, :] >= span.start_B[:, None]
+    seg_BT = jnp.where(real_BT, 1 if seg_BT is None else seg_BT, 0)
+  return seg_BT
+
+
+def _shard_rows(rows, q_BTKGE, k_BSKE, v_BSKE, seg_BT):
+  """`rows(q, k, v, seg)` (a Pallas kernel's call) under shard_map over the batch's and the
+  kv heads' mesh axes when a mesh is set (a pallas_call cannot be partitioned by XLA)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return rows(q_BTKGE, k_BSKE, v_BSKE, seg_BT)
+  from jax.sharding import PartitionSpec as P
+
+  from ftjax.sharding import LOGICAL_RULES  # the same rules as the activations
+  rules = dict(LOGICAL_RULES)
+  batch, heads = rules["batch"], rules["kv_heads"]
+  spec_qkv, spec_seg = P(batch, None, heads), P(batch, None)
+  return jax.shard_map(rows, mesh=mesh, in_specs=(spec_qkv, spec_qkv, spec_qkv,
+                                                  None if seg_BT is None else spec_seg),
+                       out_specs=spec_qkv, check_vma=False)(q_BTKGE, k_BSKE, v_BSKE, seg_BT)
+
+
+def _attend_pallas(q_BTKGE, k_BSKE, v_BSKE, causal, span, interpret=False):
+  """The Pallas (Triton) flash-attention kernel for GPUs (`jax.experimental.pallas.ops.gpu.
+  attention.mha`): segment ids are compared inside the kernel (no (T, S) mask); it has no GQA,
+  so K/V are repeated to one per query head."""
+  from jax.experimental.pallas.ops.gpu import attention as pallas_attention
+  b, t, k, g, e = q_BTKGE.shape
+  if k_BSKE.shape[1] != t:
+    raise ValueError("pallas attention needs as many keys as queries (no decoding)")
+  fwd, bwd = min(128, t), min(64, t)
+  blocks = pallas_attention.BlockSizes(block_q=fwd, block_k=bwd, block_q_dkv=bwd,
+                                       block_kv_dkv=bwd, block_q_dq=bwd, block_kv_dq=bwd)
+
+  def rows(q_BTKGE, k_BSKE, v_BSKE, seg_BT):
+    bb, _, kk = q_BTKGE.shape[:3]
+    k_BSQE, v_BSQE = (jnp.repeat(x, g, axis=2) for x in (k_BSKE, v_BSKE))
+    out_BTQE = pallas_attention.mha(q_BTKGE.reshape(bb, t, kk * g, e), k_BSQE, v_BSQE, seg_BT,
+                                    sm_scale=e**-0.5, causal=causal, block_sizes=blocks,
+                                    interpret=interpret)
+    return out_BTQE.reshape(bb, t, kk, g, e)
+
+  return _shard_rows(rows, q_BTKGE, k_BSKE, v_BSKE, _kernel_segment_ids(span, t))
+
+
 def _splash_kernel(t, g, causal, interpret):
   """The Pallas splash-attention kernel for one (batch row, kv head): G query heads, T = S."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
@@ -232,10 +338,6 @@ def _attend_splash(q_BTKGE, k_BSKE, v_BSKE, causal, span, interpret=False):
   if k_BSKE.shape[1] != t:
     raise ValueError("splash attention needs as many keys as queries (no decoding)")
   kernel, segment_ids = _splash_kernel(t, g, causal, interpret)
-  seg_BT = span.segment_ids_BT
-  if span.left_padded:
-    real_BT = jnp.arange(t)[None, :] >= span.start_B[:, None]
-    seg_BT = jnp.where(real_BT, 1 if seg_BT is None else seg_BT, 0)
 
   def rows(q_BTKGE, k_BSKE, v_BSKE, seg_BT):
     q_BKGTE = jnp.transpose(q_BTKGE * e**-0.5, (0, 2, 3, 1, 4)).astype(k_BSKE.dtype)
@@ -248,35 +350,30 @@ def _attend_splash(q_BTKGE, k_BSKE, v_BSKE, causal, span, interpret=False):
     out_BKGTE = jax.vmap(row)(q_BKGTE, k_BKSE, v_BKSE, seg_BT)
     return jnp.transpose(out_BKGTE, (0, 3, 1, 2, 4))
 
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return rows(q_BTKGE, k_BSKE, v_BSKE, seg_BT)
-  from jax.sharding import PartitionSpec as P
-
-  from ftjax.sharding import LOGICAL_RULES  # the same rules as the activations
-  rules = dict(LOGICAL_RULES)
-  batch, heads = rules["batch"], rules["kv_heads"]
-  spec_q, spec_kv, spec_seg = P(batch, None, heads), P(batch, None, heads), P(batch, None)
-  return jax.shard_map(rows, mesh=mesh, in_specs=(spec_q, spec_kv, spec_kv,
-                                                  None if seg_BT is None else spec_seg),
-                       out_specs=spec_q, check_vma=False)(q_BTKGE, k_BSKE, v_BSKE, seg_BT)
+  return _shard_rows(rows, q_BTKGE, k_BSKE, v_BSKE, _kernel_segment_ids(span, t))
 
 
 def attend(q_BTKGE, k_BSKE, v_BSKE, *, causal, q_chunk=0, span=None, impl="xla"):
   """Grouped-query attention; G query heads share each of the K key/value heads.
 
   `impl`: "xla" (the einsum form, optionally query-chunked: see `_attend_xla`), "cudnn" (cuDNN
-  flash attention through jax.nn.dot_product_attention), "splash" (the TPU Pallas kernel), or,
-  to test those two anywhere, "dot_product_xla" (the same call with XLA's implementation) and
-  "splash_interpret" (the Pallas kernel interpreted). `span`
-  (default: the whole buffer) places the queries and masks padding and other documents.
+  flash attention; packed rows through its segment offsets, see `_attend_cudnn`), "cudnn_mask"
+  (cuDNN with a dense (B, 1, T, S) mask for packed rows), "pallas" (the Pallas GPU flash kernel
+  with segment ids), "splash" (the TPU Pallas kernel), or, to test those anywhere,
+  "dot_product_xla" (the cuDNN call with XLA's implementation), "pallas_interpret" and
+  "splash_interpret" (the Pallas kernels interpreted). `span` (default: the whole buffer) places
+  the queries and masks padding and other documents.
   """
   span = Span.full(q_BTKGE.shape[0]) if span is None else span
   if impl == "xla":
     return _attend_xla(q_BTKGE, k_BSKE, v_BSKE, causal, q_chunk, span)
-  if impl in ("cudnn", "dot_product_xla"):
+  if impl == "cudnn":
+    return _attend_cudnn(q_BTKGE, k_BSKE, v_BSKE, causal, span)
+  if impl in ("cudnn_mask", "dot_product_xla"):
     return _attend_dot_product(q_BTKGE, k_BSKE, v_BSKE, causal, span,
-                               "cudnn" if impl == "cudnn" else "xla")
+                               "cudnn" if impl == "cudnn_mask" else "xla")
+  if impl in ("pallas", "pallas_interpret"):
+    return _attend_pallas(q_BTKGE, k_BSKE, v_BSKE, causal, span, impl == "pallas_interpret")
   if impl in ("splash", "splash_interpret"):
     return _attend_splash(q_BTKGE, k_BSKE, v_BSKE, causal, span, impl == "splash_interpret")
   raise ValueError(f"unknown attention implementation {impl!r}")
@@ -299,11 +396,13 @@ class Attention(nn.Module):
   decode: bool = False  # keys/values go to a pre-allocated cache (collection "cache")
   impl: str = "xla"  # a resolved attention implementation (see `attend`); decoding uses "xla"
   rope_scaling: Any = None  # Llama 3 RoPE rescaling (see `rope_frequencies`); None: off
+  fp8: bool = False  # the four projections in FP8
 
   @nn.compact
   def __call__(self, xq_BTD, xkv_BSD, span, *, causal):
     d, n, k, e = xq_BTD.shape[-1], self.num_heads, self.num_kv_heads, self.head_dim
-    dense = lambda name, eq, shape, axes, n_in=1: Einsum(eq, shape, axes, n_in, self.dtype, name=name)
+    dense = lambda name, eq, shape, axes, n_in=1: Einsum(eq, shape, axes, n_in, self.dtype,
+                                                          name=name, fp8=self.fp8)
     q_BTQE = dense("query", "btd,dqe->btqe", (d, n, e), ("embed", "heads", "head_dim"))(xq_BTD)
     k_BSKE = dense("key", "bsd,dke->bske", (d, k, e), ("embed", "kv_heads", "head_dim"))(xkv_BSD)
     v_BSKE = dense("value", "bsd,dke->bske", (d, k, e), ("embed", "kv_heads", "head_dim"))(xkv_BSD)
@@ -329,14 +428,16 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
   mlp_dim: int
   dtype: Dtype = jnp.float32
+  fp8: bool = False  # the three matmuls in FP8
 
   @nn.compact
   def __call__(self, x_BTD):
     d, f = x_BTD.shape[-1], self.mlp_dim
-    gate_BTF = Einsum("btd,df->btf", (d, f), ("embed", "mlp"), 1, self.dtype, name="gate")(x_BTD)
-    up_BTF = Einsum("btd,df->btf", (d, f), ("embed", "mlp"), 1, self.dtype, name="up")(x_BTD)
-    return Einsum("btf,fd->btd", (f, d), ("mlp", "embed"), 1, self.dtype, name="down")(
-        nn.silu(gate_BTF) * up_BTF)
+    dense = lambda name, eq, shape, axes: Einsum(eq, shape, axes, 1, self.dtype, name=name,
+                                                 fp8=self.fp8)
+    gate_BTF = dense("gate", "btd,df->btf", (d, f), ("embed", "mlp"))(x_BTD)
+    up_BTF = dense("up", "btd,df->btf", (d, f), ("embed", "mlp"))(x_BTD)
+    return dense("down", "btf,fd->btd", (f, d), ("mlp", "embed"))(nn.silu(gate_BTF) * up_BTF)
 
 
 def rope_scaling_args(m):
@@ -359,6 +460,7 @@ class Block(nn.Module):
   causal: bool = True
   use_rope: bool = True
   decode: bool = False
+  matmul_dtype: Optional[str] = None  # None: the config's model.matmul_dtype (encoder: "default")
 
   @nn.compact
   def __call__(self, x_BTD, span, kv_BSD=None, kv_extra_BTD=None):
@@ -373,10 +475,11 @@ class Block(nn.Module):
     if kv_extra_BTD is not None and not add_before:
       hkv_BSD = hkv_BSD + kv_extra_BTD.astype(dtype)
     impl = resolve_attention_impl(m.attention_impl, dtype, m.head_dim)
+    use_fp8 = (self.matmul_dtype or m.get("matmul_dtype", "default")) == "fp8"
     attn = Attention(m.num_heads, m.num_kv_heads, m.head_dim, m.rope_theta, self.use_rope, dtype,
                      m.attention_q_chunk, self.decode, impl, name="attn",
-                     rope_scaling=rope_scaling_args(m))
+                     rope_scaling=rope_scaling_args(m), fp8=use_fp8)
     x_BTD = x_BTD + attn(h_BTD, hkv_BSD, span, causal=self.causal).astype(x_BTD.dtype)
     mlp_in = RMSNorm(m.norm_eps, dtype, name="mlp_norm")(x_BTD)
-    x_BTD = x_BTD + SwiGLU(m.mlp_dim, dtype, name="mlp")(mlp_in).astype(x_BTD.dtype)
+    x_BTD = x_BTD + SwiGLU(m.mlp_dim, dtype, name="mlp", fp8=use_fp8)(mlp_in).astype(x_BTD.dtype)
     return nn.with_logical_constraint(x_BTD, ACTIVATION_AXES)

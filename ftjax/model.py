@@ -76,8 +76,8 @@ class LatentPath(nn.Module):
       zeta_D = self.param("zeta", nn.with_logical_partitioning(nn.initializers.normal(1.0),
                                                                ("embed",)), (d,), jnp.float32)
       zeta_BTD = jnp.broadcast_to(zeta_D, (b, t, d))
-      enc_BTD = Block(m, causal=False, use_rope=lat.encoder_rope, name="encoder_block")(
-          zeta_BTD, span, kv_BSD=x_BTD)
+      enc_BTD = Block(m, causal=False, use_rope=lat.encoder_rope, matmul_dtype="default",
+                      name="encoder_block")(zeta_BTD, span, kv_BSD=x_BTD)
       enc_BTD = RMSNorm(m.norm_eps, jnp.float32, name="encoder_norm")(enc_BTD)
       logits_BTH = Einsum("btd,dh->bth", (d, h), ("embed", "latent_bits"), 1, jnp.float32,
                           name="readout")(enc_BTD)

@@ -21,6 +21,7 @@ from ml_collections import ConfigDict
 
 from ftjax import losses, sharding, zdiag
 from ftjax.configs import ConfigError
+from ftjax.fp8 import fp8_supported
 from ftjax.layers import resolve_attention_impl
 from ftjax.model import Transformer, make_model, unembed_kernel
 
@@ -298,6 +299,11 @@ def compile_ready_steps(cfg: ConfigDict, mesh: jax.sharding.Mesh) -> tuple:
     resolve_attention_impl(m.attention_impl, jnp.dtype(m.dtype), m.head_dim)
   except ValueError as e:
     raise ConfigError("model.attention_impl", str(e)) from None
+  device = mesh.devices.flat[0]
+  if m.get("matmul_dtype", "default") == "fp8" and not fp8_supported(device):
+    raise ConfigError("model.matmul_dtype", f"fp8 needs FP8 matmuls (an NVIDIA GPU of compute "
+                      f"capability 8.9 or above: Ada, Hopper, Blackwell); this run's device is "
+                      f"{device.platform} ({device.device_kind})")
   model = make_model(cfg.model)
   optimizer = make_optimizer(cfg.train)
   params_sh = sharding.param_shardings(model, mesh, lambda: init_variables(model, cfg.seed))

@@ -13,10 +13,23 @@ from tests.conftest import REPO
 SWEEP = "tests/sweep_tiny.py"
 
 
-def _sweep(root, *flags):
+def _sweep(root, *flags, env=None):
   return subprocess.run([sys.executable, "-m", "launch.sweep", f"--config={SWEEP}",
                          f"--workdir={root}", *flags], cwd=REPO, capture_output=True, text=True,
-                        timeout=600)
+                        timeout=600, env=env)
+
+
+@pytest.mark.parametrize("flags", [
+    ("--status", "--print_only"), ("--launcher=slurm", "--in_process"),
+    ("--launcher=slurm", "--array_task"), ("--sbatch_args=--nodes=2",),
+    ("--launcher=slurm", "--sbatch_args='--nodes=2"),
+    ("--launcher=slurm", "--sbatch_script=missing.sbatch"), ("--array_task",),
+    ("--launcher=slurm",)])  # the last without SLURM's commands on PATH
+def test_launcher_flag_errors_are_one_line(tmp_path, flags):
+  env = dict(os.environ, PATH=os.path.dirname(sys.executable))
+  done = _sweep(tmp_path, *flags, env=env)
+  assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+  assert not os.listdir(tmp_path)
 
 
 @pytest.mark.slow  # launches three training processes; test_kl_control runs a sweep in-process
@@ -39,6 +52,8 @@ def test_sweep_runs_skips_and_resumes(tmp_path):
     rows = list(csv.DictReader(f))
   assert len(rows) == 4 and all(r["step"] == "20" and float(r["eval_ce"]) > 0 for r in rows)
   assert (tmp_path / "summary.md").read_text().startswith("| point |")
+  status = _sweep(tmp_path, "--status", "--only=log_every=2")
+  assert status.returncode == 0 and status.stdout.count("| finished | 20 |") == 2, status.stdout
 
   interrupted = tmp_path / points[1]
   shutil.rmtree(interrupted / "checkpoints" / "20")  # as if killed after the step-15 checkpoint

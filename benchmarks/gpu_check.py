@@ -22,7 +22,16 @@ bf16 peak (a table of known devices) and against the measured matmul, FT/baselin
 analytic FLOP ratio, peak memory next to XLA's compile-time prediction (`memory_analysis`), the
 loss after the steps (all runs train on one fixed batch from one init, so losses compare), and
 the FP8 matmuls in the compiled step. Appends the table to benchmarks/RESULTS.md; --out is
-rewritten after every part.
+rewritten after every part. Estimated at about 6 minutes on an H200 (not yet run there).
+
+The 8B default, 24 of 32 layers at 2 × 4096 tokens, comes from a count, not a GPU compile: 16
+bytes per parameter (float32 weights, Adam moments, gradients) and about 0.84 GB of saved
+activations per layer give about 124 GB for the baseline and 133 GB for the FT (its encoder block
+and the 2^16 × 4096 post-sampler) against the 143 GB that XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
+leaves (26 layers: about 144 GB for the FT). The same count overstates the 1.5B check's measured
+peak (45 vs 42.3 GB). `launch.dryrun` (XLA:CPU) predicts 156 GB for the 24-layer baseline (its
+temporaries are XLA:CPU's). An 8B part that runs out of memory is retried once with 4 layers
+fewer.
 """
 
 import json

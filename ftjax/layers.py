@@ -247,13 +247,20 @@ def _cudnn_packed(q_BTKGE, k_BSKE, v_BSKE, causal, starts_BR, lengths_BM):
   return out_BTQE.reshape(b, t, k, g, e)
 
 
+def _packs_segments(device):
+  """Whether cuDNN's packed layout runs on `device`: Hopper (compute capability 9.0) or later."""
+  capability = str(getattr(device, "compute_capability", "0"))
+  return int(capability.split(".")[0]) >= 9
+
+
 def _attend_cudnn(q_BTKGE, k_BSKE, v_BSKE, causal, span):
   """cuDNN flash attention. Packed rows (segment ids, no left padding, as many keys as queries)
-  go through cuDNN's segment offsets, with no (T, S) mask, when no row has more than
-  PACKED_MAX_SEGMENTS runs of equal ids; a batch with such a row takes the dense-mask call
-  (`lax.cond`, decided per batch)."""
+  go through cuDNN's segment offsets on Hopper and later, with no (T, S) mask, when no row has
+  more than PACKED_MAX_SEGMENTS runs of equal ids; a batch with such a row takes the dense-mask
+  call (`lax.cond`, decided per batch), as do older GPUs."""
   seg_BT = span.segment_ids_BT
-  if seg_BT is None or span.left_padded or k_BSKE.shape[1] != q_BTKGE.shape[1]:
+  if (seg_BT is None or span.left_padded or k_BSKE.shape[1] != q_BTKGE.shape[1]
+      or not _packs_segments(jax.devices()[0])):
     return _attend_dot_product(q_BTKGE, k_BSKE, v_BSKE, causal, span, "cudnn")
   starts_BR, lengths_BM, count_B = segment_runs(seg_BT, PACKED_MAX_SEGMENTS)
   return jax.lax.cond(

@@ -55,6 +55,29 @@ def test_segment_runs_are_cudnns_packed_layout():
   assert int(count_B.max()) > 4  # the third row takes the dense-mask path on a GPU
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_packed_rows_lower_to_cudnns_packed_kernel(monkeypatch, causal):
+  """Lowered for CUDA (no GPU needed; jax's cuDNN version and capability checks stubbed as on a
+  Hopper): the packed call carries the runs (max 64 per row) and cuDNN's padding masks, and the
+  dense-mask call is the other branch of the per-batch cond."""
+  from jax._src.cudnn import fused_attention_stablehlo as fa
+  monkeypatch.setattr(fa, "check_cudnn_version", lambda: 91000)
+  monkeypatch.setattr(fa, "check_compute_capability", lambda capability: True)
+  monkeypatch.setattr(fa, "is_cuda_compute_capability_equal", lambda capability: False)
+  monkeypatch.setattr(layers, "_packs_segments", lambda device: True)
+  b, t, k, g, e = 2, 128, 2, 2, 64
+  q, kv = jnp.zeros((b, t, k, g, e), jnp.bfloat16), jnp.zeros((b, t, k, e), jnp.bfloat16)
+  span = _packed_span(b, t)
+  loss = lambda *qkv: jnp.sum(layers.attend(*qkv, causal=causal, span=span, impl="cudnn"))
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(
+      lowering_platforms=("cuda",)).as_text().replace("\\22", '"')
+  packed = [line for line in text.splitlines() if "custom_call @__cudnn$fmhaSoftmax" in line]
+  assert len(packed) == 2 and all('"max_seg_per_batch": 64' in line for line in packed)  # fwd, bwd
+  mask = "PADDING_CAUSAL" if causal else "PADDING"
+  assert all(f'"mask_type": "{mask}"' in line for line in packed)
+  assert text.count("custom_call @__cudnn$fmhaScaleBiasSoftmax") == 2  # the dense-mask branch
+
+
 def test_gpu_kernels_are_config_errors_elsewhere(tiny_cfg):
   for impl in ("cudnn_mask", "pallas"):
     with pytest.raises(ConfigError, match="needs a GPU"):

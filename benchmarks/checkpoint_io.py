@@ -6,7 +6,7 @@ long a restore takes (the train state, or the parameters only).
 Times `Manager.save` (the call the loop waits for; the write continues in the background) and
 the full save (until the files are committed: since checkpoints carry checksums this includes
 hashing every file in the background), and verifying a step's checksums as a restore does,
-on the config's real train state. Then the hashing alone: `checkpoint.write_checksums` on one
+on the config's real train state. Then the hashing alone: `integrity.write_checksums` on one
 file of --hash_mb MB (in the page cache, so it measures hashing, not the disk) with each thread
 count of --hash_threads (files over 64 MiB are hashed by segments in parallel).
 
@@ -22,7 +22,7 @@ import jax
 from absl import app, flags
 
 from benchmarks import common
-from ftjax import checkpoint, metrics
+from ftjax import checkpoint, integrity, metrics
 from ftjax.trainer import Trainer
 from ftjax.configs import resolve
 
@@ -49,14 +49,14 @@ def hashing_table():
   with open(os.path.join(step_dir, "data"), "wb") as f:
     for _ in range(_HASH_MB.value):
       f.write(os.urandom(1 << 20))
-  checkpoint.write_checksums(step_dir)  # warm the page cache
+  integrity.write_checksums(step_dir)  # warm the page cache
   rows, base = [], None
   for threads in map(int, _HASH_THREADS.value):
-    checkpoint.HASH_THREADS = threads
+    integrity.HASH_THREADS = threads
     times = []
     for _ in range(_REPEATS.value):
       start = time.perf_counter()
-      checkpoint.write_checksums(step_dir)
+      integrity.write_checksums(step_dir)
       times.append(time.perf_counter() - start)
     median = sorted(times)[len(times) // 2]
     base = base or median
@@ -99,7 +99,7 @@ def saves_table():
       total.append(time.perf_counter() - start)
       size = _dir_bytes(os.path.join(workdir, "checkpoints", str(i + 1)))
       start = time.perf_counter()
-      checkpoint.verify_files(os.path.join(workdir, "checkpoints", str(i + 1)))
+      integrity.verify_files(os.path.join(workdir, "checkpoints", str(i + 1)))
       verify.append(time.perf_counter() - start)
       manager.close()
       reader = checkpoint.Manager(os.path.join(workdir, "checkpoints"), read_only=True)

@@ -64,9 +64,10 @@ def shared_z_columns(tests):
 
 def shared_z_study(run):
   """The shared-Z samples of the run's final checkpoint and their statistics."""
-  from ftjax import checkpoint, zdiag
+  from ftjax import zdiag
+  from ftjax.trainer import load_run
   from ftjax.data import synthetic
-  trainer, state = checkpoint.load_run(run)
+  trainer, state = load_run(run)
   texts, groups = zdiag.shared_z_samples(trainer, state.params, NUM_Z, PER_Z)
   tests = zdiag.shared_z_tests(texts, groups)
   starts = [s for s in map(zdiag.block_start, texts) if s is not None]

@@ -44,10 +44,11 @@ def summarize(rows):
 
 
 def sample_sets(runs, designs, repeats, draws):
-  from ftjax import checkpoint, zdiag
+  from ftjax import zdiag
+  from ftjax.trainer import load_run
   rows = []
   for run in runs:
-    trainer, state = checkpoint.load_run(run)
+    trainer, state = load_run(run)
     for num_z, per_z in designs:
       for seed in range(1, repeats + 1):
         start = time.perf_counter()

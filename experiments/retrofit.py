@@ -63,7 +63,8 @@ def continue_config(steps, latent):
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from ftjax import checkpoint, hf, loop
+  from ftjax import hf, loop
+  from ftjax.trainer import load_run
   from ftjax.configs import resolve
   root = _WORKDIR.value
   timings = {}
@@ -71,7 +72,7 @@ def main(argv):
   t0 = time.time()
   loop.train_and_evaluate(resolve(pretrain_config(_PRETRAIN.value)), pre_dir)
   timings["pretrain_s"] = time.time() - t0
-  trainer, state = checkpoint.load_run(pre_dir)
+  trainer, state = load_run(pre_dir)
   hf_dir = os.path.join(root, "hf_export")
   hf.export(state.params, trainer.cfg.model, hf_dir, run_dir=pre_dir)
   rows = []
@@ -86,7 +87,7 @@ def main(argv):
     loop.train_and_evaluate(cfg, run)
     timings[f"{arm}_s"] = time.time() - t0
     for step in (0, _STEPS.value):
-      trainer, state = checkpoint.load_run(run, step)
+      trainer, state = load_run(run, step)
       ev = trainer.evaluate(state.params, num_batches=_EVAL_BATCHES.value)
       rows.append({"arm": arm, "step": step, "eval_ce": ev["eval_ce"],
                    "eval_elbo": ev["eval_elbo"], "eval_kl": ev.get("eval_kl", 0.0),

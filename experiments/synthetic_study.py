@@ -176,8 +176,8 @@ def render(blocks, title, path):
 
 
 def study(workdir, num_z, per_z, seed):
-  from ftjax import checkpoint
-  trainer, state = checkpoint.load_run(workdir)
+  from ftjax.trainer import load_run
+  trainer, state = load_run(workdir)
   return study_state(trainer, state, os.path.basename(workdir), num_z, per_z, seed)
 
 

@@ -7,16 +7,12 @@ segments), so that a committed step carries integrity data for all of its bytes.
 data-stream state is a small file next to it, `checkpoints/data_state/<step>.process<i>.json`,
 with its own SHA-256 in its first line. Restoring
 verifies both (`checkpoint.verify`); a step that fails is skipped for the previous one with one
-warning line naming the step and the file. `load_run` restores a run for sampling or evaluation
-onto the devices at hand, whatever mesh trained it, and refuses a damaged step. The run's
-tokenizer and config files are covered by `workdir/run_checksums.json` (`write_run_checksums`,
-`verify_run_files`).
+warning line naming the step and the file; `restore_params` reads a step's parameters alone.
+Hashing and manifests are `ftjax.integrity`'s; the run directory around the checkpoints is
+`ftjax.run`'s.
 """
 
-import concurrent.futures
 import glob
-import hashlib
-import json
 import os
 import re
 import sys
@@ -26,28 +22,11 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from ftjax import integrity
+from ftjax.integrity import CHECKSUMS, CHECKSUMS_SINCE, verify_files, write_checksums
 from ftjax.configs import default_config, resolve, url_error
 from ftjax.metrics import WriteError
-from ftjax.trainer import Trainer
 
-CHECKSUMS = "checksums.json"  # in each step directory, written as part of the commit
-# The first step saved with checksums in a directory: steps before it (saved by an older ftjax)
-# restore unverified; a step from it on without valid checksums is damaged.
-CHECKSUMS_SINCE = "checksums_since.json"
-RUN_CHECKSUMS = "run_checksums.json"  # in the run directory: its config and tokenizer files
-_CHUNK = 1 << 22
-# A step's files are hashed by this many threads at once (hashlib and file reads release the
-# GIL), files over _SEGMENT bytes in segments, so that a large checkpoint is hashed at the
-# disk's speed rather than one core's. Such a file's digest is _SEGMENTED followed by the
-# SHA-256 of its segments' SHA-256 digests, in order; other files' is their SHA-256.
-HASH_THREADS = min(16, os.cpu_count() or 1)
-_SEGMENT = 1 << 26
-_SEGMENTED = "sha256-of-64MiB-segments:"
-# orbax's own marker, written into the step directory after the rename: not covered.
-_NOT_COVERED = {CHECKSUMS, "commit_success.txt"}
-# orbax adds the commit time to the step's metadata file when it renames the directory: that
-# file is covered as JSON without that field.
-_STEP_METADATA, _COMMIT_TIME = "_CHECKPOINT_METADATA", "commit_timestamp_nsecs"
 PathLike = Union[str, os.PathLike]  # a directory: a str or a pathlib.Path
 
 
@@ -90,188 +69,6 @@ def state_bytes(abstract_state: Any) -> int:
              if hasattr(x, "dtype"))
 
 
-def file_sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(_CHUNK), b""):
-      h.update(chunk)
-  return h.hexdigest()
-
-
-def _write_checked(path: str, obj: Any, sync: bool = False) -> None:
-  """Writes `obj` as JSON behind a first line holding the SHA-256 of the JSON bytes, atomically
-  (`sync`: flushed to the disk before the rename; the training thread's writes skip it)."""
-  body = json.dumps(obj, sort_keys=True).encode()
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(b"sha256:" + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
-    if sync:
-      f.flush()
-      os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def _read_checked(path: str, legacy_ok: bool = False) -> Any:
-  """The object `_write_checked` wrote; _Unreadable if the bytes do not match their checksum.
-  `legacy_ok`: a plain JSON file (written before checksums existed) is accepted as it is."""
-  try:
-    with open(path, "rb") as f:
-      raw = f.read()
-  except OSError as e:
-    raise _Unreadable(f"{os.path.basename(path)}: {e.strerror or e}", path) from e
-  head, _, body = raw.partition(b"\n")
-  if not head.startswith(b"sha256:"):
-    if legacy_ok and raw.startswith(b"{"):
-      try:
-        return json.loads(raw)
-      except ValueError:
-        pass
-    raise _Unreadable(f"{os.path.basename(path)}: not a checksummed file", path)
-  if hashlib.sha256(body).hexdigest().encode() != head[len(b"sha256:"):]:
-    raise _Unreadable(f"{os.path.basename(path)}: checksum mismatch", path)
-  return json.loads(body)
-
-
-def _digest(step_dir: str, rel: str) -> Optional[str]:
-  """SHA-256 of a file of a step (for the step metadata: of its JSON without the commit time);
-  None when that file is not valid JSON."""
-  path = os.path.join(step_dir, rel)
-  if rel != _STEP_METADATA:
-    return file_sha256(path)
-  try:
-    with open(path, "rb") as f:
-      meta = json.loads(f.read())
-    meta.pop(_COMMIT_TIME, None)
-  except (ValueError, AttributeError):
-    return None
-  return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
-
-
-def _range_sha256(path: str, offset: int, length: int) -> bytes:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    f.seek(offset)
-    while length > 0:
-      chunk = f.read(min(_CHUNK, length))
-      if not chunk:
-        break
-      h.update(chunk)
-      length -= len(chunk)
-  return h.digest()
-
-
-def _digests(step_dir: str, rels: list[str],
-             segmented: Callable[[str], bool]) -> dict[str, Optional[str]]:
-  """The digest of each file of `rels`: by segments where `segmented(rel)` (see _SEGMENTED),
-  else `_digest`. Files and segments are hashed by up to HASH_THREADS threads."""
-  jobs = []  # (rel, offset, length); offset None: the whole file
-  for rel in rels:
-    if segmented(rel):
-      size = os.path.getsize(os.path.join(step_dir, rel))
-      jobs += [(rel, at, min(_SEGMENT, size - at)) for at in range(0, size, _SEGMENT)]
-    else:
-      jobs.append((rel, None, None))
-
-  def run(job):
-    rel, offset, length = job
-    if offset is None:
-      return _digest(step_dir, rel)
-    return _range_sha256(os.path.join(step_dir, rel), offset, length)
-
-  with concurrent.futures.ThreadPoolExecutor(max(1, min(HASH_THREADS, len(jobs)))) as pool:
-    results = list(pool.map(run, jobs))
-  digests, segments = {}, {}
-  for (rel, offset, _), result in zip(jobs, results):
-    if offset is None:
-      digests[rel] = result
-    else:
-      segments.setdefault(rel, []).append(result)
-  for rel, parts in segments.items():
-    digests[rel] = _SEGMENTED + hashlib.sha256(b"".join(parts)).hexdigest()
-  return digests
-
-
-def write_checksums(step_dir: str) -> None:
-  """Writes `step_dir/checksums.json`: size and SHA-256 of every file under `step_dir`."""
-  rels = sorted(os.path.relpath(os.path.join(root, name), step_dir)
-                for root, _, names in os.walk(step_dir) for name in names)
-  rels = [rel for rel in rels if rel not in _NOT_COVERED]
-  sizes = {rel: None if rel == _STEP_METADATA else os.path.getsize(os.path.join(step_dir, rel))
-           for rel in rels}
-  digests = _digests(step_dir, rels, lambda rel: (sizes[rel] or 0) > _SEGMENT)
-  files = {rel: [sizes[rel], digests[rel]] for rel in rels}
-  _write_checked(os.path.join(step_dir, CHECKSUMS), {"files": files}, sync=True)
-
-
-def verify_files(step_dir: str, share: tuple[int, int] = (0, 1)) -> None:
-  """Checks the files of a committed step against its checksums; raises _Unreadable naming the
-  first file (in sorted order) that differs. `share` = (i, n): check only every n-th file from
-  the i-th (each of n processes checks its share)."""
-  manifest = _read_checked(os.path.join(step_dir, CHECKSUMS))
-  files = manifest["files"]
-  on_disk = {os.path.relpath(os.path.join(root, name), step_dir)
-             for root, _, names in os.walk(step_dir) for name in names} - _NOT_COVERED
-  extra = sorted(on_disk - set(files))
-  if extra:
-    raise _Unreadable(f"{extra[0]}: a file the checksums do not list", extra[0])
-  index, count = share
-  mine = sorted(files)[index::count]
-  for rel in mine:
-    size = files[rel][0]
-    path = os.path.join(step_dir, rel)
-    if not os.path.exists(path):
-      raise _Unreadable(f"{rel}: missing", rel)
-    if size is not None and os.path.getsize(path) != size:
-      raise _Unreadable(f"{rel}: checksum mismatch", rel)
-  digests = _digests(step_dir, mine, lambda rel: str(files[rel][1]).startswith(_SEGMENTED))
-  for rel in mine:
-    if digests[rel] != files[rel][1]:
-      raise _Unreadable(f"{rel}: checksum mismatch", rel)
-
-
-def _run_files(workdir: str) -> list[str]:
-  """The files of a run directory that sampling, evaluation or export read besides its
-  checkpoints: its config record, an imported checkpoint's config and its tokenizer files."""
-  from ftjax.data.tokenizers import RUN_FILES
-  from ftjax.hf import HF_CONFIG_FILE, TOKENIZER_DIR
-  names = ["config.json", HF_CONFIG_FILE, *RUN_FILES.values()]
-  tokenizer_dir = os.path.join(workdir, TOKENIZER_DIR)
-  if os.path.isdir(tokenizer_dir):
-    names += [os.path.join(TOKENIZER_DIR, n) for n in os.listdir(tokenizer_dir)]
-  return sorted(n for n in names if os.path.isfile(os.path.join(workdir, n)))
-
-
-def write_run_checksums(workdir: str) -> None:
-  """Writes `workdir/run_checksums.json`: the SHA-256 of each of the run's files (`_run_files`)
-  (process 0, after it wrote them)."""
-  _write_checked(os.path.join(workdir, RUN_CHECKSUMS),
-                 {rel: file_sha256(os.path.join(workdir, rel)) for rel in _run_files(workdir)},
-                 sync=True)
-
-
-def verify_run_files(workdir: str, skip: tuple[str, ...] = ()) -> None:
-  """Checks a run's files against `run_checksums.json` (a run without it, saved by an older
-  ftjax, is not checked); raises a one-line CheckpointError naming the first damaged or missing
-  file. `skip`: files the caller is about to rewrite."""
-  path = os.path.join(workdir, RUN_CHECKSUMS)
-  if not os.path.exists(path):
-    return
-  try:
-    files = _read_checked(path)
-  except _Unreadable as e:
-    raise CheckpointError(f"{path} is damaged ({e}): the run's tokenizer and config files "
-                          "cannot be checked") from None
-  for rel, digest in sorted(files.items()):
-    if rel in skip:
-      continue
-    full = os.path.join(workdir, rel)
-    if not os.path.isfile(full):
-      raise CheckpointError(f"{full} is missing (listed in {RUN_CHECKSUMS})")
-    if file_sha256(full) != digest:
-      raise CheckpointError(f"{full} is damaged: its SHA-256 differs from {RUN_CHECKSUMS}'s "
-                            "(restore the file from a copy of the run)")
-
-
 def committed_steps(directory: PathLike) -> list[int]:
   """Steps with a committed directory under `directory` (orbax's temporaries excluded)."""
   try:
@@ -279,13 +76,6 @@ def committed_steps(directory: PathLike) -> list[int]:
   except OSError:
     return []
   return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
-
-
-def newest_note(workdir: str) -> str:
-  """A sentence naming the newest complete checkpoint of a run directory."""
-  steps = committed_steps(os.path.join(workdir, "checkpoints"))
-  return (f"The newest complete checkpoint is step {steps[-1]}." if steps else
-          "No checkpoint has been completed yet.")
 
 
 def _cause(e: Optional[BaseException]) -> str:
@@ -372,7 +162,7 @@ class Manager:
     step's save starts, so that every committed step has one."""
     path = self._data_state_path(step)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    _write_checked(path, data_state)
+    integrity.write_checked(path, data_state)
 
   def _remove_old_data_states(self, step: int) -> None:
     """Removes this process's data-state files of steps before `step` whose checkpoint is gone
@@ -397,10 +187,10 @@ class Manager:
     own = self._data_state_path(step)
     saved = glob.glob(os.path.join(self.directory, "data_state", f"{step}.process*.json"))
     if len(saved) == jax.process_count() and own in saved:
-      return _read_checked(own, legacy_ok=True)
+      return integrity.read_checked(own, legacy_ok=True)
     if not saved:
-      raise _Unreadable(f"{os.path.basename(own)}: missing", own)
-    states = [_read_checked(path, legacy_ok=True) for path in sorted(saved)]
+      raise integrity.Unreadable(f"{os.path.basename(own)}: missing", own)
+    states = [integrity.read_checked(path, legacy_ok=True) for path in sorted(saved)]
     if any(state != states[0] for state in states):
       raise CheckpointError(
           f"the checkpoint at step {step} in {self.directory} holds per-process data-stream "
@@ -422,15 +212,15 @@ class Manager:
   def _mark_checksums_since(self, step: int) -> None:
     path = os.path.join(self.directory, CHECKSUMS_SINCE)
     if jax.process_index() == 0 and not os.path.exists(path):
-      _write_checked(path, {"step": int(step)})
+      integrity.write_checked(path, {"step": int(step)})
 
   def _checksums_since(self) -> Optional[int]:
     path = os.path.join(self.directory, CHECKSUMS_SINCE)
     if not os.path.exists(path):
       return None
     try:
-      return int(_read_checked(path)["step"])
-    except (_Unreadable, ValueError, KeyError, TypeError):
+      return int(integrity.read_checked(path)["step"])
+    except (integrity.Unreadable, ValueError, KeyError, TypeError):
       return 0  # a damaged marker: every step must carry valid checksums
 
   def _save_error(self, step: Optional[int], e: BaseException,
@@ -529,7 +319,7 @@ class Manager:
 
   def _verify_step(self, step: int) -> Any:
     """Checks this process's share of the step's files and its own data-state file; returns
-    the data-stream state. Raises _Unreadable naming the file."""
+    the data-stream state. Raises integrity.Unreadable naming the file."""
     step_dir = os.path.join(self.directory, str(step))
     data_state = self._read_data_state(step)
     if not self.verify:
@@ -537,7 +327,7 @@ class Manager:
     if not os.path.exists(os.path.join(step_dir, CHECKSUMS)):
       since = self._checksums_since()
       if since is not None and step >= since:
-        raise _Unreadable(f"{CHECKSUMS}: missing", CHECKSUMS)
+        raise integrity.Unreadable(f"{CHECKSUMS}: missing", CHECKSUMS)
       self._warn(f"warning: checkpoint step {step} in {self.directory} has no checksums "
                  "(saved before ftjax wrote them): restored unverified")
       return data_state
@@ -558,26 +348,58 @@ class Manager:
     return bool(np.asarray(multihost_utils.process_allgather(np.array([ok]))).all())
 
   def _restore_step(self, step: int, abstract_state: Any) -> tuple[Any, Any]:
+    metadata, data_state = self._sound_step(step)
+    self._check_shapes(step, metadata, abstract_state)
+    try:
+      return self._read_state(step, abstract_state), data_state
+    except Exception as e:  # noqa: BLE001
+      raise integrity.Unreadable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+
+  def _sound_step(self, step: int) -> tuple[Any, Any]:
+    """(the state's orbax metadata, this process's data-stream state) of a step every process
+    found sound (each checks its share of the files); integrity.Unreadable otherwise."""
     problem = metadata = data_state = None
     try:
       data_state = self._verify_step(step)  # first: orbax may choke on damaged metadata
       metadata = self._manager.item_metadata(step)["state"]
-    except _Unreadable as e:
+    except integrity.Unreadable as e:
       problem = e
     except Exception as e:  # noqa: BLE001 (orbax raises many kinds for a damaged step)
-      problem = _Unreadable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+      problem = integrity.Unreadable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     if not self._agreed_ok(problem is None):
-      raise problem or _Unreadable("another process found it damaged")
+      raise problem or integrity.Unreadable("another process found it damaged")
     self._verified.add((step, (0, 1)))  # each process checked its share: the step is sound
-    mismatches = shape_mismatches(metadata, abstract_state)
+    return metadata, data_state
+
+  def _check_shapes(self, step: int, metadata: Any, abstract: Any) -> None:
+    mismatches = shape_mismatches(metadata, abstract)
     if mismatches:
       raise CheckpointError(f"the checkpoint at step {step} in {self.directory} does not match "
                             f"the config: {mismatches[0]}" +
                             (f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else ""))
+
+  def restore_params(self, step: int, abstract_params: Any) -> Any:
+    """The parameters saved at `step`, alone (the optimizer state is not read), placed as
+    `abstract_params` says; the step is checked as a full restore checks it. CheckpointError
+    for a damaged step or other shapes."""
     try:
-      return self._read_state(step, abstract_state), data_state
-    except Exception as e:  # noqa: BLE001
-      raise _Unreadable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+      metadata, _ = self._sound_step(step)
+      self._check_shapes(step, metadata["params"], abstract_params)
+      restore_args = jax.tree_util.tree_map(lambda a: ocp.ArrayRestoreArgs(
+          sharding=a.sharding, global_shape=a.shape, dtype=a.dtype), abstract_params)
+      with ocp.PyTreeCheckpointer() as reader:
+        return reader.restore(os.path.join(self.directory, str(step), "state"),
+                              args=ocp.args.PyTreeRestore({"params": abstract_params},
+                                                          {"params": restore_args},
+                                                          partial_restore=True))["params"]
+    except integrity.Unreadable as e:
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged ({e})") \
+          from None
+    except CheckpointError:
+      raise
+    except Exception as e:  # noqa: BLE001 (orbax raises many kinds for a damaged step)
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} is unreadable "
+                            f"({_cause(e)})") from None
 
   def _read_state(self, step: int, abstract_state: Any) -> Any:
     """The state saved at `step`, placed as `abstract_state` says; its `ocp.PLACEHOLDER` leaves
@@ -610,7 +432,7 @@ class Manager:
     for candidate in ([step] if step is not None else steps[::-1]):
       try:
         return self._restore_step(candidate, abstract_state)
-      except _Unreadable as e:
+      except integrity.Unreadable as e:
         if step is not None:
           raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged ({e})") \
               from None
@@ -631,7 +453,7 @@ class Manager:
       self._verify_step_files_only(step)
       saved = self._manager.restore(step, args=ocp.args.Composite(
           config=ocp.args.JsonRestore()))["config"]
-    except _Unreadable as e:
+    except integrity.Unreadable as e:
       raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged ({e})") \
           from None
     except Exception as e:  # noqa: BLE001
@@ -648,15 +470,7 @@ class Manager:
     else:
       since = self._checksums_since()
       if since is not None and step >= since:
-        raise _Unreadable(f"{CHECKSUMS}: missing", CHECKSUMS)
-
-
-class _Unreadable(Exception):
-  """A damaged checkpoint step (internal: restore() falls back over it)."""
-
-  def __init__(self, message: str, path: Optional[str] = None) -> None:
-    super().__init__(message)
-    self.path = path
+        raise integrity.Unreadable(f"{CHECKSUMS}: missing", CHECKSUMS)
 
 
 def _with_defaults(saved: dict) -> ml_collections.ConfigDict:
@@ -679,47 +493,3 @@ def without_optimizer(abstract_state: Any) -> Any:
   parameters and counters only."""
   return abstract_state.replace(
       opt_state=jax.tree_util.tree_map(lambda _: ocp.PLACEHOLDER, abstract_state.opt_state))
-
-
-def load_run(workdir: str, step: Optional[int] = None, mesh: Optional[dict] = None,
-             verify: bool = True, optimizer: bool = False) -> tuple[Trainer, Any]:
-  """(trainer, state) of a run restored onto the devices at hand, from `step` (None: the newest
-  readable one). The config is the one saved with the checkpoint (checked by its checksums), so a
-  damaged `config.json` cannot change the model; a damaged step is a CheckpointError.
-
-  The optimizer state (two float32 moments per parameter: 2/3 or more of a checkpoint) is
-  left as `ocp.PLACEHOLDER` leaves, not read, unless `optimizer=True`: sampling, evaluation and
-  export need the parameters only.
-
-  `mesh` ({'data', 'fsdp', 'tensor'}: sizes, 1 for an axis not named; default one device)
-  replaces the mesh the run trained on; the checkpoint is resharded onto it.
-  """
-  require_file_system(workdir)
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
-    if not os.path.exists(os.path.join(workdir, "config.json")):
-      raise CheckpointError(f"{os.path.join(workdir, 'config.json')} not found: is {workdir} a "
-                            "run directory?")
-    raise CheckpointError(f"no checkpoint in {os.path.abspath(directory)}")
-  if verify:
-    verify_run_files(workdir)
-  manager = Manager(directory, read_only=True)
-  manager.verify = verify
-  try:
-    steps = manager.saved_steps(step)
-    chosen = steps[-1] if step is None else step
-    try:
-      cfg = manager.saved_config(chosen).copy_and_resolve_references()
-      cfg.unlock()
-      cfg.mesh.update({"data": 1, "fsdp": 1, "tensor": 1, **(mesh or {})})
-      cfg.lock()
-      trainer = Trainer.create(cfg, run_dir=workdir)  # with the run's own tokenizer
-      wanted = trainer.abstract_state()
-      state, _ = manager.restore(chosen, wanted if optimizer else without_optimizer(wanted))
-    except CheckpointError as e:
-      older = [s for s in steps if s < chosen]
-      raise CheckpointError(f"{e}" + (f"; older steps: {older} (choose one with --step)"
-                                       if older and "damaged" in str(e) else "")) from None
-  finally:
-    manager.close()
-  return trainer, state

@@ -12,6 +12,10 @@ import re
 import ml_collections
 from ml_collections import config_dict
 
+from ftjax.data import synthetic, text
+from ftjax.data.mixture import parse_mixture
+from ftjax.errors import ConfigError
+
 # Remat policy name → the jax.checkpoint_policies attribute it uses (None: no policy argument).
 REMAT_POLICIES = {
     "none": None,  # no rematerialisation: keep every activation
@@ -42,14 +46,6 @@ def url_error(path):
   if path and _URL.match(str(path)):
     return f"{path} is a URL; {FILE_SYSTEM_ONLY}"
   return None
-
-
-class ConfigError(ValueError):
-  """A config value that cannot run; the message names the key."""
-
-  def __init__(self, key, message):
-    super().__init__(f"config error: {key}: {message}")
-    self.key = key
 
 
 def default_config():
@@ -384,7 +380,6 @@ def _check_data(cfg):
   _require(d.tokenizer == "bytes" or d.loader == "grain", "data.tokenizer",
            "sentencepiece needs data.loader='grain'")
   if d.name == "synthetic":
-    from ftjax.data import synthetic  # local import: configs stay importable without data deps
     need = synthetic.sequence_length(cfg) - 1
     _require(cfg.model.seq_len == need, "model.seq_len",
              f"the synthetic task needs seq_len={need} (data.block_len={d.block_len}), "
@@ -398,26 +393,9 @@ def _check_data(cfg):
              f"got {d.sentencepiece_vocab}")
     vocab = d.sentencepiece_vocab
   else:
-    from ftjax.data import text
     vocab = text.VOCAB_SIZE
   _require(cfg.model.vocab_size >= vocab, "model.vocab_size",
            f"data.name={d.name!r} needs at least {vocab}, got {cfg.model.vocab_size}")
-
-
-def parse_mixture(text):
-  """[(directory, weight)] of a `data.mixture` string "dirA:0.7,dirB:0.3" (weights normalised)."""
-  items = []
-  for item in text.split(","):
-    path, sep, weight = item.strip().rpartition(":")
-    try:
-      value = float(weight)
-    except ValueError:
-      value = -1.0
-    _require(sep and path and value > 0, "data.mixture",
-             f"expected 'dir:weight,dir:weight' with weights > 0, got item {item!r}")
-    items.append((path, value))
-  total = sum(w for _, w in items)
-  return [(path, w / total) for path, w in items]
 
 
 def with_overrides(cfg, overrides):

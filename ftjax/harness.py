@@ -127,8 +127,8 @@ class FtjaxLM(TemplateLM):
     if z_mode not in Z_MODES:
       raise ValueError(f"z_mode must be one of {Z_MODES}, got {z_mode!r}")
     if trainer is None:
-      from ftjax import checkpoint
-      trainer, state = checkpoint.load_run(workdir, None if step is None else int(step))
+      from ftjax.trainer import load_run
+      trainer, state = load_run(workdir, None if step is None else int(step))
       params = state.params
     self.trainer, self.params, self.cfg = trainer, params, trainer.cfg
     self.model = make_model(self.cfg.model)

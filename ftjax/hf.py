@@ -39,12 +39,12 @@ import ml_dtypes
 import numpy as np
 
 from ftjax import chat_template
+from ftjax.run import (CONFIG_PY, HF_CONFIG_FILE, HF_TOKENIZER_DIR as TOKENIZER_DIR, checkpoints_dir,
+                       write_config, write_run_checksums)
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-TOKENIZER_DIR = "hf_tokenizer"  # in a run directory: the checkpoint's tokenizer files
-HF_CONFIG_FILE = "hf_config.json"  # in a run directory: the imported config.json, for export
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "generation_config.json", "chat_template.jinja")
 LATENT_PREFIX = "ftjax_latent."
@@ -583,16 +583,13 @@ def config_file_text(cfg: Any) -> str:
 def _write_run_files(hf_dir: str, workdir: str, cfg: Any, hf_config_dict: dict) -> list[str]:
   """config.json, config.py, hf_config.json, hf_tokenizer/ and run_checksums.json of an
   imported run; returns the tokenizer files copied."""
-  from ftjax import checkpoint as ckpt_lib
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
-  with open(os.path.join(workdir, "config.py"), "w", encoding="utf-8") as f:
+  write_config(workdir, cfg)
+  with open(os.path.join(workdir, CONFIG_PY), "w", encoding="utf-8") as f:
     f.write(config_file_text(cfg))
   with open(os.path.join(workdir, HF_CONFIG_FILE), "w", encoding="utf-8") as f:
     json.dump(hf_config_dict, f, indent=2, sort_keys=True)
   copied = copy_tokenizer(hf_dir, os.path.join(workdir, TOKENIZER_DIR))
-  ckpt_lib.write_run_checksums(workdir)
+  write_run_checksums(workdir)
   return copied
 
 
@@ -611,7 +608,7 @@ def import_run(hf_dir: str, workdir: str, cfg: Any, log: Callable[[str], Any] = 
   ckpt = Checkpoint(hf_dir)
   tied = bool(ckpt.config.get("tie_word_embeddings", False))
   check_tensors(ckpt, cfg.model, tied)
-  checkpoints = os.path.join(workdir, "checkpoints")
+  checkpoints = checkpoints_dir(workdir)
   if os.path.isdir(checkpoints) and os.listdir(checkpoints):
     raise HFError(f"{workdir} already holds checkpoints: import into a new directory")
   main = jax.process_index() == 0

@@ -4,7 +4,6 @@ cadence of logs, evals and saves, SIGTERM, the non-finite policy and end-of-run 
 import dataclasses
 import errno
 import math
-import os
 import signal
 import threading
 import time
@@ -189,24 +188,15 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
   the run at that step with a checkpoint, as a preemption would; the schedule stays that of
   `train.steps`.
   """
-  from ftjax import checkpoint as ckpt_lib  # orbax is heavy to import; only the loop needs it
+  from ftjax import checkpoint as ckpt_lib, run  # orbax is heavy to import; only the loop needs it
 
   ckpt_lib.require_file_system(workdir)
   if jax.process_index() != 0:  # one process logs and writes files; all of them compute
     log = lambda *_: None
   else:
     if cfg.checkpoint.verify:  # the run's own tokenizer, read below, is the one it trained with
-      ckpt_lib.verify_run_files(workdir, skip=("config.json",))
-    path = os.path.join(workdir, "config.json")
-    try:
-      os.makedirs(workdir, exist_ok=True)
-      # Rewritten below: a run killed before that has no checksums, not stale ones.
-      if os.path.exists(os.path.join(workdir, ckpt_lib.RUN_CHECKSUMS)):
-        os.remove(os.path.join(workdir, ckpt_lib.RUN_CHECKSUMS))
-      with open(path, "w", encoding="utf-8") as f:
-        f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
-    except OSError as e:
-      raise metrics_lib.write_error(path, e) from None
+      run.verify_run_files(workdir, skip=(run.CONFIG_FILE,))
+    run.write_config(workdir, cfg)
   trainer = trainer or Trainer.create(cfg, run_dir=workdir)
   preflight.check_before_training(trainer, workdir)  # nothing is compiled before this
   if jax.process_index() == 0:
@@ -214,11 +204,11 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
     try:
       if trainer.source.tokenizer is not None:
         tokenizers.save_with_run(trainer.source.tokenizer, workdir)
-      ckpt_lib.write_run_checksums(workdir)
+      run.write_run_checksums(workdir)
     except OSError as e:
       raise metrics_lib.write_error(workdir, e) from None
   t, c = cfg.train, cfg.checkpoint
-  manager = ckpt_lib.Manager(os.path.join(workdir, "checkpoints"), cfg, log=log)
+  manager = ckpt_lib.Manager(run.checkpoints_dir(workdir), cfg, log=log)
   stream = trainer.stream("train")
   state, data_state = manager.restore_or(trainer.init_state, trainer.abstract_state())
   state = train.set_latent_targets(state, cfg.model.latent, trainer.state_sharding)

@@ -1,12 +1,12 @@
 """`Trainer`: a config's model, data source, mesh and compiled steps, built once.
 
-Used by the training loop (`ftjax.loop`), by `checkpoint.load_run` (sampling, evaluation) and by
-tests and benchmarks that step a model by hand.
+Used by the training loop (`ftjax.loop`), by `load_run` (a run restored with its data, for
+evaluation) and by tests and benchmarks that step a model by hand.
 """
 
 import dataclasses
 import functools
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -113,3 +113,32 @@ class Trainer:
       for name, nats in (("eval_bpb", "eval_nats_sum"), ("eval_elbo_bpb", "eval_elbo_nats_sum")):
         out[name] = sum(float(r[nats]) for r in rows) / (train.LOG2 * total_bytes)
     return out
+
+
+def load_run(workdir: str, step: Optional[int] = None, mesh: Optional[dict] = None,
+             verify: bool = True, optimizer: bool = False) -> tuple[Trainer, Any]:
+  """(trainer, state) of a run restored onto the devices at hand, from `step` (None: the newest
+  readable one), with the run's data source (evaluation; `ftjax.run.load_for_inference` needs
+  no data). The config is the one saved with the checkpoint (checked by its checksums), so a
+  damaged `config.json` cannot change the model; a damaged step is a CheckpointError.
+
+  The optimizer state (two float32 moments per parameter: 2/3 or more of a checkpoint) is
+  left as `ocp.PLACEHOLDER` leaves, not read, unless `optimizer=True`.
+
+  `mesh` ({'data', 'fsdp', 'tensor'}: sizes, 1 for an axis not named; default one device)
+  replaces the mesh the run trained on; the checkpoint is resharded onto it.
+  """
+  from ftjax import checkpoint, run
+  cfg, chosen = run.saved_config(workdir, step, mesh, verify)
+  manager = checkpoint.Manager(run.checkpoints_dir(workdir), read_only=True)
+  manager.verify = verify
+  try:
+    trainer = Trainer.create(cfg, run_dir=workdir)  # with the run's own tokenizer
+    wanted = trainer.abstract_state()
+    state, _ = manager.restore(chosen, wanted if optimizer else
+                               checkpoint.without_optimizer(wanted))
+  except checkpoint.CheckpointError as e:
+    raise run.older_steps_note(e, workdir, chosen) from None
+  finally:
+    manager.close()
+  return trainer, state

@@ -115,9 +115,22 @@ def _read_only_notices(record):
 
 
 def restored_run(argv, workdir, step, mesh=""):
-  """(trainer, state) of the run in `workdir` (parameters only), restored onto one device or
-  the `mesh` flag's devices, for the launchers that sample, evaluate or export; exits 2 with one
-  line on bad flags or a missing/unreadable run."""
+  """`ftjax.run.Inference` of the run in `workdir` (config, model, parameters, text codec; the
+  training data is not opened), restored onto one device or the `mesh` flag's devices, for the
+  launchers that sample or export; exits 2 with one line on bad flags or a missing/unreadable
+  run."""
+  from ftjax import run  # after flag checks: errors stay fast
+  return _restore(argv, workdir, mesh, lambda mesh_: run.load_for_inference(workdir, step, mesh_))
+
+
+def restored_trainer(argv, workdir, step, mesh=""):
+  """(trainer, state) of the run in `workdir` (parameters only) with its data source, for the
+  launchers that evaluate on the run's data; exits 2 as `restored_run` does."""
+  from ftjax.trainer import load_run
+  return _restore(argv, workdir, mesh, lambda mesh_: load_run(workdir, step, mesh=mesh_))
+
+
+def _restore(argv, workdir, mesh, load):
   no_extra_args(argv)
   mesh = parse_mesh(mesh)
   if not workdir:
@@ -126,10 +139,10 @@ def restored_run(argv, workdir, step, mesh=""):
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it touches at INFO
   import logging as py_logging
   py_logging.getLogger("absl").addFilter(_read_only_notices)  # orbax on reading a run: expected
-  from ftjax import checkpoint  # after flag checks: errors stay fast
+  from ftjax import checkpoint
   from ftjax.data.text import CorpusError
   try:
-    return checkpoint.load_run(workdir, step, mesh=mesh)
+    return load(mesh)
   except checkpoint.CheckpointError as e:
     fail(f"checkpoint error: {e}")
   except CorpusError as e:  # the run's data moved or is damaged

@@ -52,7 +52,7 @@ def describe(key, value):
 
 def main(argv):
   cli.check_paths(inputs=[("choices_file", _CHOICES.value)], outputs=[("output", _OUTPUT.value)])
-  trainer, state = cli.restored_run(argv, _WORKDIR.value, _STEP.value, _MESH.value)
+  trainer, state = cli.restored_trainer(argv, _WORKDIR.value, _STEP.value, _MESH.value)
   import jax
   import numpy as np
 

@@ -28,11 +28,11 @@ def main(argv):
   cli.check_paths(directories=[("out", _OUT.value)])
   if os.path.exists(os.path.join(_OUT.value, "config.json")):
     cli.fail(f"flag error: --out={_OUT.value} already holds a model (config.json)")
-  trainer, state = cli.restored_run(argv, _WORKDIR.value, _STEP.value, _MESH.value)
+  restored = cli.restored_run(argv, _WORKDIR.value, _STEP.value, _MESH.value)
   from ftjax import hf
-  hf.export(state.params, trainer.cfg.model, _OUT.value, run_dir=_WORKDIR.value)
-  lat = trainer.cfg.model.latent
-  print(f"exported step {int(state.step)} of {_WORKDIR.value} to {_OUT.value}" +
+  hf.export(restored.params, restored.cfg.model, _OUT.value, run_dir=_WORKDIR.value)
+  lat = restored.cfg.model.latent
+  print(f"exported step {restored.step} of {_WORKDIR.value} to {_OUT.value}" +
         (f" (Free Transformer: latent path under {hf.LATENT_PREFIX}*)" if lat.enabled else ""))
 
 

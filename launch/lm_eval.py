@@ -97,7 +97,7 @@ def main(argv):
     cli.fail("flag error: --chat_template needs --apply_chat_template")
   if _CHAT.value:
     _check_chat_template(_WORKDIR.value)
-  trainer, state = cli.restored_run(argv, _WORKDIR.value, _STEP.value, _MESH.value)
+  trainer, state = cli.restored_trainer(argv, _WORKDIR.value, _STEP.value, _MESH.value)
   from ftjax.harness import FtjaxLM
   try:
     lm = FtjaxLM(_WORKDIR.value, z_mode=_Z_MODE.value, code=_CODE.value, seed=_SEED.value,

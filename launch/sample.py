@@ -77,10 +77,21 @@ def _check_z_flags():
     cli.fail("flag error: --new_z and --encoder_argmax need --z_mode=encoder")
 
 
+def _data_prompts(cfg, n):
+  """`n` prompts from the run's data (its source's own kind of prompt): only without --prompt
+  is the training data opened."""
+  from ftjax.data import make_source
+  from ftjax.data.text import CorpusError
+  try:
+    return make_source(cfg, _WORKDIR.value).prompts(n)
+  except CorpusError as e:
+    cli.fail(f"data error: no --prompt given, and the run's data gives none: {e}")
+
+
 def main(argv):
   cli.check_paths(inputs=[("prompts_file", _PROMPTS_FILE.value)], outputs=[("output", _OUTPUT.value)])
   _check_z_flags()
-  trainer, state = cli.restored_run(argv, _WORKDIR.value, _STEP.value, _MESH.value)
+  restored = cli.restored_run(argv, _WORKDIR.value, _STEP.value, _MESH.value)
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -88,12 +99,12 @@ def main(argv):
   from ftjax import sampling
   from ftjax.model import make_model
   from ftjax import hf
-  cfg, source = trainer.cfg, trainer.source
+  cfg, text = restored.cfg, restored.text
   if not cfg.model.latent.enabled and (_Z_MODE.value != "uniform" or _CODE.value is not None):
     cli.fail(f"flag error: --z_mode={_Z_MODE.value}: {_WORKDIR.value} is a baseline run (no Z)")
   hf_tokenizer = hf.run_tokenizer(_WORKDIR.value)  # an imported checkpoint's own tokenizer
-  encode = (lambda string, start: hf_tokenizer.encode(string)) if hf_tokenizer else source.encode
-  decode = hf_tokenizer.decode if hf_tokenizer else source.decode
+  encode = (lambda string, start: hf_tokenizer.encode(string)) if hf_tokenizer else text.encode
+  decode = hf_tokenizer.decode if hf_tokenizer else text.decode
   prompts = list(_PROMPT.value)
   if _PROMPTS_FILE.value:
     with open(_PROMPTS_FILE.value, encoding="utf-8") as f:
@@ -105,7 +116,7 @@ def main(argv):
     prompts, eos_id = _chat_prompts(hf_tokenizer, prompts), hf_tokenizer.eos_id
   try:
     tokens = ([encode(p, True) for p in prompts] if prompts else
-              list(source.prompts(max(_NUM_SAMPLES.value, 1))))
+              list(_data_prompts(cfg, max(_NUM_SAMPLES.value, 1))))
   except ValueError as e:
     cli.fail(f"flag error: a prompt has characters outside the run's vocabulary ({e})")
   if prompts:
@@ -121,7 +132,7 @@ def main(argv):
       cli.fail(f"flag error: --code must be in 0..{2**cfg.model.latent.num_bits - 1}")
     codes_B = jnp.full((len(tokens),), _CODE.value, jnp.int32)
   out = sampling.generate(
-      make_model(cfg.model, decode=True), state.params, jnp.asarray(prompt_BP),
+      make_model(cfg.model, decode=True), restored.params, jnp.asarray(prompt_BP),
       jnp.asarray(start_B), jax.random.key(_SEED.value), max_new_tokens=max_new,
       z_mode=_Z_MODE.value, new_z=_NEW_Z.value, codes_B=codes_B,
       encoder_argmax=_ENCODER_ARGMAX.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,

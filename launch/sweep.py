@@ -173,13 +173,10 @@ def final_metrics(workdir):
 
 
 def is_finished(workdir):
-  """A point is finished when its checkpoints hold the config's last step."""
-  try:
-    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-      steps = json.load(f)["train"]["steps"]
-  except (OSError, json.JSONDecodeError, KeyError):
-    return False
-  return os.path.isdir(os.path.join(workdir, "checkpoints", str(steps)))
+  """Whether the point's run holds its last step (`ftjax.run.is_finished`; ftjax loads here, so
+  that flag errors stay fast)."""
+  from ftjax import run
+  return run.is_finished(workdir)
 
 
 def markdown(rows, keys):

@@ -60,14 +60,14 @@ def main(argv):
   cfg = cli.resolved_config(_CONFIG)
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it touches at INFO
   logging.get_absl_handler().addFilter(_NoOrbaxErrors())
-  from ftjax import checkpoint, distributed, loop  # after flag parsing: `--help` and errors stay fast
+  from ftjax import checkpoint, distributed, loop, run  # after flag parsing: `--help` and errors stay fast
   from ftjax.configs import ConfigError
   from ftjax.data.text import CorpusError
   from ftjax.metrics import WriteError
   _, processes = _DISTRIBUTED.start(cfg.distributed.peer_timeout_seconds)
   watchdog = None
   if processes > 1:  # a lost peer ends this process within the timeout, with one line
-    distributed.set_lost_note(lambda: checkpoint.newest_note(_WORKDIR.value))
+    distributed.set_lost_note(lambda: run.newest_note(_WORKDIR.value))
     watchdog = distributed.PeerWatchdog(cfg.distributed.peer_timeout_seconds).start()
   try:
     loop.train_and_evaluate(cfg, _WORKDIR.value, stop_at=_STOP_AT.value)

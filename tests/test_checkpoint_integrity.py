@@ -13,8 +13,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from ftjax import checkpoint, loop
-from ftjax.trainer import Trainer
+from ftjax import checkpoint, integrity, loop
+from ftjax.trainer import Trainer, load_run
 from tests.conftest import resolved
 
 TIMING = ("tokens_per_sec", "mfu")
@@ -79,11 +79,11 @@ def test_undamaged_checkpoint_restores_bit_identically(trained):
   manager = checkpoint.Manager(workdir / "checkpoints", read_only=True)
   assert manager.all_steps() == [10, 15, 20]
   assert os.path.exists(workdir / "checkpoints" / "20" / checkpoint.CHECKSUMS)
-  trainer, state = checkpoint.load_run(str(workdir), optimizer=True)
+  trainer, state = load_run(str(workdir), optimizer=True)
   assert int(state.step) == 20
   _leaves_equal(state.params, final.params)
   _leaves_equal(state.opt_state, final.opt_state)
-  _, params_only = checkpoint.load_run(str(workdir))  # what sampling and evaluation read
+  _, params_only = load_run(str(workdir))  # what sampling and evaluation read
   _leaves_equal(params_only.params, final.params)
   _leaves_equal(params_only.latent_ctl, final.latent_ctl)
   opt_leaves = jax.tree_util.tree_leaves(params_only.opt_state)
@@ -105,10 +105,10 @@ def test_flipped_bytes_are_detected_and_skipped(trained, tmp_path, kind):
   assert len(warnings) == 1, warnings
   assert "step 20" in warnings[0] and "damaged" in warnings[0]
   assert os.path.basename(damaged) in warnings[0]  # names the file
-  _, undamaged = checkpoint.load_run(str(trained[1]), step=15, optimizer=True)
+  _, undamaged = load_run(str(trained[1]), step=15, optimizer=True)
   _leaves_equal(state, undamaged)
   with pytest.raises(checkpoint.CheckpointError, match=r"step 20 .* is damaged .*older steps"):
-    checkpoint.load_run(str(run))  # launch.sample / launch.evaluate: refused, one line
+    load_run(str(run))  # launch.sample / launch.evaluate: refused, one line
 
 
 def test_fallback_resumes_bit_identically(trained, tmp_path):
@@ -163,7 +163,7 @@ def test_large_files_are_hashed_by_segments_in_threads(tmp_path, monkeypatch):
   threads gives the same manifest); a flipped byte in any segment is found; a manifest with a
   whole-file SHA-256 (older checkpoints) still verifies."""
   import hashlib
-  monkeypatch.setattr(checkpoint, "_SEGMENT", 1000)
+  monkeypatch.setattr(integrity, "_SEGMENT", 1000)
   step_dir = tmp_path / "7"
   (step_dir / "d").mkdir(parents=True)
   big = os.urandom(3500)
@@ -171,22 +171,22 @@ def test_large_files_are_hashed_by_segments_in_threads(tmp_path, monkeypatch):
   (step_dir / "small").write_bytes(b"x" * 10)
   manifests = []
   for threads in (1, 4):
-    monkeypatch.setattr(checkpoint, "HASH_THREADS", threads)
-    checkpoint.write_checksums(str(step_dir))
-    manifests.append(open(step_dir / checkpoint.CHECKSUMS, "rb").read())
-    checkpoint.verify_files(str(step_dir))
+    monkeypatch.setattr(integrity, "HASH_THREADS", threads)
+    integrity.write_checksums(str(step_dir))
+    manifests.append(open(step_dir / integrity.CHECKSUMS, "rb").read())
+    integrity.verify_files(str(step_dir))
   assert manifests[0] == manifests[1]
   files = json.loads(manifests[0].partition(b"\n")[2])["files"]
   segments = b"".join(hashlib.sha256(big[i:i + 1000]).digest() for i in range(0, 3500, 1000))
-  assert files["d/big"] == [3500, checkpoint._SEGMENTED + hashlib.sha256(segments).hexdigest()]
+  assert files["d/big"] == [3500, integrity._SEGMENTED + hashlib.sha256(segments).hexdigest()]
   assert files["small"] == [10, hashlib.sha256(b"x" * 10).hexdigest()]
   for offset in (0, 2999, 3499):  # first, third and the short last segment
     damaged = bytearray(big)
     damaged[offset] ^= 0xFF
     (step_dir / "d" / "big").write_bytes(bytes(damaged))
-    with pytest.raises(checkpoint._Unreadable, match="d/big: checksum mismatch"):
-      checkpoint.verify_files(str(step_dir))
+    with pytest.raises(integrity.Unreadable, match="d/big: checksum mismatch"):
+      integrity.verify_files(str(step_dir))
   (step_dir / "d" / "big").write_bytes(big)
   files["d/big"][1] = hashlib.sha256(big).hexdigest()  # a manifest written before segments
-  checkpoint._write_checked(str(step_dir / checkpoint.CHECKSUMS), {"files": files})
-  checkpoint.verify_files(str(step_dir))
+  integrity.write_checked(str(step_dir / integrity.CHECKSUMS), {"files": files})
+  integrity.verify_files(str(step_dir))

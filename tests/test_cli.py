@@ -15,6 +15,7 @@ from ftjax.data import synthetic
 from ftjax.model import make_model
 from ftjax.train import init_params
 from tests.conftest import REPO
+from ftjax.trainer import load_run
 
 
 def _run(module, *flags):
@@ -177,5 +178,5 @@ def test_library_refuses_url_run_directories(tiny_cfg, tmp_path, monkeypatch):
   with pytest.raises(checkpoint.CheckpointError, match="gs://bucket/run is a URL"):
     loop.train_and_evaluate(tiny_cfg, "gs://bucket/run")
   with pytest.raises(checkpoint.CheckpointError, match="is a URL"):
-    checkpoint.load_run("s3://bucket/run")
+    load_run("s3://bucket/run")
   assert not os.listdir(tmp_path)

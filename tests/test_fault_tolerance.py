@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from ftjax import checkpoint, loop
-from ftjax.trainer import Trainer
+from ftjax.trainer import Trainer, load_run
 from tests.conftest import REPO, resolved
 
 TIMING = ("tokens_per_sec", "mfu")
@@ -52,7 +52,7 @@ def _wait_for_step(proc, workdir, step, timeout=240):
 
 
 def _final_params(workdir):
-  _, state = checkpoint.load_run(str(workdir))
+  _, state = load_run(str(workdir))
   return jax.device_get(state.params), int(state.step)
 
 
@@ -134,7 +134,7 @@ def test_restore_on_a_different_device_count_gives_the_same_eval(tiny_cfg, tmp_p
   cfg, _ = _trained(tiny_cfg, tmp_path, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
                                            "train.batch_size": 8})
   saved_eval = [r for r in _rows(tmp_path) if "eval_ce" in r][-1]
-  trainer, state = checkpoint.load_run(str(tmp_path))  # one device
+  trainer, state = load_run(str(tmp_path))  # one device
   assert trainer.mesh.devices.size == 1
   ev = trainer.evaluate(state.params)
   assert abs(ev["eval_ce"] - saved_eval["eval_ce"]) < 1e-5

@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ftjax import checkpoint, hf
+from ftjax import checkpoint, hf, integrity, run as run_lib
 from ftjax.configs import resolve, with_overrides
 from ftjax.model import make_model
+from ftjax.trainer import load_run
 
 from .conftest import REPO
 
@@ -102,7 +103,7 @@ def test_run_directory(imported):
   tok = hf.run_tokenizer(run)
   assert tok.decode(tok.encode("the cat sat on the mat")) == "the cat sat on the mat"
   assert (tok.bos_id, tok.eos_id) == (1, 2)
-  trainer, state = checkpoint.load_run(run)
+  trainer, state = load_run(run)
   assert trainer.cfg.model.to_dict() == cfg.model.to_dict()
   chex = jax.tree_util.tree_map(lambda a, b: bool(jnp.all(a == b)), state.params,
                                 imported["untied", True][1].params)
@@ -114,21 +115,21 @@ def test_damaged_run_files_are_refused(imported, tmp_path):
   still readable, so nothing else would notice) is refused with a line naming it."""
   run = str(tmp_path / "run")
   shutil.copytree(imported["untied", False][2], run)
-  listed = checkpoint._read_checked(os.path.join(run, checkpoint.RUN_CHECKSUMS))
+  listed = integrity.read_checked(os.path.join(run, run_lib.RUN_CHECKSUMS))
   assert sorted(listed) == ["config.json", hf.HF_CONFIG_FILE, "hf_tokenizer/generation_config.json",
                             "hf_tokenizer/tokenizer.json", "hf_tokenizer/tokenizer_config.json"]
   path = os.path.join(run, hf.TOKENIZER_DIR, "tokenizer.json")
   text = open(path, encoding="utf-8").read()
   open(path, "w", encoding="utf-8").write(text.replace('"cat"', '"cut"', 1))
   with pytest.raises(checkpoint.CheckpointError, match=r"tokenizer.json is damaged"):
-    checkpoint.load_run(run)
-  checkpoint.load_run(run, verify=False)  # the user's choice: not checked
+    load_run(run)
+  load_run(run, verify=False)  # the user's choice: not checked
   os.remove(path)
   with pytest.raises(checkpoint.CheckpointError, match=r"tokenizer.json is missing"):
-    checkpoint.load_run(run)
-  open(os.path.join(run, checkpoint.RUN_CHECKSUMS), "a").write(" ")
+    load_run(run)
+  open(os.path.join(run, run_lib.RUN_CHECKSUMS), "a").write(" ")
   with pytest.raises(checkpoint.CheckpointError, match=r"run_checksums.json is damaged"):
-    checkpoint.load_run(run)
+    load_run(run)
 
 
 def _tensors(directory):
@@ -154,7 +155,7 @@ def test_export_baseline_gives_the_imported_tensors(imported, tmp_path):
 def test_export_from_a_sharded_restore_gives_the_checkpoint_tensors(imported, tmp_path):
   """launch.export_hf --mesh: the run restored sharded (parameters only), gathered to write."""
   _, _, run = imported["untied", False]
-  trainer, state = checkpoint.load_run(run, mesh={"fsdp": 2, "tensor": 2})
+  trainer, state = load_run(run, mesh={"fsdp": 2, "tensor": 2})
   assert trainer.mesh.devices.size == 4
   hf.export(state.params, trainer.cfg.model, str(tmp_path), run_dir=run)
   original, exported = _tensors(UNTIED), _tensors(str(tmp_path))

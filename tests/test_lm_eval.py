@@ -22,6 +22,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 
 from ftjax import evaluation, hf  # noqa: E402
 from ftjax.harness import FtjaxLM  # noqa: E402
+from ftjax.trainer import load_run
 
 from .conftest import REPO  # noqa: E402
 from .test_hf import TIED, UNTIED, config_for  # noqa: E402
@@ -45,7 +46,7 @@ def runs(tmp_path_factory):
 def make_lm(runs, name, params=None, **kwargs):
   from ftjax import checkpoint
   run, _, run_params = runs[name]
-  trainer, _ = checkpoint.load_run(run)
+  trainer, _ = load_run(run)
   return FtjaxLM(run, trainer=trainer, params=run_params if params is None else params,
                  batch_size=4, **kwargs)
 
@@ -131,7 +132,7 @@ def test_a_sharded_restore_scores_and_generates_as_one_device(runs):
   run = runs["ft"][0]
   lms = []
   for mesh in (None, {"fsdp": 4}):  # (one kv head: no tensor split)
-    trainer, state = checkpoint.load_run(run, mesh=mesh)
+    trainer, state = load_run(run, mesh=mesh)
     lms.append(FtjaxLM(run, trainer=trainer, params=state.params, batch_size=4, z_mode="fixed",
                        code=7))
   assert lms[1].trainer.mesh.devices.size == 4

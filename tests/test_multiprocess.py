@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO
+from ftjax.trainer import load_run
 
 FLAGS = ["--config=experiments/tiny.py", "--config.mesh.data=2", "--config.train.steps=6",
          "--config.train.log_every=1", "--config.train.eval_every=6",
@@ -74,14 +75,13 @@ def test_two_process_hf_import_matches_transformers(tmp_path):
   """launch.import_hf in two processes (fsdp over their two devices): process 0 writes the run
   files, each reads its own shards; the run restores in one process with transformers' logits."""
   import numpy as np
-  from ftjax import checkpoint
   from tests.test_hf import UNTIED, logits
   run = tmp_path / "run"
   outs = finish(start_processes("launch.import_hf", f"--hf_dir={UNTIED}", f"--workdir={run}",
                                 "--config=experiments/tiny.py", "--config.mesh.fsdp=2",
                                 "--config.mesh.data=1"))
   assert "imported" in outs[0][0] + outs[0][1] and "imported" not in outs[1][0] + outs[1][1]
-  trainer, state = checkpoint.load_run(str(run))  # verifies every file's checksum
+  trainer, state = load_run(str(run))  # verifies every file's checksum
   expected = np.load(os.path.join(UNTIED, "expected.npz"))
   np.testing.assert_allclose(logits(trainer.cfg, state.params, expected["tokens"], "zero"),
                              expected["logits"], atol=1e-4, rtol=1e-4)

@@ -18,6 +18,7 @@ from ftjax import checkpoint
 from tests.conftest import REPO
 from tests.test_fault_tolerance import _last_step, _rows
 from tests.test_multiprocess import _env, finish, start_processes
+from ftjax.trainer import load_run
 
 PEER_TIMEOUT = 5
 # Host-side settings only (the compiled steps are those of the tiny config on a 2-device mesh);
@@ -38,7 +39,7 @@ def _run_pair(workdir, *extra):
 
 
 def _params(workdir):
-  _, state = checkpoint.load_run(str(workdir))
+  _, state = load_run(str(workdir))
   return jax.device_get(state.params)
 
 

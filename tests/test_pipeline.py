@@ -10,6 +10,7 @@ import pytest
 from ftjax import loop, trainer as trainer_lib
 from ftjax.data import _DocumentArrays, corpora, pipeline, text, tokenizers
 from tests.conftest import resolved
+from ftjax.trainer import load_run
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,6 @@ def test_training_on_the_pipeline_resumes_bit_identically(tiny_cfg, data_dir, tm
 
 @pytest.mark.slow  # trains a sentencepiece model and a run; test_prepared covers run tokenizers
 def test_sentencepiece_run_saves_and_restores_its_tokenizer(tiny_cfg, data_dir, tmp_path):
-  from ftjax import checkpoint
   from ftjax.data import tokenizers
   cfg = resolved(tiny_cfg, **{
       "data.name": "shakespeare", "data.loader": "grain", "data.data_dir": data_dir,
@@ -109,6 +109,6 @@ def test_sentencepiece_run_saves_and_restores_its_tokenizer(tiny_cfg, data_dir, 
   line = "To be, or not to be: that is the question."
   assert tok.vocab_size == 512 and tok.decode(tok.encode(line)) == line
   assert len(tok.encode(line)) < len(line)  # subwords, not bytes
-  trainer, _ = checkpoint.load_run(str(tmp_path))
+  trainer, _ = load_run(str(tmp_path))
   assert trainer.source.tokenizer.path == str(saved)
   assert 1.5 < trainer.source.bytes_per_token < 6

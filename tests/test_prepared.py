@@ -14,7 +14,9 @@ import pytest
 
 from ftjax import configs, trainer as trainer_lib
 from ftjax.data import make_source, pipeline, prepared, text, tokenizers
+from ftjax.data.mixture import parse_mixture
 from tests.conftest import REPO, resolved
+from ftjax.trainer import load_run
 
 DOCS = [f"document {i}: héllo wörld — {'x' * (i % 7)}" for i in range(60)]
 
@@ -284,9 +286,9 @@ def test_mixture_is_deterministic_resumable_and_weighted(tiny_cfg, tmp_path):
   tokens = np.concatenate([b["inputs"] for b in first + later])
   a, b = (tokens == ord("a") + text.BYTE_OFFSET).sum(), (tokens == ord("b") + text.BYTE_OFFSET).sum()
   assert 2.2 < a / b < 4.0  # 3:1 by documents (all the same length)
-  assert configs.parse_mixture("x:3,y:1") == [("x", 0.75), ("y", 0.25)]
+  assert parse_mixture("x:3,y:1") == [("x", 0.75), ("y", 0.25)]
   with pytest.raises(configs.ConfigError, match="data.mixture"):
-    configs.parse_mixture("x:3,y")
+    parse_mixture("x:3,y")
 
 
 def test_training_on_hf_prepared_data_checks_tokenizer_and_vocabulary(tiny_cfg, corpus, tmp_path):
@@ -303,10 +305,10 @@ def test_training_on_hf_prepared_data_checks_tokenizer_and_vocabulary(tiny_cfg, 
   with pytest.raises(configs.ConfigError, match="data.path: no prepared data.*launch.prepare_data"):
     make_source(_cfg(tiny_cfg))
   cfg = _cfg(tiny_cfg, **{"data.path": data, "data.tokenizer": hf, "train.steps": 2,
-                          "train.eval_every": 2})
+                          "train.eval_every": 2, "train.eval_batches": 1})  # its split: 50 tokens
   loop.train_and_evaluate(cfg, str(tmp_path / "run"), log=lambda *_: None)
   assert (tmp_path / "run" / tokenizers.HF_FILE).exists()
-  trainer, _ = checkpoint.load_run(str(tmp_path / "run"))
+  trainer, _ = load_run(str(tmp_path / "run"))
   assert trainer.source.tokenizer.path == str(tmp_path / "run" / tokenizers.HF_FILE)
   assert trainer.source.decode(trainer.source.encode("héllo wörld")) == "héllo wörld"
   rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
@@ -315,7 +317,7 @@ def test_training_on_hf_prepared_data_checks_tokenizer_and_vocabulary(tiny_cfg, 
   # by sampling/evaluation and by a resumed training run, before the tokenizer is used.
   saved = tmp_path / "run" / tokenizers.HF_FILE
   saved.write_bytes(saved.read_bytes().replace(b'"</s>"', b'"</t>"', 1))
-  for load in (lambda: checkpoint.load_run(str(tmp_path / "run")),
+  for load in (lambda: load_run(str(tmp_path / "run")),
                lambda: loop.train_and_evaluate(cfg, str(tmp_path / "run"), log=print)):
     with pytest.raises(checkpoint.CheckpointError, match=r"tokenizer.json is damaged"):
       load()

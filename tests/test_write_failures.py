@@ -16,6 +16,7 @@ import pytest
 from ftjax import checkpoint, loop, metrics
 from tests.conftest import REPO, resolved
 from tests.test_fault_tolerance import _rows, _train_cmd
+from ftjax.trainer import load_run
 
 
 def _limit_file_size(max_bytes):
@@ -82,8 +83,8 @@ def test_failed_save_is_one_line_and_the_next_run_resumes_bit_identically(tmp_pa
   assert "resumed from step 8" in again.stdout
   # (--stop_at=8 also evaluated at step 8: that row is not in the uninterrupted run)
   assert [r for r in _rows(run) if "loss" in r or r["step"] != 8] == _rows(tmp_path / "ref")
-  (_, ref_state), (_, state) = (checkpoint.load_run(str(tmp_path / "ref")),
-                                checkpoint.load_run(str(run)))
+  (_, ref_state), (_, state) = (load_run(str(tmp_path / "ref")),
+                                load_run(str(run)))
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(state.params),
                          jax.device_get(ref_state.params))
 

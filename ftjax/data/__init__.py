@@ -18,6 +18,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ftjax.data import synthetic, text
+from ftjax.data.mixture import parse_mixture
+from ftjax.errors import ConfigError
 
 
 class StepStream:
@@ -77,6 +79,29 @@ class Source:
   bytes_per_token: float  # for bits-per-byte; 0 when the data is not text
   tokenizer: Any = None  # text sources: the tokenizer (saved with the run)
   validation_tokens: Optional[int] = None  # where the validation split is finite: its tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class Text:
+  """How a run's token ids map to text and back, known without its data."""
+  encode: Callable[[str, bool], np.ndarray]  # (text, starts a sequence) -> tokens
+  decode: Callable[[np.ndarray], str]
+  tokenizer: Any = None  # text runs: the tokenizer
+
+
+def run_text(cfg: Any, run_dir: str) -> Text:
+  """The text codec of the run in `run_dir` (config `cfg`), from the run's own copy of its
+  tokenizer: the training data is not opened (it may be gone)."""
+  d = cfg.data
+  if d.name == "synthetic":
+    return Text(lambda string, start=True: synthetic.encode(string, bos=start), synthetic.decode)
+  from ftjax.data import tokenizers
+  if d.name == "prepared":  # a file tokenizer is copied into the run; none means bytes
+    saved = tokenizers.run_copy(run_dir)
+    tokenizer = tokenizers.load(saved) if saved else tokenizers.ByteTokenizer()
+  else:
+    tokenizer = tokenizers.make_tokenizer(cfg, run_dir)
+  return Text(lambda string, start=True: tokenizer.encode(string), tokenizer.decode, tokenizer)
 
 
 def _step_keyed(make_tokens):
@@ -158,7 +183,6 @@ def _grain_stream(cfg, tokenizer):
 
 def _prepared_tokenizer(cfg, components, run_dir):
   """The tokenizer of prepared data, checked against data.tokenizer and the run's own copy."""
-  from ftjax.configs import ConfigError
   from ftjax.data import prepared, tokenizers
   (path, meta), *others = components
   ident = meta["tokenizer"]
@@ -188,7 +212,6 @@ def _prepared_tokenizer(cfg, components, run_dir):
 
 def _prepared_source(cfg, run_dir):
   """Documents of one or more directories made by `launch.prepare_data`, packed by grain."""
-  from ftjax.configs import ConfigError, parse_mixture
   from ftjax.data import pipeline, prepared
   d = cfg.data
   mixture = parse_mixture(d.mixture) if d.mixture else [(d.path, 1.0)] if d.path else []

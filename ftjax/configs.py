@@ -31,6 +31,7 @@ POST_SAMPLERS = ("onehot", "bits")
 KL_CONTROLS = ("free_bits", "target_rate")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "cudnn_mask", "pallas", "splash")
 MATMUL_DTYPES = ("default", "fp8")
+TRACKERS = ("tensorboard", "wandb")
 ONEHOT_CHUNK_BYTES = 2 * 2**30  # bound on one backward chunk of the one-hot post-sampler
 
 
@@ -132,6 +133,15 @@ def default_config():
   # Microbatches per step: the batch is split into this many inside the jitted step and the
   # gradients summed (float32) before one update; memory scales with batch_size / this.
   c.train.grad_accum_steps = 1
+  # where metrics.jsonl's rows, the resolved config and the run name also go: comma-separated
+  # TRACKERS, "tensorboard" (RUN/tb) and "wandb" (pip install wandb; RUN/wandb, its run id in
+  # RUN/wandb_id.txt so a resumed run continues it; WANDB_MODE, WANDB_ENTITY are wandb's own)
+  c.train.trackers = "tensorboard"
+  c.train.run_name = ""  # the tracked run's name ("": the workdir's basename)
+  c.train.wandb_project = "ftjax"  # wandb project
+  # "A:B": a JAX profiler trace of steps A to B (inclusive) in RUN/profile, for TensorBoard's
+  # profile plugin / XProf or Perfetto; "": off
+  c.train.profile_steps = ""
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 0  # save every this many steps (0: only at the end and on SIGTERM)
@@ -330,6 +340,26 @@ def _check_train(t):
            "train.grad_accum_steps", f"must be a positive integer, got {t.grad_accum_steps!r}")
   _require(t.batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
            f"must divide train.batch_size={t.batch_size}, got {t.grad_accum_steps}")
+  names = tracker_names(t)
+  _require(set(names) <= set(TRACKERS) and len(set(names)) == len(names), "train.trackers",
+           f"must be comma-separated names from {TRACKERS}, each at most once, got {t.trackers!r}")
+  profile_steps(t)  # or ConfigError
+
+
+def tracker_names(t):
+  """The names in train.trackers, in order ("" gives none: metrics.jsonl only)."""
+  return [name.strip() for name in t.trackers.split(",") if name.strip()]
+
+
+def profile_steps(t):
+  """(first, last) steps of train.profile_steps, None when it is ""; ConfigError when it is not
+  "A:B" with 1 <= A <= B <= train.steps."""
+  if not t.profile_steps:
+    return None
+  match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(t.profile_steps))
+  _require(match and 1 <= int(match[1]) <= int(match[2]) <= t.steps, "train.profile_steps",
+           f"must be 'A:B' with 1 <= A <= B <= train.steps={t.steps}, got {t.profile_steps!r}")
+  return int(match[1]), int(match[2])
 
 
 def _check_checkpoint(c):

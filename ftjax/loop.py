@@ -4,6 +4,7 @@ cadence of logs, evals and saves, SIGTERM, the non-finite policy and end-of-run 
 import dataclasses
 import errno
 import math
+import os
 import signal
 import threading
 import time
@@ -13,8 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax import distributed, metrics as metrics_lib, preflight, sampling, sharding, train
-from ftjax.configs import config_changes
+from ftjax import (distributed, metrics as metrics_lib, preflight, sampling, sharding, trackers,
+                   train)
+from ftjax.configs import config_changes, profile_steps, tracker_names
 from ftjax.model import make_model
 from ftjax.trainer import Trainer
 
@@ -107,6 +109,50 @@ class _Preemption:
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+
+
+class StepTrace:
+  """A JAX profiler trace of the steps in train.profile_steps, written to `directory`: started
+  before the first of them that this run makes, stopped once the last one's outputs are ready,
+  or when the loop ends early (a context manager: no trace is left running on an error)."""
+
+  def __init__(self, t, directory: str, log: Callable):
+    self.first, self.last = profile_steps(t) or (0, -1)
+    self.directory, self._log = directory, log
+    self._since = self._latest = None  # the first and the newest step traced, while tracing
+
+  def __enter__(self):
+    return self
+
+  def before(self, step: int) -> None:
+    """Called before step `step` (counted from 1) runs."""
+    if self._since is None and self.first <= step <= self.last:
+      jax.profiler.start_trace(self.directory)
+      self._since = step
+
+  def after(self, step: int, outputs) -> None:
+    """Called after step `step` was dispatched; `outputs` are its results."""
+    if self._since is not None:
+      self._latest = step
+      if step >= self.last:
+        jax.block_until_ready(outputs)
+        self.stop()
+
+  def stop(self) -> None:
+    if self._since is None:
+      return
+    since, self._since = self._since, None
+    jax.profiler.stop_trace()
+    self._log(f"profile of steps {since}-{self._latest} in {self.directory} (TensorBoard's "
+              "profile plugin or XProf: its .xplane.pb; Perfetto: its .trace.json.gz)")
+
+  def __exit__(self, kind, error, traceback):
+    try:
+      self.stop()
+    except Exception as e:  # noqa: BLE001 (the error in flight is the one to report)
+      if error is None:
+        raise
+      error.add_note(f"the profile in {self.directory} may be incomplete ({e})")
 
 
 def _agreed(*flags_):
@@ -231,7 +277,8 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
   peak = t.peak_flops or metrics_lib.measure_matmul_peak(jnp.dtype(cfg.model.dtype))
   flops_per_token = metrics_lib.flops_per_token(cfg.model)
   tokens_per_step = t.batch_size * cfg.model.seq_len
-  writer = metrics_lib.MetricWriter(workdir, resume_step=start)
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start,
+                                    trackers=trackers.start(cfg, workdir, start, log))
   meter = ThroughputMeter(tokens_per_step)
   reported_nonfinite = 0
   pending = None  # (step, device metrics): fetched one step late, so the step never syncs
@@ -251,7 +298,8 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
 
   end = t.steps if stop_at is None else min(stop_at, t.steps)
   finished = start  # the newest step whose state and data-stream position are both in hand
-  with _Preemption() as preemption:
+  with (writer, _Preemption() as preemption,
+        StepTrace(t, os.path.join(workdir, run.PROFILE_DIR), log) as trace):
     try:
       if evaluate_first:  # the run before was stopped during this step's evaluation
         ev = trainer.evaluate(state.params, stop=lambda: _agreed(preemption.requested)[0])
@@ -264,8 +312,10 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
           log("compiling the train step…")
           compile_start = time.perf_counter()
         finished = None  # while the stream is read and the old state donated
+        trace.before(step + 1)
         state, device_metrics = trainer.train_step(state, trainer.to_global(next(stream)))
         done = finished = step + 1
+        trace.after(done, (state, device_metrics))
         if pending is not None:
           flush()
         meter.start_if_stopped(state, done)
@@ -304,7 +354,6 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
           manager.wait()
           log(f"stopped by a signal at step {done}: checkpoint saved; run the same command "
               "to resume")
-          writer.close()
           return state
       if pending is not None:
         flush()
@@ -330,17 +379,24 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
       except Preempted:
         log(f"stopped by a signal while sampling after step {done}: checkpoint saved; run the "
             "same command to resume (it samples again)")
-        writer.close()
         return state
       except Exception as e:
         e.add_note(f"step {done} is saved: run the same command to resume (it samples again)")
         raise
       finally:
         preemption.raise_now = False
-  writer.close()
-  log(f"outputs in {workdir}: config.json, metrics.jsonl, tb/ (TensorBoard), checkpoints/ "
-      f"(step {done})")
+  log(f"outputs in {workdir}: " + ", ".join(_outputs(cfg, done)))
   return state
+
+
+def _outputs(cfg, step):
+  """The run directory's outputs, for the last log line."""
+  from ftjax import run
+  named = {"tensorboard": f"{run.TB_DIR}/ (TensorBoard)",
+           "wandb": f"{run.WANDB_DIR}/ (wandb, id in {run.WANDB_ID_FILE})"}
+  return ([run.CONFIG_FILE, "metrics.jsonl"] + [named[n] for n in tracker_names(cfg.train)] +
+          [f"{run.PROFILE_DIR}/ (profiler traces)"] * bool(profile_steps(cfg.train)) +
+          [f"{run.CHECKPOINTS_DIR}/ (step {step})"])
 
 
 def _has_eval_row(workdir, step):

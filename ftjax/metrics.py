@@ -1,4 +1,4 @@
-"""Metric writers (JSON lines + TensorBoard), analytic FLOP counts and MFU.
+"""The metrics writer (JSON lines, forwarded to the trackers), analytic FLOP counts and MFU.
 
 FLOPs are counted analytically (XLA's cost analysis counts a scan body once): a multiply-add is
 2 FLOPs, training is forward + backward = 3 × forward for every matmul, and attention is counted
@@ -109,70 +109,65 @@ def _truncate_after(path, step):
 
 
 class MetricWriter:
-  """Appends metrics to `workdir/metrics.jsonl` and TensorBoard event files under `workdir/tb`.
+  """Appends metrics to `workdir/metrics.jsonl` and sends each row to `trackers`
+  (ftjax.trackers: TensorBoard, wandb); a context manager that closes them all.
 
   A run resumed at `resume_step` first drops the rows after that step (written by the run that
   was interrupted), so the file reads as one uninterrupted run. Only process 0 writes; other
-  processes get a writer that does nothing. Writes are synchronous (TensorBoard's too): a row
-  that cannot be written raises WriteError at once, never goes missing silently.
+  processes get a writer that does nothing. Writes are synchronous: a row that cannot be written
+  to the file (or to TensorBoard) raises WriteError at once, never goes missing silently.
   """
 
-  def __init__(self, workdir, resume_step=0):
+  def __init__(self, workdir, resume_step=0, trackers=()):
     self.enabled = jax.process_index() == 0
     self._jsonl = None
-    self._tb = None
+    self._trackers = list(trackers) if self.enabled else []
     if self.enabled:
-      from tensorboardX.event_file_writer import EventsWriter  # optional for library users
       self._path = os.path.join(workdir, "metrics.jsonl")
-      self._tb_dir = os.path.join(workdir, "tb")
       try:
-        os.makedirs(self._tb_dir, exist_ok=True)
         if os.path.exists(self._path):
           _truncate_after(self._path, resume_step)
         self._jsonl = open(self._path, "a", encoding="utf-8")
       except OSError as e:
         raise write_error(self._path, e) from None
-      try:
-        self._tb = EventsWriter(os.path.join(self._tb_dir, "events"))
-      except OSError as e:
-        raise write_error(self._tb_dir, e) from None
 
-  def _event(self, step, summary):
-    from tensorboardX.proto.event_pb2 import Event
-    try:
-      self._tb.write_event(Event(summary=summary, step=int(step), wall_time=time.time()))
-      self._tb.flush()
-    except OSError as e:
-      raise write_error(self._tb_dir, e, step) from None
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, error, traceback):
+    if error is None:
+      self.close()
+    else:  # the error in flight is the one to report
+      try:
+        self.close(failed=True)
+      except WriteError:
+        pass
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:
       return
-    from tensorboardX.proto.summary_pb2 import Summary
     row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
     try:
       self._jsonl.write(json.dumps(row) + "\n")
       self._jsonl.flush()
     except OSError as e:
       raise write_error(self._path, e, step) from None
-    self._event(step, Summary(value=[Summary.Value(tag=k, simple_value=v)
-                                     for k, v in row.items() if k != "step"]))
+    for tracker in self._trackers:
+      tracker.write(step, row)
 
   def write_text(self, step: int, tag: str, text: str) -> None:
-    if self.enabled:
-      from tensorboardX.summary import text as text_summary
-      self._event(step, text_summary(tag, text))
+    for tracker in self._trackers:
+      tracker.write_text(step, tag, text)
 
-  def close(self) -> None:
-    """Closes the files; WriteError if the last data cannot be flushed."""
-    if self.enabled and self._jsonl is not None:
-      jsonl, tb, self._jsonl, self._tb = self._jsonl, self._tb, None, None
-      try:
+  def close(self, failed: bool = False) -> None:
+    """Closes the file and the trackers; WriteError if the last rows cannot be flushed."""
+    trackers, self._trackers = self._trackers, []
+    jsonl, self._jsonl = self._jsonl, None
+    try:
+      if jsonl is not None:
         jsonl.close()
-      except OSError as e:
-        raise write_error(self._path, e) from None
-      finally:
-        try:
-          tb.close()
-        except OSError:
-          pass
+    except OSError as e:
+      raise write_error(self._path, e) from None
+    finally:
+      for tracker in trackers:
+        tracker.close(failed)

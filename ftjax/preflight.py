@@ -1,10 +1,10 @@
 """Checks made before step 1: what can fail later in a run and is knowable at its start.
 
 `check_before_training` builds the evaluation stream and draws one batch, checks the eval
-settings against the validation split, builds and decodes the sample prompts, and checks that
-every output directory of the run can be written. A problem raises `CorpusError` or `ConfigError`
-(one line; the launcher exits 2) before anything is compiled. What can only fail later, and why,
-is listed in WORKSPACE.md ("Start-up checks").
+settings against the validation split, builds and decodes the sample prompts, checks that the
+trackers named can be imported and that every output directory of the run can be written. A
+problem raises `CorpusError` or `ConfigError` (one line; the launcher exits 2) before anything is
+compiled. What can only fail later, and why, is listed in WORKSPACE.md ("Start-up checks").
 """
 
 import math
@@ -13,19 +13,29 @@ import os
 import jax
 import numpy as np
 
-from ftjax import metrics as metrics_lib
+from ftjax import configs, metrics as metrics_lib, trackers
 from ftjax.configs import ConfigError
 from ftjax.data.text import CorpusError
 
 
 def check_before_training(trainer, workdir: str) -> None:
   """Raises CorpusError / ConfigError / WriteError for a problem the run would meet later."""
-  for name in ("checkpoints", "tb"):
+  trackers.require_installed(trainer.cfg)
+  for name in _output_dirs(trainer.cfg):
     check_writable(os.path.join(workdir, name))
   _check_eval_stream(trainer)
   _check_eval_size(trainer)
   if trainer.cfg.train.num_samples:
     _check_prompts(trainer)
+
+
+def _output_dirs(cfg) -> list:
+  """The run's directories that this config writes to."""
+  from ftjax import run  # orbax is heavy to import; only the loop needs it
+  named = configs.tracker_names(cfg.train)
+  return ([run.CHECKPOINTS_DIR] + [run.TB_DIR] * ("tensorboard" in named) +
+          [run.WANDB_DIR] * ("wandb" in named) +
+          [run.PROFILE_DIR] * bool(configs.profile_steps(cfg.train)))
 
 
 def check_writable(directory: str) -> None:

@@ -4,7 +4,10 @@ for inference.
     RUN/config.json            the resolved config as a record (rewritten at each start; restores
                                read the config saved with the checkpoint instead)
     RUN/config.py              imported runs: the config to continue training with
-    RUN/metrics.jsonl, tb/     metrics and TensorBoard events (ftjax.metrics)
+    RUN/metrics.jsonl          metrics (ftjax.metrics), also sent to the trackers (ftjax.trackers):
+    RUN/tb/                    TensorBoard events
+    RUN/wandb/, wandb_id.txt   wandb's files and the id a resumed run continues
+    RUN/profile/               JAX profiler traces (train.profile_steps)
     RUN/checkpoints/           orbax steps, data-stream states, checksums (ftjax.checkpoint)
     RUN/tokenizer.model | tokenizer.json   the data tokenizer's copy (ftjax.data.tokenizers)
     RUN/hf_config.json, hf_tokenizer/      an imported Hugging Face checkpoint's config and
@@ -37,6 +40,10 @@ CHECKPOINTS_DIR = "checkpoints"
 RUN_CHECKSUMS = "run_checksums.json"
 HF_CONFIG_FILE = "hf_config.json"  # the imported config.json, for export
 HF_TOKENIZER_DIR = "hf_tokenizer"  # the imported checkpoint's tokenizer files
+TB_DIR = "tb"
+WANDB_DIR = "wandb"
+WANDB_ID_FILE = "wandb_id.txt"
+PROFILE_DIR = "profile"
 TOKENIZER_FILES = {"sentencepiece": "tokenizer.model", "hf": "tokenizer.json"}  # the data's
 
 

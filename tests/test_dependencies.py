@@ -1,11 +1,11 @@
 """Every third-party module the project imports is declared, and pinned where the README installs.
 
 pyproject.toml's `dependencies` must cover each module that ftjax/ and launch/ import; its extras
-(`hf`, `experiments`, `test`, `compare`) cover the rest of the tree. A module of an extra may be
+(`hf`, `experiments`, `test`, `compare`, `wandb`) cover the rest of the tree. A module of an extra may be
 imported only under a guard that turns its absence into one line naming the install command
 (`try: ... except ImportError`), except in the modules that exist to wrap it (GUARDED_WRAPPERS,
 whose callers guard them). requirements.txt pins the core and the experiments/test extras for both
-Python lines, requirements-hf.txt the `hf` extra.
+Python lines (and the `wandb` extra, so that its tests run), requirements-hf.txt the `hf` extra.
 """
 
 import ast
@@ -112,7 +112,8 @@ def test_whole_tree_imports_only_declared_modules():
 def test_requirements_pin_every_declared_distribution():
   project = _pyproject()
   extras = project["optional-dependencies"]
-  wanted = {"requirements.txt": project["dependencies"] + extras["experiments"] + extras["test"],
+  wanted = {"requirements.txt": project["dependencies"] + extras["experiments"] + extras["test"] +
+                                extras["wandb"],
             "requirements-hf.txt": extras["hf"],
             "benchmarks/requirements-compare.txt": extras["compare"]}
   for requirements_file, dists in wanted.items():

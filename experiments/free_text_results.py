@@ -77,20 +77,20 @@ def verdict(arm_runs, control_runs):
            if s in arm_runs and s in control_runs]
   reading = sum(r["eval_z_use"] >= READS_Z_NATS for r in arm_runs.values())
   mean, low, high = t_interval([r["eval_bpb"] - c["eval_bpb"] for r, c in pairs])
-  ci = "" if low is None else f"95 % CI [{low:+.4f}, {high:+.4f}] bpb"
+  ci = "" if low is None else f" (95 % CI [{low:+.4f}, {high:+.4f}] bpb)"
   out = {"seeds_reading_z": reading, "paired_seeds": len(pairs), "diff_mean": mean,
          "diff_low": low, "diff_high": high}
   if len(pairs) < len(free_text.SEEDS) or len(arm_runs) < len(free_text.SEEDS):
-    out["verdict"] = f"incomplete: {len(pairs)} of {len(free_text.SEEDS)} paired seeds ({ci})"
+    out["verdict"] = f"incomplete: {len(pairs)} of {len(free_text.SEEDS)} paired seeds{ci}"
   elif reading < READS_Z_SEEDS:
     out["verdict"] = (f"does not read Z ({reading} of {len(arm_runs)} seeds at "
-                      f"eval_z_use ≥ {READS_Z_NATS}): rule not applied ({ci})")
+                      f"eval_z_use ≥ {READS_Z_NATS}): rule not applied{ci}")
   elif high <= FREE_BPB:
-    out["verdict"] = f"free at this scale ({ci})"
+    out["verdict"] = f"free at this scale{ci}"
   elif low > 0:
-    out["verdict"] = f"tax of {mean:+.4f} bpb ({ci})"
+    out["verdict"] = f"tax of {mean:+.4f} bpb{ci}"
   else:
-    out["verdict"] = f"inconclusive ({ci})"
+    out["verdict"] = f"inconclusive{ci}"
   return out
 
 

@@ -258,3 +258,42 @@ def test_rule_needs_every_seed_and_every_iw_file(tmp_path):
   os.remove(root / "b0" / free_text.IW_FILE)
   with pytest.raises(SystemExit):
     free_text_results.main([f"--root={root}", f"--out={tmp_path / 'r3_out'}"])
+
+
+# --- the "Also": studies at several checkpoints of one run (experiments/kappa_time.py) ---
+
+def test_kappa_time_points():
+  from experiments import kappa_time
+  names = [point_name(p) for p in kappa_time.get_sweep()]
+  assert names == [f"seed={s},kappa_bits={k}" for s in (0, 1, 2) for k in (0.25, 1)]
+  cfg = resolve(with_overrides(kappa_time.get_config(), kappa_time.get_sweep()[0]))
+  assert (cfg.model.latent.post_sampler, cfg.model.latent.num_bits, cfg.train.steps) == (
+      "bits", 16, 3000)
+  assert cfg.checkpoint.every_steps == cfg.checkpoint.keep_period == 1000
+
+
+def test_kappa_time_studies_at_kept_steps(tmp_path, monkeypatch):
+  from experiments import kappa_time, tiny
+  from ftjax import loop
+  from ftjax.trainer import Trainer
+  monkeypatch.setattr(kappa_time, "STUDY_STEPS", (2, 4))
+  monkeypatch.setattr(kappa_time, "STUDY_Z", (2, 2))
+  monkeypatch.setattr(kappa_time, "SHARED_Z", (2, 2))
+  c = tiny.get_config()
+  c.model.latent.post_sampler, c.model.latent.zero_init_post_sampler = "bits", False
+  c.train.steps, c.train.num_samples = 4, 0
+  c.checkpoint.every_steps = c.checkpoint.keep_period = 2
+  cfg, workdir = resolve(c), str(tmp_path / "run")
+  trainer = Trainer.create(cfg, run_dir=workdir)
+  state = loop.train_and_evaluate(cfg, workdir, log=lambda *_: None, trainer=trainer)
+  kappa_time.after_point(trainer, state, workdir)
+  for step in (2, 4):
+    with open(os.path.join(workdir, f"zstudy_{step}.json")) as f:
+      assert json.load(f)["step"] == step
+    with open(os.path.join(workdir, f"shared_z_{step}.json")) as f:
+      shared = json.load(f)
+    assert shared["step"] == step and set(shared["tests"]) == {"position", "distance", "noise"}
+  same = jax.tree_util.tree_map(lambda a, b: bool(jnp.all(a == b)), state.params,
+                                kappa_time.params_at(trainer, workdir, 4))
+  assert all(jax.tree_util.tree_leaves(same))
+  assert not jnp.all(state.params["embed"] == kappa_time.params_at(trainer, workdir, 2)["embed"])

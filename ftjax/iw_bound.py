@@ -7,10 +7,11 @@ q(z | x) = Π_t Π_h Bernoulli(b_th; sigmoid(l_th)), each sample z_k ~ q of a se
 weight log w_k = log p(x | z_k) + log p(z_k) − log q(z_k | x), summed over the sequence's scored
 tokens, and
 
-    log p(x) ≥ IW_K = log (1/K) Σ_k w_k ≥ ... ≥ IW_1 (in expectation; IW_1 is the ELBO).
+    IW_K = log (1/K) Σ_k w_k,   log p(x) ≥ E[IW_K] ≥ E[IW_(K-1)] ≥ ... ≥ E[IW_1] = ELBO.
 
-E[IW_K] does not decrease with K and tends to log p(x). A "sequence" here is a batch row (packed
-documents included: the bound of the row is the sum of its documents' log-likelihood bounds).
+E[IW_K] tends to log p(x) as K grows. A "sequence" here is a batch row: with packed documents
+the bound is on the row's log-likelihood (the sum of its documents'); weights per document would
+give a tighter one.
 """
 
 import functools

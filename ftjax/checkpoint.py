@@ -12,6 +12,7 @@ Hashing and manifests are `ftjax.integrity`'s; the run directory around the chec
 `ftjax.run`'s.
 """
 
+import fnmatch
 import glob
 import os
 import re
@@ -22,23 +23,26 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from ftjax import integrity
+from ftjax import integrity, storage
 from ftjax.integrity import CHECKSUMS, CHECKSUMS_SINCE, verify_files, write_checksums
-from ftjax.configs import default_config, resolve, url_error
+from ftjax.configs import default_config, resolve
 from ftjax.metrics import WriteError
 
 PathLike = Union[str, os.PathLike]  # a directory: a str or a pathlib.Path
+_COMMITTED = "commit_success.txt"  # orbax's marker of a committed step on a bucket
 
 
 class CheckpointError(RuntimeError):
   """A run directory without a usable checkpoint; the message names the directory."""
 
 
-def require_file_system(path: PathLike) -> None:
-  """Raises CheckpointError when `path` is a URL (gs://, s3://): os and open would turn it into a
-  local folder named after the scheme."""
-  if url_error(path):
-    raise CheckpointError(url_error(path))
+def require_storage(path: PathLike) -> None:
+  """Raises CheckpointError (one line) unless `path` is a local path or a reachable gs:// or
+  s3:// bucket (`ftjax.storage.use_bucket`)."""
+  try:
+    storage.use_bucket(path)
+  except storage.StorageError as e:
+    raise CheckpointError(str(e)) from None
 
 
 class SaveError(WriteError):
@@ -70,11 +74,15 @@ def state_bytes(abstract_state: Any) -> int:
 
 
 def committed_steps(directory: PathLike) -> list[int]:
-  """Steps with a committed directory under `directory` (orbax's temporaries excluded)."""
+  """Steps with a committed directory under `directory` (orbax's temporaries excluded; on a
+  bucket, where a step is committed by its marker file, only those that hold it)."""
   try:
-    names = os.listdir(directory)
+    names = storage.listdir(directory)
   except OSError:
     return []
+  if storage.is_url(directory):
+    return sorted(int(n) for n in names if n.isdigit() and
+                  storage.exists(os.path.join(directory, n, _COMMITTED)))
   return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
 
 
@@ -127,10 +135,10 @@ class Manager:
 
   def __init__(self, directory: PathLike, cfg: Optional[ml_collections.ConfigDict] = None,
                read_only: bool = False, log: Callable[[str], Any] = print) -> None:
-    require_file_system(directory)
+    require_storage(directory)
     self._cfg = cfg
     self._log = log
-    self.directory = os.path.abspath(directory)  # orbax needs absolute paths
+    self.directory = storage.absolute(directory)  # orbax needs absolute paths
     c = cfg.checkpoint if cfg is not None else None
     self.verify = c.verify if c is not None and "verify" in c else True
     self._saving = None  # the step whose save is in flight
@@ -143,10 +151,25 @@ class Manager:
         options=ocp.CheckpointManagerOptions(
             max_to_keep=c.keep if c else None, keep_period=(c.keep_period or None) if c else None,
             create=not read_only, read_only=read_only, enable_async_checkpointing=True,
-            cleanup_tmp_directories=not read_only,  # half-written saves of killed runs
-            async_options=ocp.AsyncOptions(post_finalization_callback=self._before_commit)),
+            # Half-written saves of killed runs. orbax's cleanup on a bucket would also take
+            # data_state/ (no commit marker of its own): there `_remove_uncommitted` does it.
+            cleanup_tmp_directories=not read_only and not storage.is_url(self.directory),
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._before_commit),
+            **storage.checkpoint_options(self.directory)),
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "config": ocp.JsonCheckpointHandler()})
+    if not read_only and storage.is_url(self.directory):
+      self._remove_uncommitted()
+
+  def _remove_uncommitted(self) -> None:
+    """Deletes the step directories on a bucket that lack orbax's commit marker (saves a killed
+    run left half-written); process 0 only."""
+    if jax.process_index() != 0:
+      return
+    committed = set(committed_steps(self.directory))
+    for name in storage.listdir(self.directory):
+      if name.isdigit() and int(name) not in committed:
+        storage.remove_tree(os.path.join(self.directory, name))
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -161,7 +184,7 @@ class Manager:
     """This process's data-iterator state, written (atomically, with its checksum) before the
     step's save starts, so that every committed step has one."""
     path = self._data_state_path(step)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    storage.makedirs(os.path.dirname(path))
     integrity.write_checked(path, data_state)
 
   def _remove_old_data_states(self, step: int) -> None:
@@ -171,12 +194,12 @@ class Manager:
     directory = os.path.join(self.directory, "data_state")
     suffix = f".process{jax.process_index()}.json"
     on_disk = set(committed_steps(self.directory))
-    for name in os.listdir(directory):
+    for name in storage.listdir(directory):
       head = name.split(".")[0]
       mine = name.endswith(suffix) or (f"{suffix}.tmp" in name)
       if mine and head.isdigit() and int(head) < step and int(head) not in on_disk:
         try:
-          os.remove(os.path.join(directory, name))
+          storage.remove(os.path.join(directory, name))
         except FileNotFoundError:
           pass
 
@@ -185,7 +208,9 @@ class Manager:
     processes gets the state all processes saved when they saved the same one (in-memory
     sources: the step); per-process states (grain) need the same number of processes."""
     own = self._data_state_path(step)
-    saved = glob.glob(os.path.join(self.directory, "data_state", f"{step}.process*.json"))
+    directory = os.path.join(self.directory, "data_state")
+    saved = [os.path.join(directory, name) for name in storage.listdir(directory)
+             if fnmatch.fnmatch(name, f"{step}.process*.json")]
     if len(saved) == jax.process_count() and own in saved:
       return integrity.read_checked(own, legacy_ok=True)
     if not saved:
@@ -204,6 +229,9 @@ class Manager:
     are complete and before the temporary directory is renamed: the checksums become part of
     the commit (a step whose checksums could not be written is never committed)."""
     step = self._saving
+    if storage.is_url(self.directory):  # written in place, committed by its marker file next
+      write_checksums(os.path.join(self.directory, str(step)))
+      return
     candidates = glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*"))
     if not candidates:
       raise FileNotFoundError(f"no temporary directory of step {step} in {self.directory}")
@@ -211,12 +239,12 @@ class Manager:
 
   def _mark_checksums_since(self, step: int) -> None:
     path = os.path.join(self.directory, CHECKSUMS_SINCE)
-    if jax.process_index() == 0 and not os.path.exists(path):
+    if jax.process_index() == 0 and not storage.exists(path):
       integrity.write_checked(path, {"step": int(step)})
 
   def _checksums_since(self) -> Optional[int]:
     path = os.path.join(self.directory, CHECKSUMS_SINCE)
-    if not os.path.exists(path):
+    if not storage.exists(path):
       return None
     try:
       return int(integrity.read_checked(path)["step"])
@@ -324,7 +352,7 @@ class Manager:
     data_state = self._read_data_state(step)
     if not self.verify:
       return data_state
-    if not os.path.exists(os.path.join(step_dir, CHECKSUMS)):
+    if not storage.exists(os.path.join(step_dir, CHECKSUMS)):
       since = self._checksums_since()
       if since is not None and step >= since:
         raise integrity.Unreadable(f"{CHECKSUMS}: missing", CHECKSUMS)
@@ -465,7 +493,7 @@ class Manager:
     step_dir = os.path.join(self.directory, str(step))
     if not self.verify:
       return
-    if os.path.exists(os.path.join(step_dir, CHECKSUMS)):
+    if storage.exists(os.path.join(step_dir, CHECKSUMS)):
       self._check_files(step, (0, 1))
     else:
       since = self._checksums_since()

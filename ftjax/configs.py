@@ -36,9 +36,9 @@ ONEHOT_CHUNK_BYTES = 2 * 2**30  # bound on one backward chunk of the one-hot pos
 
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-FILE_SYSTEM_ONLY = ("ftjax reads and writes runs and data through the file system, not through "
-                    "object-store APIs: give a path that every process sees (a shared file system "
-                    "such as NFS, Filestore or Lustre, or a mounted bucket)")
+FILE_SYSTEM_ONLY = ("ftjax reads data, tokenizers and checkpoints to import through the file "
+                    "system (run directories may be gs:// or s3://): give a path that every "
+                    "process sees (local disk, NFS, Filestore, Lustre or a mounted bucket)")
 
 
 def url_error(path):

@@ -4,8 +4,8 @@
 its bytes (data-stream states, markers, run-file lists). `write_checksums` / `verify_files`: the
 manifest of a checkpoint step directory, `checksums.json`, with the size and SHA-256 of every
 other file of the step, hashed by several threads and by 64 MiB segments for large files. A file
-that does not match raises `Unreadable`, naming it. This module knows nothing of runs, configs
-or orbax.
+that does not match raises `Unreadable`, naming it. Files are reached through `ftjax.storage` (local
+paths and buckets alike). This module knows nothing of runs, configs or orbax.
 """
 
 import concurrent.futures
@@ -13,6 +13,8 @@ import hashlib
 import json
 import os
 from typing import Any, Callable, Optional
+
+from ftjax import storage
 
 CHECKSUMS = "checksums.json"  # in each step directory, written as part of the commit
 # The first step saved with checksums in a directory: steps before it (saved by an older ftjax)
@@ -42,6 +44,8 @@ class Unreadable(Exception):
 
 
 def file_sha256(path: str) -> str:
+  if storage.is_url(path):  # one request (files over _SEGMENT are hashed by segments)
+    return hashlib.sha256(storage.read_bytes(path)).hexdigest()
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for chunk in iter(lambda: f.read(_CHUNK), b""):
@@ -53,21 +57,15 @@ def write_checked(path: str, obj: Any, sync: bool = False) -> None:
   """Writes `obj` as JSON behind a first line holding the SHA-256 of the JSON bytes, atomically
   (`sync`: flushed to the disk before the rename; the training thread's writes skip it)."""
   body = json.dumps(obj, sort_keys=True).encode()
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(b"sha256:" + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
-    if sync:
-      f.flush()
-      os.fsync(f.fileno())
-  os.replace(tmp, path)
+  storage.write_bytes(path, b"sha256:" + hashlib.sha256(body).hexdigest().encode() + b"\n" + body,
+                      sync=sync)
 
 
 def read_checked(path: str, legacy_ok: bool = False) -> Any:
   """The object `write_checked` wrote; Unreadable if the bytes do not match their checksum.
   `legacy_ok`: a plain JSON file (written before checksums existed) is accepted as it is."""
   try:
-    with open(path, "rb") as f:
-      raw = f.read()
+    raw = storage.read_bytes(path)
   except OSError as e:
     raise Unreadable(f"{os.path.basename(path)}: {e.strerror or e}", path) from e
   head, _, body = raw.partition(b"\n")
@@ -90,8 +88,7 @@ def _digest(step_dir: str, rel: str) -> Optional[str]:
   if rel != _STEP_METADATA:
     return file_sha256(path)
   try:
-    with open(path, "rb") as f:
-      meta = json.loads(f.read())
+    meta = json.loads(storage.read_bytes(path))
     meta.pop(_COMMIT_TIME, None)
   except (ValueError, AttributeError):
     return None
@@ -100,14 +97,8 @@ def _digest(step_dir: str, rel: str) -> Optional[str]:
 
 def _range_sha256(path: str, offset: int, length: int) -> bytes:
   h = hashlib.sha256()
-  with open(path, "rb") as f:
-    f.seek(offset)
-    while length > 0:
-      chunk = f.read(min(_CHUNK, length))
-      if not chunk:
-        break
-      h.update(chunk)
-      length -= len(chunk)
+  for at in range(offset, offset + length, _CHUNK):
+    h.update(storage.read_range(path, at, min(_CHUNK, offset + length - at)))
   return h.digest()
 
 
@@ -118,7 +109,7 @@ def _digests(step_dir: str, rels: list[str],
   jobs = []  # (rel, offset, length); offset None: the whole file
   for rel in rels:
     if segmented(rel):
-      size = os.path.getsize(os.path.join(step_dir, rel))
+      size = storage.size(os.path.join(step_dir, rel))
       jobs += [(rel, at, min(_SEGMENT, size - at)) for at in range(0, size, _SEGMENT)]
     else:
       jobs.append((rel, None, None))
@@ -144,10 +135,8 @@ def _digests(step_dir: str, rels: list[str],
 
 def write_checksums(step_dir: str) -> None:
   """Writes `step_dir/checksums.json`: size and SHA-256 of every file under `step_dir`."""
-  rels = sorted(os.path.relpath(os.path.join(root, name), step_dir)
-                for root, _, names in os.walk(step_dir) for name in names)
-  rels = [rel for rel in rels if rel not in _NOT_COVERED]
-  sizes = {rel: None if rel == _STEP_METADATA else os.path.getsize(os.path.join(step_dir, rel))
+  rels = [rel for rel in storage.files_under(step_dir) if rel not in _NOT_COVERED]
+  sizes = {rel: None if rel == _STEP_METADATA else storage.size(os.path.join(step_dir, rel))
            for rel in rels}
   digests = _digests(step_dir, rels, lambda rel: (sizes[rel] or 0) > _SEGMENT)
   files = {rel: [sizes[rel], digests[rel]] for rel in rels}
@@ -160,8 +149,7 @@ def verify_files(step_dir: str, share: tuple[int, int] = (0, 1)) -> None:
   the i-th (each of n processes checks its share)."""
   manifest = read_checked(os.path.join(step_dir, CHECKSUMS))
   files = manifest["files"]
-  on_disk = {os.path.relpath(os.path.join(root, name), step_dir)
-             for root, _, names in os.walk(step_dir) for name in names} - _NOT_COVERED
+  on_disk = set(storage.files_under(step_dir)) - _NOT_COVERED
   extra = sorted(on_disk - set(files))
   if extra:
     raise Unreadable(f"{extra[0]}: a file the checksums do not list", extra[0])
@@ -170,9 +158,9 @@ def verify_files(step_dir: str, share: tuple[int, int] = (0, 1)) -> None:
   for rel in mine:
     size = files[rel][0]
     path = os.path.join(step_dir, rel)
-    if not os.path.exists(path):
+    if not storage.exists(path):
       raise Unreadable(f"{rel}: missing", rel)
-    if size is not None and os.path.getsize(path) != size:
+    if size is not None and storage.size(path) != size:
       raise Unreadable(f"{rel}: checksum mismatch", rel)
   digests = _digests(step_dir, mine, lambda rel: str(files[rel][1]).startswith(_SEGMENTED))
   for rel in mine:

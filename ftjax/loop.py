@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax import (distributed, metrics as metrics_lib, preflight, sampling, sharding, trackers,
-                   train)
+from ftjax import (distributed, metrics as metrics_lib, preflight, sampling, sharding, storage,
+                   trackers, train)
 from ftjax.configs import config_changes, profile_steps, tracker_names
 from ftjax.model import make_model
 from ftjax.trainer import Trainer
@@ -68,8 +68,11 @@ def _describe(cfg, trainer, state):
 
 def _free_space_warning(directory, keep, checkpoint_bytes):
   """A warning line when `directory` has room for fewer than `keep` + 1 checkpoints (the newest
-  `keep` and the one being written), each estimated at the state's uncompressed bytes."""
+  `keep` and the one being written), each estimated at the state's uncompressed bytes; none for
+  a bucket (no fixed size)."""
   import shutil
+  if storage.is_url(directory):
+    return None
   free = shutil.disk_usage(directory).free
   need = (keep + 1) * checkpoint_bytes
   if free >= need:
@@ -236,7 +239,7 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
   """
   from ftjax import checkpoint as ckpt_lib, run  # orbax is heavy to import; only the loop needs it
 
-  ckpt_lib.require_file_system(workdir)
+  ckpt_lib.require_storage(workdir)
   if jax.process_index() != 0:  # one process logs and writes files; all of them compute
     log = lambda *_: None
   else:
@@ -277,8 +280,12 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
   peak = t.peak_flops or metrics_lib.measure_matmul_peak(jnp.dtype(cfg.model.dtype))
   flops_per_token = metrics_lib.flops_per_token(cfg.model)
   tokens_per_step = t.batch_size * cfg.model.seq_len
-  writer = metrics_lib.MetricWriter(workdir, resume_step=start,
-                                    trackers=trackers.start(cfg, workdir, start, log))
+  # On a bucket the growing files (metrics, TensorBoard, wandb, traces) are written to a local
+  # mirror and uploaded whole at each log, evaluation and save.
+  mirror = storage.LocalMirror(workdir, fetch=("metrics.jsonl", run.WANDB_ID_FILE)).__enter__()
+  local = mirror.path
+  writer = metrics_lib.MetricWriter(local, resume_step=start,
+                                    trackers=trackers.start(cfg, local, start, log))
   meter = ThroughputMeter(tokens_per_step)
   reported_nonfinite = 0
   pending = None  # (step, device metrics): fetched one step late, so the step never syncs
@@ -294,12 +301,13 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
     if rate is not None:
       row.update(tokens_per_sec=rate, mfu=rate * flops_per_token / peak)
     writer.write(step, row)
+    _sync(mirror, step)
     log(format_progress(step, t.steps, row, tokens_per_step))
 
   end = t.steps if stop_at is None else min(stop_at, t.steps)
   finished = start  # the newest step whose state and data-stream position are both in hand
-  with (writer, _Preemption() as preemption,
-        StepTrace(t, os.path.join(workdir, run.PROFILE_DIR), log) as trace):
+  with (_Uploaded(mirror), writer, _Preemption() as preemption,
+        StepTrace(t, os.path.join(local, run.PROFILE_DIR), log) as trace):
     try:
       if evaluate_first:  # the run before was stopped during this step's evaluation
         ev = trainer.evaluate(state.params, stop=lambda: _agreed(preemption.requested)[0])
@@ -344,6 +352,7 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
             preempted = save = True
           else:
             writer.write(done, ev)
+            _sync(mirror, done)
             log(format_eval(done, ev))
           meter.restart()
         if save:
@@ -387,6 +396,31 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
         preemption.raise_now = False
   log(f"outputs in {workdir}: " + ", ".join(_outputs(cfg, done)))
   return state
+
+
+class _Uploaded:
+  """Leaves the local mirror of a bucket run's growing files uploaded (and removed) however the
+  loop ends; it closes after the metric writer (listed before it in the `with`)."""
+
+  def __init__(self, mirror):
+    self.mirror = mirror
+
+  def __enter__(self):
+    return self.mirror
+
+  def __exit__(self, kind, error, traceback):
+    try:
+      self.mirror.__exit__(kind, error, traceback)
+    except OSError as e:
+      raise metrics_lib.write_error(self.mirror.remote, e) from None
+
+
+def _sync(mirror, step):
+  """Uploads the mirror's changed files (WriteError naming the step when the store refuses)."""
+  try:
+    mirror.sync()
+  except OSError as e:
+    raise metrics_lib.write_error(mirror.remote, e, step) from None
 
 
 def _outputs(cfg, step):

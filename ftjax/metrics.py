@@ -79,16 +79,17 @@ def write_error(path: str, e: OSError, step: Optional[int] = None) -> WriteError
 def read_rows(workdir: str) -> list:
   """The rows of workdir/metrics.jsonl in the order written ([] when there is no such file); a
   line that does not parse (a torn last write) is skipped. The one reader of the file."""
+  from ftjax import storage
   rows = []
   try:
-    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-      for line in f:
-        try:
-          rows.append(json.loads(line))
-        except json.JSONDecodeError:
-          pass
+    lines = storage.read_bytes(os.path.join(workdir, "metrics.jsonl")).decode().splitlines()
   except FileNotFoundError:
-    pass
+    return rows
+  for line in lines:
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      pass
   return rows
 
 

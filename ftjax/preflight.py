@@ -13,7 +13,7 @@ import os
 import jax
 import numpy as np
 
-from ftjax import configs, metrics as metrics_lib, trackers
+from ftjax import configs, metrics as metrics_lib, storage, trackers
 from ftjax.configs import ConfigError
 from ftjax.data.text import CorpusError
 
@@ -42,10 +42,9 @@ def check_writable(directory: str) -> None:
   """WriteError (one line) unless this process can create files in `directory`."""
   probe = os.path.join(directory, f".write_test.process{jax.process_index()}")
   try:
-    os.makedirs(directory, exist_ok=True)
-    with open(probe, "w", encoding="utf-8") as f:
-      f.write("ok")
-    os.remove(probe)
+    storage.makedirs(directory)
+    storage.write_bytes(probe, b"ok")
+    storage.remove(probe)
   except OSError as e:
     raise metrics_lib.write_error(directory, e) from None
 

@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 import jax
 
-from ftjax import checkpoint as ckpt_lib, integrity, sharding
+from ftjax import checkpoint as ckpt_lib, integrity, sharding, storage
 from ftjax.checkpoint import CheckpointError
 from ftjax.data import run_text  # the text codec only: no data pipeline is built
 from ftjax.metrics import write_error
@@ -56,11 +56,10 @@ def write_config(workdir: str, cfg: Any) -> None:
   killed before the checksums are rewritten has none rather than stale ones. WriteError."""
   path = os.path.join(workdir, CONFIG_FILE)
   try:
-    os.makedirs(workdir, exist_ok=True)
-    if os.path.exists(os.path.join(workdir, RUN_CHECKSUMS)):
-      os.remove(os.path.join(workdir, RUN_CHECKSUMS))
-    with open(path, "w", encoding="utf-8") as f:
-      f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+    storage.makedirs(workdir)
+    if storage.exists(os.path.join(workdir, RUN_CHECKSUMS)):
+      storage.remove(os.path.join(workdir, RUN_CHECKSUMS))
+    storage.write_bytes(path, cfg.to_json_best_effort(indent=2, sort_keys=True).encode())
   except OSError as e:
     raise write_error(path, e) from None
 
@@ -70,9 +69,9 @@ def run_files(workdir: str) -> list[str]:
   checkpoints: its config record, an imported checkpoint's config and its tokenizer files."""
   names = [CONFIG_FILE, HF_CONFIG_FILE, *TOKENIZER_FILES.values()]
   tokenizer_dir = os.path.join(workdir, HF_TOKENIZER_DIR)
-  if os.path.isdir(tokenizer_dir):
-    names += [os.path.join(HF_TOKENIZER_DIR, n) for n in os.listdir(tokenizer_dir)]
-  return sorted(n for n in names if os.path.isfile(os.path.join(workdir, n)))
+  if storage.isdir(tokenizer_dir):
+    names += [os.path.join(HF_TOKENIZER_DIR, n) for n in storage.listdir(tokenizer_dir)]
+  return sorted(n for n in names if storage.isfile(os.path.join(workdir, n)))
 
 
 def write_run_checksums(workdir: str) -> None:
@@ -88,7 +87,7 @@ def verify_run_files(workdir: str, skip: tuple[str, ...] = ()) -> None:
   ftjax, is not checked); raises a one-line CheckpointError naming the first damaged or missing
   file. `skip`: files the caller is about to rewrite."""
   path = os.path.join(workdir, RUN_CHECKSUMS)
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return
   try:
     files = integrity.read_checked(path)
@@ -99,7 +98,7 @@ def verify_run_files(workdir: str, skip: tuple[str, ...] = ()) -> None:
     if rel in skip:
       continue
     full = os.path.join(workdir, rel)
-    if not os.path.isfile(full):
+    if not storage.isfile(full):
       raise CheckpointError(f"{full} is missing (listed in {RUN_CHECKSUMS})")
     if integrity.file_sha256(full) != digest:
       raise CheckpointError(f"{full} is damaged: its SHA-256 differs from {RUN_CHECKSUMS}'s "
@@ -116,22 +115,21 @@ def newest_note(workdir: str) -> str:
 def is_finished(workdir: str) -> bool:
   """Whether the run's checkpoints hold the last step of the config it last started with."""
   try:
-    with open(os.path.join(workdir, CONFIG_FILE), encoding="utf-8") as f:
-      steps = json.load(f)["train"]["steps"]
+    steps = json.loads(storage.read_bytes(os.path.join(workdir, CONFIG_FILE)))["train"]["steps"]
   except (OSError, json.JSONDecodeError, KeyError):
     return False
-  return os.path.isdir(os.path.join(checkpoints_dir(workdir), str(steps)))
+  return steps in ckpt_lib.committed_steps(checkpoints_dir(workdir))
 
 
 def _require_run(workdir: str) -> str:
   """The run's checkpoint directory; CheckpointError when `workdir` is not a run with one."""
-  ckpt_lib.require_file_system(workdir)
+  ckpt_lib.require_storage(workdir)
   directory = checkpoints_dir(workdir)
-  if not os.path.isdir(directory):
-    if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+  if not storage.isdir(directory):
+    if not storage.exists(os.path.join(workdir, CONFIG_FILE)):
       raise CheckpointError(f"{os.path.join(workdir, CONFIG_FILE)} not found: is {workdir} a "
                             "run directory?")
-    raise CheckpointError(f"no checkpoint in {os.path.abspath(directory)}")
+    raise CheckpointError(f"no checkpoint in {storage.absolute(directory)}")
   return directory
 
 

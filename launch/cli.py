@@ -63,16 +63,23 @@ def print_config_help():
     print(f"{key:<{width}}  {value!r:<14}  {comment}")
 
 
-def check_paths(inputs=(), outputs=(), directories=(), others=()):
+def check_paths(inputs=(), outputs=(), directories=(), others=(), runs=()):
   """Exits 2 with one line unless every (flag, path) of `inputs` is a readable file, every
   output's folder exists, no `directories` path is an existing file, and no path of these or of
-  `others` is a URL. Empty paths pass."""
+  `others` is a URL. `runs` (run directories) may also be gs:// or s3:// URLs (the bucket is
+  checked when the run is opened). Empty paths pass."""
   import os
 
+  from ftjax import storage
   from ftjax.configs import url_error
   for flag, path in (*inputs, *outputs, *directories, *others):
     if url_error(path):
       fail(f"flag error: --{flag}={url_error(path)}")
+  for flag, path in runs:
+    if storage.unsupported(path):
+      fail(f"flag error: --{flag}={storage.unsupported(path)}")
+    if path and not storage.is_url(path) and os.path.exists(path) and not os.path.isdir(path):
+      fail(f"flag error: --{flag}={path}: exists and is not a directory")
   for flag, path in inputs:
     if path and not os.path.isfile(path):
       fail(f"flag error: --{flag}={path}: no such file")
@@ -135,7 +142,7 @@ def _restore(argv, workdir, mesh, load):
   mesh = parse_mesh(mesh)
   if not workdir:
     fail("flag error: --workdir is required")
-  check_paths(directories=[("workdir", workdir)])
+  check_paths(runs=[("workdir", workdir)])
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it touches at INFO
   import logging as py_logging
   py_logging.getLogger("absl").addFilter(_read_only_notices)  # orbax on reading a run: expected

@@ -78,8 +78,8 @@ def main(argv):
     cli.fail("flag error: --batch_size must be >= 1")
   if _CODE.value is not None and _Z_MODE.value != "fixed":
     cli.fail("flag error: --code needs --z_mode=fixed")
-  cli.check_paths(others=[("workdir", _WORKDIR.value), ("output_path", _OUTPUT_PATH.value),
-                          ("include_path", _INCLUDE_PATH.value)])
+  cli.check_paths(runs=[("workdir", _WORKDIR.value)],
+                  others=[("output_path", _OUTPUT_PATH.value), ("include_path", _INCLUDE_PATH.value)])
   logging.set_verbosity(logging.WARNING)  # datasets and orbax log at INFO
   try:
     import lm_eval

@@ -55,7 +55,7 @@ def main(argv):
     return
   if not _WORKDIR.value:
     cli.fail("flag error: --workdir is required")
-  cli.check_paths(directories=[("workdir", _WORKDIR.value)])
+  cli.check_paths(runs=[("workdir", _WORKDIR.value)])
   _DISTRIBUTED.check()
   cfg = cli.resolved_config(_CONFIG)
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it touches at INFO

@@ -149,9 +149,11 @@ BAD_FLAGS = [
     ("launch.train", ["--config=experiments/tiny.py", "--workdir={tmp}/file"], "not a directory"),
     ("launch.train", ["--config=experiments/tiny.py", "--workdir={tmp}/run", "--num_processes=2",
                       "--process_id=2", "--coordinator_address=127.0.0.1:1"], "process_id"),
-    # os/open would make a local folder named "gs:" (issue: workdirs on object stores)
-    ("launch.train", ["--config=experiments/tiny.py", "--workdir=gs://bucket/run"], "is a URL"),
-    ("launch.sample", ["--workdir=gs://bucket/run"], "is a URL"),
+    # Run directories may be gs:// or s3:// (tests/test_buckets.py); other schemes, and URLs
+    # where ftjax reads through the file system, are refused: os/open would make a local folder.
+    ("launch.train", ["--config=experiments/tiny.py", "--workdir=hdfs://cluster/run"],
+     "only local paths, gs:// and s3://"),
+    ("launch.sample", ["--workdir=hdfs://cluster/run"], "only local paths, gs:// and s3://"),
     ("launch.sweep", ["--config=tests/sweep_tiny.py", "--workdir=gs://bucket/sweep"], "is a URL"),
     ("launch.prepare_data", ["--input=s3://bucket/*.jsonl", "--output={tmp}/data"], "is a URL"),
     ("launch.lm_eval", ["--workdir={tmp}/run", "--tasks=t", "--output_path=gs://bucket/eval"],
@@ -172,11 +174,11 @@ def test_bad_launcher_flags_exit_2_with_one_line(module, flags, message, tmp_pat
   assert not os.path.exists(os.path.join(REPO, "gs:")) and not os.path.exists(tmp_path / "data")
 
 
-def test_library_refuses_url_run_directories(tiny_cfg, tmp_path, monkeypatch):
+def test_library_refuses_unsupported_url_run_directories(tiny_cfg, tmp_path, monkeypatch):
   from ftjax import checkpoint, loop
   monkeypatch.chdir(tmp_path)
-  with pytest.raises(checkpoint.CheckpointError, match="gs://bucket/run is a URL"):
-    loop.train_and_evaluate(tiny_cfg, "gs://bucket/run")
-  with pytest.raises(checkpoint.CheckpointError, match="is a URL"):
-    load_run("s3://bucket/run")
+  with pytest.raises(checkpoint.CheckpointError, match="hdfs://cluster/run: only local paths"):
+    loop.train_and_evaluate(tiny_cfg, "hdfs://cluster/run")
+  with pytest.raises(checkpoint.CheckpointError, match="only local paths, gs:// and s3://"):
+    load_run("ftp://host/run")
   assert not os.listdir(tmp_path)

@@ -113,12 +113,12 @@ def test_requirements_pin_every_declared_distribution():
   project = _pyproject()
   extras = project["optional-dependencies"]
   wanted = {"requirements.txt": project["dependencies"] + extras["experiments"] + extras["test"] +
-                                extras["wandb"],
+                                extras["wandb"] + extras["buckets"] + extras["test-buckets"],
             "requirements-hf.txt": extras["hf"],
             "benchmarks/requirements-compare.txt": extras["compare"]}
   for requirements_file, dists in wanted.items():
     for python, pins in _pinned(requirements_file).items():
-      missing = sorted(d for d in dists if d.lower() not in pins)
+      missing = sorted(d for d in dists if Requirement(d).name.lower() not in pins)
       assert not missing, f"{requirements_file} pins nothing for {missing} on Python {python}"
 
 

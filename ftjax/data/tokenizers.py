@@ -267,9 +267,10 @@ def train_sentencepiece(documents: Iterable[str], vocab_size: int, path: str,
 
 def run_copy(run_dir: Optional[str]) -> Optional[str]:
   """The tokenizer file a run saved in `run_dir`, or None."""
+  from ftjax import storage
   for name in (RUN_FILE, HF_FILE):
-    if run_dir and os.path.exists(os.path.join(run_dir, name)):
-      return os.path.join(run_dir, name)
+    if run_dir and storage.exists(os.path.join(run_dir, name)):
+      return storage.local_copy(os.path.join(run_dir, name))
   return None
 
 
@@ -279,8 +280,9 @@ def make_tokenizer(cfg: Any, run_dir: Optional[str] = None) -> Any:
   d = cfg.data
   if d.tokenizer == "bytes":
     return ByteTokenizer()
-  if run_dir and os.path.exists(os.path.join(run_dir, RUN_FILE)):
-    return SentencePieceTokenizer(os.path.join(run_dir, RUN_FILE))
+  saved = run_copy(run_dir)
+  if saved and saved.endswith(RUN_FILE):
+    return SentencePieceTokenizer(saved)
   from ftjax.data import corpora
   path = os.path.join(corpora.data_dir(d.data_dir), f"{d.name}_spm{d.sentencepiece_vocab}.model")
   if not os.path.exists(path):
@@ -295,8 +297,12 @@ def save_with_run(tokenizer: Any, run_dir: str) -> None:
   path = getattr(tokenizer, "path", None)
   if not path:
     return
+  from ftjax import storage
   target = os.path.join(run_dir, RUN_FILES[tokenizer.name])
-  if os.path.abspath(path) != os.path.abspath(target):
+  if storage.is_url(target):
+    with open(path, "rb") as f:
+      storage.write_bytes(target, f.read())
+  elif os.path.abspath(path) != os.path.abspath(target):
     os.makedirs(run_dir, exist_ok=True)
     shutil.copyfile(path, target + ".tmp")
     os.replace(target + ".tmp", target)

@@ -1,0 +1,323 @@
+"""Where run directories live: a local path, `gs://bucket/path` or `s3://bucket/path`, all through
+one path type (`etils.epath.Path`, which orbax uses too; gcsfs and s3fs behind it for buckets) and
+TensorStore for the checkpoint arrays.
+
+Object stores have no atomic rename and no append. So: a checkpoint step on a bucket is committed
+by orbax's `commit_success.txt` marker (written last; a step without it is not a checkpoint), a
+small file is written as one object (`write_bytes`: an object appears whole or not at all), and
+files that grow (metrics) are rewritten whole.
+
+TensorStore reaches `gs://` with its gcs driver (`TENSORSTORE_GCS_HTTP_URL` points it at an
+emulator); for `s3://` orbax has no route yet, so `use_bucket` installs one: the s3 kvstore driver
+with the endpoint and region of the AWS environment variables (`AWS_ENDPOINT_URL`,
+`AWS_DEFAULT_REGION`; credentials from the usual chain).
+"""
+
+import atexit
+import os
+import re
+import shutil
+import tempfile
+from typing import Any, Optional, Union
+from urllib import parse
+
+from etils import epath
+
+# gcsfs's experimental client (read when gcsfs is imported) probes each bucket for hierarchical
+# namespaces with an API that emulators and plain buckets may not answer (a 60 s wait); ftjax
+# needs plain object semantics only.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+SCHEMES = ("gs", "s3")
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+PathLike = Union[str, os.PathLike]
+
+
+class StorageError(RuntimeError):
+  """A bucket that cannot be reached (missing, no credentials, no such scheme); one line."""
+
+
+def is_url(path: Optional[PathLike]) -> bool:
+  return bool(path) and bool(_URL.match(str(path)))
+
+
+def scheme(path: PathLike) -> str:
+  return str(path).split("://", 1)[0].lower() if is_url(path) else ""
+
+
+def path(p: PathLike) -> epath.Path:
+  """The path type every run-directory file goes through."""
+  return epath.Path(p)
+
+
+def absolute(p: PathLike) -> str:
+  """`p` as orbax wants it: a URL as it is, a local path made absolute."""
+  return str(p) if is_url(p) else os.path.abspath(p)
+
+
+def _fs(p: PathLike):
+  """(fsspec file system, path within it) of a URL; one client per store, without a listings
+  cache (orbax writes through another client: a cached listing would go stale)."""
+  import fsspec
+  return fsspec.core.url_to_fs(str(p), use_listings_cache=False)
+
+
+def write_bytes(p: PathLike, data: bytes, sync: bool = False) -> None:
+  """Writes `p` whole, atomically: locally through a temporary file and a rename (`sync`: flushed
+  to the disk first), on a bucket as one object (one request)."""
+  if is_url(p):
+    fs, key = _fs(p)
+    fs.pipe_file(key, data)
+    return
+  tmp = f"{p}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(data)
+    if sync:
+      f.flush()
+      os.fsync(f.fileno())
+  os.replace(tmp, p)
+
+
+def read_bytes(p: PathLike) -> bytes:
+  """The bytes of `p` (OSError when it is missing or unreadable)."""
+  if is_url(p):
+    fs, key = _fs(p)
+    return fs.cat_file(key)
+  with open(p, "rb") as f:
+    return f.read()
+
+
+def read_range(p: PathLike, offset: int, length: int) -> bytes:
+  """`length` bytes of `p` from `offset` (fewer at its end); one ranged request on a bucket
+  (none for `length` 0: a range past an object's end is refused by some stores)."""
+  if length <= 0:
+    return b""
+  if is_url(p):
+    fs, key = _fs(p)
+    return fs.cat_file(key, start=offset, end=offset + length)
+  with open(p, "rb") as f:
+    f.seek(offset)
+    return f.read(length)
+
+
+def exists(p: PathLike) -> bool:
+  if is_url(p):
+    fs, key = _fs(p)
+    return fs.exists(key)
+  return os.path.exists(p)
+
+
+def isdir(p: PathLike) -> bool:
+  if is_url(p):
+    fs, key = _fs(p)
+    return fs.isdir(key)
+  return os.path.isdir(p)
+
+
+def isfile(p: PathLike) -> bool:
+  if is_url(p):
+    fs, key = _fs(p)
+    return fs.isfile(key)
+  return os.path.isfile(p)
+
+
+def size(p: PathLike) -> int:
+  if is_url(p):
+    fs, key = _fs(p)
+    return fs.size(key)
+  return os.path.getsize(p)
+
+
+def listdir(p: PathLike) -> list[str]:
+  """The names in directory `p` ([] for a bucket prefix with nothing under it)."""
+  if not is_url(p):
+    return os.listdir(p)
+  fs, key = _fs(p)
+  try:
+    return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(key, detail=False))
+  except FileNotFoundError:
+    return []
+
+
+def makedirs(p: PathLike) -> None:
+  """Creates directory `p` and its parents (a bucket needs none: a prefix exists with its
+  objects)."""
+  if not is_url(p):
+    os.makedirs(p, exist_ok=True)
+
+
+def remove(p: PathLike) -> None:
+  """Deletes file `p` (FileNotFoundError when it is not there)."""
+  if is_url(p):
+    fs, key = _fs(p)
+    if not fs.exists(key):
+      raise FileNotFoundError(str(p))
+    fs.rm_file(key)
+  else:
+    os.remove(p)
+
+
+def remove_tree(p: PathLike) -> None:
+  """Deletes directory `p` and everything under it."""
+  if is_url(p):
+    fs, key = _fs(p)
+    fs.rm(key.rstrip("/") + "/", recursive=True)
+  else:
+    shutil.rmtree(p)
+
+
+def files_under(directory: PathLike) -> list[str]:
+  """The paths, relative to `directory`, of every file below it, sorted."""
+  if not is_url(directory):
+    return sorted(os.path.relpath(os.path.join(root, name), directory)
+                  for root, _, names in os.walk(directory) for name in names)
+  fs, key = _fs(directory)
+  prefix = key.rstrip("/") + "/"
+  return sorted(f[len(prefix):] for f in fs.find(prefix) if f.startswith(prefix))
+
+
+def local_copy(p: PathLike) -> str:
+  """A local path holding the file `p` (itself when local; a bucket's file is downloaded once
+  into a cache folder of this process): for libraries that read files by name (tokenizers)."""
+  if not is_url(p):
+    return str(p)
+  url = parse.urlparse(str(p))
+  target = os.path.join(_cache_dir(), url.netloc, url.path.lstrip("/"))
+  if not os.path.exists(target):
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    write_bytes(target, read_bytes(p))
+  return target
+
+
+def _cache_dir() -> str:
+  global _CACHE
+  if _CACHE is None:
+    _CACHE = tempfile.mkdtemp(prefix="ftjax-bucket-files-")
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+  return _CACHE
+
+
+_CACHE = None
+
+
+class LocalMirror:
+  """A local folder standing in for a run directory's growing files on a bucket (metrics.jsonl,
+  tb/, wandb/, profile/: an object store cannot append to an object): `fetch` names copied down
+  at the start (e.g. metrics.jsonl of the run being resumed), every file changed since the last
+  `sync()` uploaded whole, the last time on leaving. For a local run directory the mirror is the
+  directory itself and `sync` does nothing."""
+
+  def __init__(self, workdir: PathLike, fetch: tuple = ()):
+    self.remote, self._fetch = str(workdir), fetch
+    self.path = self.remote
+    self._sent = {}
+
+  def __enter__(self) -> "LocalMirror":
+    if is_url(self.remote):
+      self.path = tempfile.mkdtemp(prefix="ftjax-run-")
+      for name in self._fetch:
+        if exists(os.path.join(self.remote, name)):
+          write_bytes(os.path.join(self.path, name), read_bytes(os.path.join(self.remote, name)))
+          self._sent[name] = _stamp(os.path.join(self.path, name))
+    return self
+
+  def sync(self) -> None:
+    """Uploads the files changed since the last sync (OSError when the store refuses)."""
+    if self.path == self.remote:
+      return
+    for rel in files_under(self.path):
+      stamp = _stamp(os.path.join(self.path, rel))
+      if self._sent.get(rel) != stamp:
+        write_bytes(os.path.join(self.remote, rel), read_bytes(os.path.join(self.path, rel)))
+        self._sent[rel] = stamp
+
+  def __exit__(self, kind, error, traceback) -> None:
+    if self.path == self.remote:
+      return
+    try:
+      self.sync()
+    except OSError:
+      if error is None:
+        raise
+    finally:
+      shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _stamp(p: str) -> tuple:
+  info = os.stat(p)
+  return info.st_size, info.st_mtime_ns
+
+
+def unsupported(p: PathLike) -> Optional[str]:
+  """Why `p` cannot be used, when it is a URL of a scheme ftjax does not speak; else None."""
+  if is_url(p) and scheme(p) not in SCHEMES:
+    return f"{p}: only local paths, gs:// and s3:// are supported"
+  return None
+
+
+def use_bucket(p: PathLike) -> None:
+  """Prepares the clients for the bucket of `p` (idempotent; nothing for a local path) and checks
+  that it can be reached: StorageError (one line) for a missing bucket or credentials."""
+  if not is_url(p):
+    return
+  if unsupported(p):
+    raise StorageError(unsupported(p))
+  bucket = parse.urlparse(str(p)).netloc
+  if scheme(p) == "s3":
+    _route_s3_through_tensorstore()
+  try:
+    found = path(f"{scheme(p)}://{bucket}").exists()
+  except Exception as e:  # noqa: BLE001 (each client raises its own kinds)
+    raise StorageError(f"cannot reach {scheme(p)}://{bucket} ({_first_line(e)}): check the "
+                       f"credentials ({_CREDENTIALS[scheme(p)]})") from None
+  if not found:
+    raise StorageError(f"the bucket {scheme(p)}://{bucket} does not exist (or these credentials "
+                       "cannot see it): create it first")
+
+
+_CREDENTIALS = {"gs": "GOOGLE_APPLICATION_CREDENTIALS or `gcloud auth application-default "
+                      "login`", "s3": "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE; "
+                      "AWS_ENDPOINT_URL for a non-AWS store"}
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return (text[0] if text else type(e).__name__)[:300]
+
+
+def checkpoint_options(directory: PathLike) -> dict:
+  """Extra `ocp.CheckpointManagerOptions` for `directory`: on s3, commit by marker file (orbax
+  already does so on gs://; an s3 "rename" is a copy and a delete, not atomic)."""
+  if scheme(directory) != "s3":
+    return {}
+  from orbax.checkpoint._src.path import atomicity
+  return {"temporary_path_class": atomicity.CommitFileTemporaryPath}
+
+
+def _route_s3_through_tensorstore() -> None:
+  """Teaches orbax's TensorStore specs the s3 kvstore driver (orbax 0.12 builds file or gcs specs
+  only); installed once."""
+  from orbax.checkpoint._src.path import gcs_utils
+  from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+  if getattr(ts_utils, "_ftjax_s3", False):
+    return
+  use_gcs, normalize, gcs_spec = (ts_utils._use_gcs_driver, ts_utils._normalize_path,
+                                  gcs_utils.get_kvstore_for_gcs)
+
+  def s3_spec(ckpt_path: str) -> dict[str, Any]:
+    if not str(ckpt_path).startswith("s3://"):
+      return gcs_spec(ckpt_path)
+    url = parse.urlparse(str(ckpt_path))
+    spec = {"driver": "s3", "bucket": url.netloc, "path": url.path.lstrip("/"),
+            "aws_region": os.environ.get("AWS_DEFAULT_REGION", os.environ.get("AWS_REGION",
+                                                                              "us-east-1"))}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+      spec["endpoint"] = endpoint
+    return spec
+
+  ts_utils._use_gcs_driver = lambda d: str(d).startswith("s3://") or use_gcs(d)
+  ts_utils._normalize_path = lambda p: (normalize(p).replace("s3:/", "s3://", 1)
+                                        if str(p).startswith("s3://") else normalize(p))
+  gcs_utils.get_kvstore_for_gcs = s3_spec
+  ts_utils._ftjax_s3 = True

@@ -1,0 +1,162 @@
+"""Runs on object stores, against local emulators (tests/buckets.py): checkpoints commit by
+marker, are checksummed and verified, damaged or uncommitted steps are refused, a missing bucket
+is one line."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ftjax import checkpoint, integrity, storage
+from tests.buckets import EMULATORS
+
+
+@pytest.fixture(scope="module", params=sorted(EMULATORS))
+def bucket(request):
+  with EMULATORS[request.param]() as emulator:
+    yield emulator
+
+
+def _state():
+  return {"w": jnp.arange(12.0).reshape(3, 4), "step": jnp.array(3, jnp.int32)}
+
+
+def _abstract(state):
+  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                state)
+
+
+def test_small_files_and_listings_through_one_path_type(bucket):
+  root = bucket.url()
+  integrity.write_checked(os.path.join(root, "a", "state.json"), {"step": 3})
+  assert integrity.read_checked(os.path.join(root, "a", "state.json")) == {"step": 3}
+  storage.write_bytes(os.path.join(root, "a", "b", "c.bin"), b"xyz")
+  assert storage.files_under(root) == ["a/b/c.bin", "a/state.json"]
+  assert storage.size(os.path.join(root, "a", "b", "c.bin")) == 3
+  assert sorted(storage.listdir(os.path.join(root, "a"))) == ["b", "state.json"]
+  storage.remove(os.path.join(root, "a", "b", "c.bin"))
+  assert not storage.exists(os.path.join(root, "a", "b", "c.bin"))
+
+
+def test_a_checkpoint_on_a_bucket_saves_verifies_and_restores(bucket, tiny_cfg):
+  directory = bucket.url()
+  manager = checkpoint.Manager(directory, tiny_cfg)
+  state = _state()
+  manager.save(3, state, {"step": 3})
+  manager.close()
+  assert checkpoint.committed_steps(directory) == [3]
+  assert storage.exists(os.path.join(directory, "3", integrity.CHECKSUMS))
+  reader = checkpoint.Manager(directory, read_only=True)
+  restored, data_state = reader.restore(None, _abstract(state))
+  reader.close()
+  assert data_state == {"step": 3}
+  np.testing.assert_array_equal(restored["w"], state["w"])
+
+
+def test_damaged_and_uncommitted_steps_on_a_bucket_are_not_restored(bucket, tiny_cfg):
+  directory = bucket.url()
+  manager = checkpoint.Manager(directory, tiny_cfg)
+  for step in (1, 2):
+    manager.save(step, _state(), {"step": step})
+  manager.close()
+  step_2 = os.path.join(directory, "2")
+  data = [rel for rel in storage.files_under(step_2) if "/d/" in rel][0]
+  raw = storage.read_bytes(os.path.join(step_2, data))
+  storage.write_bytes(os.path.join(step_2, data), bytes([raw[0] ^ 0xFF]) + raw[1:])
+  warnings = []
+  reader = checkpoint.Manager(directory, read_only=True, log=warnings.append)
+  _, data_state = reader.restore(None, _abstract(_state()))
+  assert data_state == {"step": 1} and "step 2" in warnings[0]
+  storage.remove(os.path.join(directory, "2", "commit_success.txt"))  # as if killed mid-save
+  assert checkpoint.committed_steps(directory) == [1]
+  checkpoint.Manager(directory, tiny_cfg).close()  # a writer removes the half-written step
+  assert sorted(storage.listdir(directory)) == ["1", "checksums_since.json", "data_state"]
+
+
+def test_a_missing_bucket_is_one_line(bucket):
+  with pytest.raises(checkpoint.CheckpointError, match=f"the bucket {bucket.scheme}://no-such-bucket "
+                                                       "does not exist"):
+    checkpoint.Manager(f"{bucket.scheme}://no-such-bucket/run/checkpoints")
+
+
+# ------------------------------------------------------------------ training runs on a bucket
+
+HOST = {"train.steps": 8, "train.eval_every": 4, "train.log_every": 2, "train.num_samples": 0,
+        "train.peak_flops": 1.0, "checkpoint.every_steps": 4}
+TIMING = ("tokens_per_sec", "mfu")
+
+
+def _rows(workdir):
+  from ftjax import metrics
+  return [{k: v for k, v in r.items() if k not in TIMING} for r in metrics.read_rows(workdir)]
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+  from experiments import tiny
+  from ftjax import configs, loop
+  from tests.conftest import resolved
+  cfg = resolved(configs.resolve(tiny.get_config()), **HOST)
+  workdir = str(tmp_path_factory.mktemp("local"))
+  state = loop.train_and_evaluate(cfg, workdir, log=lambda *_: None)
+  return cfg, jax.device_get(state.params), _rows(workdir)
+
+
+def test_a_run_on_a_bucket_resumes_and_equals_the_local_run(bucket, local_run):
+  from ftjax import loop, run
+  cfg, params, rows = local_run
+  workdir = bucket.url()
+  loop.train_and_evaluate(cfg, workdir, log=lambda *_: None, stop_at=4)
+  assert checkpoint.committed_steps(run.checkpoints_dir(workdir)) == [4]
+  assert run.is_finished(workdir) is False
+  lines = []
+  state = loop.train_and_evaluate(cfg, workdir, log=lines.append)
+  assert "resumed from step 4" in lines
+  for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(state.params)),
+                  jax.tree_util.tree_leaves(params)):
+    np.testing.assert_array_equal(a, b)
+  assert _rows(workdir) == rows and run.is_finished(workdir)
+  assert storage.exists(os.path.join(workdir, "tb")) or storage.files_under(workdir)
+  restored = run.load_for_inference(workdir)  # sampling and export read the bucket's run
+  assert restored.step == 8
+  for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(restored.params)),
+                  jax.tree_util.tree_leaves(params)):
+    np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------- the launchers
+
+def _launch(bucket, module, *flags, env=None):
+  import subprocess
+  import sys
+  from tests.conftest import REPO
+  return subprocess.run([sys.executable, "-m", module, *flags], cwd=REPO, capture_output=True,
+                        text=True, timeout=600, env={**os.environ, **bucket.env, **(env or {})})
+
+
+def test_launchers_train_resume_and_sample_a_bucket_run(bucket):
+  from tests.test_fault_tolerance import FLAGS
+  workdir = bucket.url()
+  first = _launch(bucket, "launch.train", *FLAGS, f"--workdir={workdir}", "--stop_at=8")
+  assert first.returncode == 0, first.stderr[-2000:]
+  again = _launch(bucket, "launch.train", *FLAGS, f"--workdir={workdir}")
+  assert again.returncode == 0 and "resumed from step 8" in again.stdout, again.stderr[-2000:]
+  sample = _launch(bucket, "launch.sample", f"--workdir={workdir}", "--num_samples=2")
+  assert sample.returncode == 0 and sample.stdout.count(" -> ") == 2, sample.stderr[-2000:]
+
+
+@pytest.mark.parametrize("case", ["no bucket", "no credentials"])
+def test_a_missing_bucket_or_credentials_is_one_line_before_compiling(bucket, case):
+  from tests.test_fault_tolerance import FLAGS
+  if case == "no credentials" and bucket.scheme != "s3":
+    pytest.skip("the GCS emulator takes any token")
+  workdir = (f"{bucket.scheme}://no-such-bucket/run" if case == "no bucket" else bucket.url())
+  env = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_SHARED_CREDENTIALS_FILE":
+         "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"} if case == "no credentials" else {}
+  result = _launch(bucket, "launch.train", *FLAGS, f"--workdir={workdir}", env=env)
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+  assert ("does not exist" if case == "no bucket" else "credentials") in lines[0]
+  assert "compiling" not in result.stdout

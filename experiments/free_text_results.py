@@ -16,15 +16,13 @@ Reads each run's config.json, metrics.jsonl (its last eval row) and, for a FT, i
 Runs short of their configured steps are listed in runs.csv and left out of arms.csv.
 """
 
-import argparse
-import glob
 import json
 import math
 import os
 
 from experiments import free_text
 from experiments.kappa_results import LOG2, cell, mean_std, write_csv
-from experiments.text_results import read_run as read_text_run
+from experiments.text_results import parse_and_read, read_run as read_text_run
 
 ARMS = {"a": "(a) baseline + 1 block", "b": "(b) FT, target 1/16 bit",
         "c": "(c) FT, target 1/4 bit", "d": "(d) baseline"}
@@ -136,20 +134,7 @@ def markdown(summary, device):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--root", required=True, help="The sweep's --workdir.")
-  parser.add_argument("--out", required=True)
-  parser.add_argument("--device", default="", help="Where the runs ran (recorded per run).")
-  args = parser.parse_args(argv)
-  dirs = sorted(d for d in glob.glob(os.path.join(args.root, "*"))
-                if os.path.exists(os.path.join(d, "metrics.jsonl")))
-  if not dirs:
-    parser.error(f"no runs (directories with metrics.jsonl) under {args.root}")
-  runs, curves = [], []
-  for d in dirs:
-    run, curve = read_run(d)
-    runs.append({**run, "device": args.device})
-    curves += curve
+  parser, args, runs, curves = parse_and_read(argv, __doc__.split("\n")[0], read_run)
   missing = [r["run"] for r in runs if r["finished"] and r["arm"] in "bc" and "iw16_bpb" not in r]
   if missing:
     parser.error(f"finished FT runs without {free_text.IW_FILE}: {', '.join(missing)}; run "

@@ -106,8 +106,10 @@ def markdown_table(summary):
   return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_and_read(argv, description, read):
+  """(parser, args, runs, curves): the --root/--out/--device flags, and `read(dir)` → (run row,
+  curve rows) of every run under --root (each row with the --device)."""
+  parser = argparse.ArgumentParser(description=description)
   parser.add_argument("--root", required=True, help="The sweep's --workdir.")
   parser.add_argument("--out", required=True)
   parser.add_argument("--device", default="", help="Where the runs ran (recorded per run).")
@@ -118,9 +120,14 @@ def main(argv=None):
     parser.error(f"no runs (directories with metrics.jsonl) under {args.root}")
   runs, curves = [], []
   for d in dirs:
-    run, curve = read_run(d)
+    run, curve = read(d)
     runs.append({**run, "device": args.device})
     curves += curve
+  return parser, args, runs, curves
+
+
+def main(argv=None):
+  _, args, runs, curves = parse_and_read(argv, __doc__.split("\n")[0], read_run)
   os.makedirs(args.out, exist_ok=True)
   write_csv(os.path.join(args.out, "runs.csv"), runs)
   write_csv(os.path.join(args.out, "curves.csv"), curves)

@@ -24,12 +24,11 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from ftjax import integrity, storage
-from ftjax.integrity import CHECKSUMS, CHECKSUMS_SINCE, verify_files, write_checksums
+from ftjax.integrity import CHECKSUMS, CHECKSUMS_SINCE, COMMIT_MARKER, verify_files, write_checksums
 from ftjax.configs import default_config, resolve
 from ftjax.metrics import WriteError
 
 PathLike = Union[str, os.PathLike]  # a directory: a str or a pathlib.Path
-_COMMITTED = "commit_success.txt"  # orbax's marker of a committed step on a bucket
 
 
 class CheckpointError(RuntimeError):
@@ -82,7 +81,7 @@ def committed_steps(directory: PathLike) -> list[int]:
     return []
   if storage.is_url(directory):
     return sorted(int(n) for n in names if n.isdigit() and
-                  storage.exists(os.path.join(directory, n, _COMMITTED)))
+                  storage.exists(os.path.join(directory, n, COMMIT_MARKER)))
   return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
 
 

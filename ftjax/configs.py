@@ -12,6 +12,7 @@ import re
 import ml_collections
 from ml_collections import config_dict
 
+from ftjax import storage
 from ftjax.data import synthetic, text
 from ftjax.data.mixture import parse_mixture
 from ftjax.errors import ConfigError
@@ -35,7 +36,6 @@ TRACKERS = ("tensorboard", "wandb")
 ONEHOT_CHUNK_BYTES = 2 * 2**30  # bound on one backward chunk of the one-hot post-sampler
 
 
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 FILE_SYSTEM_ONLY = ("ftjax reads data, tokenizers and checkpoints to import through the file "
                     "system (run directories may be gs:// or s3://): give a path that every "
                     "process sees (local disk, NFS, Filestore, Lustre or a mounted bucket)")
@@ -44,7 +44,7 @@ FILE_SYSTEM_ONLY = ("ftjax reads data, tokenizers and checkpoints to import thro
 def url_error(path):
   """Why `path` cannot be used when it is a URL (gs://, s3://, ...), else None: a URL given to
   os/open would silently become a local folder named after its scheme."""
-  if path and _URL.match(str(path)):
+  if storage.is_url(path):
     return f"{path} is a URL; {FILE_SYSTEM_ONLY}"
   return None
 

@@ -28,8 +28,10 @@ _CHUNK = 1 << 22
 HASH_THREADS = min(16, os.cpu_count() or 1)
 _SEGMENT = 1 << 26
 _SEGMENTED = "sha256-of-64MiB-segments:"
-# orbax's own marker, written into the step directory after the rename: not covered.
-_NOT_COVERED = {CHECKSUMS, "commit_success.txt"}
+# orbax's marker of a committed step (on a bucket: written last; locally after the rename): not
+# covered.
+COMMIT_MARKER = "commit_success.txt"
+_NOT_COVERED = {CHECKSUMS, COMMIT_MARKER}
 # orbax adds the commit time to the step's metadata file when it renames the directory: that
 # file is covered as JSON without that field.
 _STEP_METADATA, _COMMIT_TIME = "_CHECKPOINT_METADATA", "commit_timestamp_nsecs"

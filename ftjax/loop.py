@@ -275,15 +275,16 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
       log(f"the config differs from step {start}'s: " + "; ".join(changes))
   for line in _describe(cfg, trainer, state):
     log(line)
-  evaluate_first = _agreed(start > 0 and Due.after(start, t.steps, cfg).eval and
-                           not _has_eval_row(workdir, start))[0]
   peak = t.peak_flops or metrics_lib.measure_matmul_peak(jnp.dtype(cfg.model.dtype))
   flops_per_token = metrics_lib.flops_per_token(cfg.model)
   tokens_per_step = t.batch_size * cfg.model.seq_len
   # On a bucket the growing files (metrics, TensorBoard, wandb, traces) are written to a local
-  # mirror and uploaded whole at each log, evaluation and save.
-  mirror = storage.LocalMirror(workdir, fetch=("metrics.jsonl", run.WANDB_ID_FILE)).__enter__()
+  # mirror and uploaded whole at each log and evaluation and when the loop ends.
+  mirror = storage.LocalMirror(workdir, fetch=("metrics.jsonl", run.WANDB_ID_FILE),
+                               error=lambda e, step: metrics_lib.write_error(workdir, e, step))
   local = mirror.path
+  evaluate_first = _agreed(start > 0 and Due.after(start, t.steps, cfg).eval and
+                           not _has_eval_row(local, start))[0]
   writer = metrics_lib.MetricWriter(local, resume_step=start,
                                     trackers=trackers.start(cfg, local, start, log))
   meter = ThroughputMeter(tokens_per_step)
@@ -301,19 +302,27 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
     if rate is not None:
       row.update(tokens_per_sec=rate, mfu=rate * flops_per_token / peak)
     writer.write(step, row)
-    _sync(mirror, step)
+    mirror.sync(step)
     log(format_progress(step, t.steps, row, tokens_per_step))
+
+  def evaluate(step):
+    """Evaluates and logs the current parameters as those of `step`; False when a signal ended
+    the evaluation first."""
+    ev = trainer.evaluate(state.params, stop=lambda: _agreed(preemption.requested)[0])
+    if ev is None:
+      return False
+    writer.write(step, ev)
+    mirror.sync(step)
+    log(format_eval(step, ev))
+    return True
 
   end = t.steps if stop_at is None else min(stop_at, t.steps)
   finished = start  # the newest step whose state and data-stream position are both in hand
-  with (_Uploaded(mirror), writer, _Preemption() as preemption,
+  with (mirror, writer, _Preemption() as preemption,
         StepTrace(t, os.path.join(local, run.PROFILE_DIR), log) as trace):
     try:
       if evaluate_first:  # the run before was stopped during this step's evaluation
-        ev = trainer.evaluate(state.params, stop=lambda: _agreed(preemption.requested)[0])
-        if ev is not None:
-          writer.write(start, ev)
-          log(format_eval(start, ev))
+        evaluate(start)
       for step in range(start, end):
         manager.check()  # a save that failed in the background ends the run now
         if step == start:
@@ -347,13 +356,8 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
                 f"(the first at step {int(state.first_nonfinite_step)})")
             reported_nonfinite = count
         if due.eval and not preempted:
-          ev = trainer.evaluate(state.params, stop=lambda: _agreed(preemption.requested)[0])
-          if ev is None:  # a signal during the evaluation: save now, evaluate after resuming
+          if not evaluate(done):  # a signal during the evaluation: save now, evaluate on resuming
             preempted = save = True
-          else:
-            writer.write(done, ev)
-            _sync(mirror, done)
-            log(format_eval(done, ev))
           meter.restart()
         if save:
           manager.save(done, state, stream.get_state())
@@ -361,8 +365,7 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
           meter.restart()
         if preempted:
           manager.wait()
-          log(f"stopped by a signal at step {done}: checkpoint saved; run the same command "
-              "to resume")
+          log(_stopped(f"at step {done}"))
           return state
       if pending is not None:
         flush()
@@ -378,7 +381,7 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
         stream.close()
     done = int(state.step)
     if preemption.requested:  # during the last save
-      log(f"stopped by a signal at step {done}: checkpoint saved; run the same command to resume")
+      log(_stopped(f"at step {done}"))
     elif t.num_samples and jax.process_count() > 1:
       log("samples are printed by single-process runs only")
     elif t.num_samples:
@@ -386,8 +389,7 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
       try:
         writer.write_text(done, "samples", show_samples(trainer, state.params, t.num_samples, log))
       except Preempted:
-        log(f"stopped by a signal while sampling after step {done}: checkpoint saved; run the "
-            "same command to resume (it samples again)")
+        log(_stopped(f"while sampling after step {done}") + " (it samples again)")
         return state
       except Exception as e:
         e.add_note(f"step {done} is saved: run the same command to resume (it samples again)")
@@ -398,29 +400,8 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
   return state
 
 
-class _Uploaded:
-  """Leaves the local mirror of a bucket run's growing files uploaded (and removed) however the
-  loop ends; it closes after the metric writer (listed before it in the `with`)."""
-
-  def __init__(self, mirror):
-    self.mirror = mirror
-
-  def __enter__(self):
-    return self.mirror
-
-  def __exit__(self, kind, error, traceback):
-    try:
-      self.mirror.__exit__(kind, error, traceback)
-    except OSError as e:
-      raise metrics_lib.write_error(self.mirror.remote, e) from None
-
-
-def _sync(mirror, step):
-  """Uploads the mirror's changed files (WriteError naming the step when the store refuses)."""
-  try:
-    mirror.sync()
-  except OSError as e:
-    raise metrics_lib.write_error(mirror.remote, e, step) from None
+def _stopped(where):
+  return f"stopped by a signal {where}: checkpoint saved; run the same command to resume"
 
 
 def _outputs(cfg, step):

@@ -133,25 +133,28 @@ def _require_run(workdir: str) -> str:
   return directory
 
 
-def saved_config(workdir: str, step: Optional[int] = None, mesh: Optional[dict] = None,
-                 verify: bool = True) -> tuple[Any, int]:
-  """(config, step): the resolved config saved with `step` (None: the newest), checked by the
-  step's checksums, its mesh replaced by `mesh` ({'data', 'fsdp', 'tensor'}: sizes, 1 for an
-  axis not named; default one device). The run's own files are verified first."""
+def open_checkpoints(workdir: str, verify: bool = True) -> ckpt_lib.Manager:
+  """The run's checkpoints, opened read-only once its own files are verified (`verify`; the
+  manager then verifies the steps it reads, each once). CheckpointError for a missing run."""
   directory = _require_run(workdir)
   if verify:
     verify_run_files(workdir)
   manager = ckpt_lib.Manager(directory, read_only=True)
   manager.verify = verify
+  return manager
+
+
+def saved_config(manager: ckpt_lib.Manager, workdir: str, step: Optional[int] = None,
+                 mesh: Optional[dict] = None) -> tuple[Any, int]:
+  """(config, step): the resolved config saved with `step` (None: the newest), checked by the
+  step's checksums, its mesh replaced by `mesh` ({'data', 'fsdp', 'tensor'}: sizes, 1 for an
+  axis not named; default one device)."""
+  steps = manager.saved_steps(step)
+  chosen = steps[-1] if step is None else step
   try:
-    steps = manager.saved_steps(step)
-    chosen = steps[-1] if step is None else step
-    try:
-      cfg = manager.saved_config(chosen).copy_and_resolve_references()
-    except CheckpointError as e:
-      raise older_steps_note(e, workdir, chosen) from None
-  finally:
-    manager.close()
+    cfg = manager.saved_config(chosen).copy_and_resolve_references()
+  except CheckpointError as e:
+    raise older_steps_note(e, workdir, chosen) from None
   cfg.unlock()
   cfg.mesh.update({"data": 1, "fsdp": 1, "tensor": 1, **(mesh or {})})
   cfg.lock()
@@ -183,16 +186,16 @@ def load_for_inference(workdir: str, step: Optional[int] = None, mesh: Optional[
   logical-axis rules onto `mesh`'s devices; default one device) from the checkpoint alone: the
   optimizer state is not read, the training data is not opened. CheckpointError for a missing
   or damaged run."""
-  cfg, chosen = saved_config(workdir, step, mesh, verify)
-  device_mesh = sharding.make_mesh(cfg.mesh)
-  model = make_model(cfg.model)
-  abstract = _abstract_params(model, cfg.seed, device_mesh)
-  manager = ckpt_lib.Manager(checkpoints_dir(workdir), read_only=True)
-  manager.verify = verify
+  manager = open_checkpoints(workdir, verify)
   try:
-    params = manager.restore_params(chosen, abstract)
-  except CheckpointError as e:
-    raise older_steps_note(e, workdir, chosen) from None
+    cfg, chosen = saved_config(manager, workdir, step, mesh)
+    device_mesh = sharding.make_mesh(cfg.mesh)
+    model = make_model(cfg.model)
+    abstract = _abstract_params(model, cfg.seed, device_mesh)
+    try:
+      params = manager.restore_params(chosen, abstract)
+    except CheckpointError as e:
+      raise older_steps_note(e, workdir, chosen) from None
   finally:
     manager.close()
   return Inference(cfg, chosen, device_mesh, model, params, run_text(cfg, workdir))

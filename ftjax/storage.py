@@ -1,6 +1,6 @@
 """Where run directories live: a local path, `gs://bucket/path` or `s3://bucket/path`, all through
-one path type (`etils.epath.Path`, which orbax uses too; gcsfs and s3fs behind it for buckets) and
-TensorStore for the checkpoint arrays.
+this module's functions (local paths through os, buckets through fsspec: gcsfs, s3fs) and
+TensorStore (through orbax) for the checkpoint arrays.
 
 Object stores have no atomic rename and no append. So: a checkpoint step on a bucket is committed
 by orbax's `commit_success.txt` marker (written last; a step without it is not a checkpoint), a
@@ -20,8 +20,6 @@ import shutil
 import tempfile
 from typing import Any, Optional, Union
 from urllib import parse
-
-from etils import epath
 
 # gcsfs's experimental client (read when gcsfs is imported) probes each bucket for hierarchical
 # namespaces with an API that emulators and plain buckets may not answer (a 60 s wait); ftjax
@@ -43,11 +41,6 @@ def is_url(path: Optional[PathLike]) -> bool:
 
 def scheme(path: PathLike) -> str:
   return str(path).split("://", 1)[0].lower() if is_url(path) else ""
-
-
-def path(p: PathLike) -> epath.Path:
-  """The path type every run-directory file goes through."""
-  return epath.Path(p)
 
 
 def absolute(p: PathLike) -> str:
@@ -89,7 +82,7 @@ def read_bytes(p: PathLike) -> bytes:
 
 def read_range(p: PathLike, offset: int, length: int) -> bytes:
   """`length` bytes of `p` from `offset` (fewer at its end); one ranged request on a bucket
-  (none for `length` 0: a range past an object's end is refused by some stores)."""
+  (none for `length` 0: an empty HTTP range is not a valid one)."""
   if length <= 0:
     return b""
   if is_url(p):
@@ -100,32 +93,28 @@ def read_range(p: PathLike, offset: int, length: int) -> bytes:
     return f.read(length)
 
 
-def exists(p: PathLike) -> bool:
+def _either(p: PathLike, remote: str, local):
+  """fsspec's `remote` method for a URL, `local(p)` for a local path."""
   if is_url(p):
     fs, key = _fs(p)
-    return fs.exists(key)
-  return os.path.exists(p)
+    return getattr(fs, remote)(key)
+  return local(p)
+
+
+def exists(p: PathLike) -> bool:
+  return _either(p, "exists", os.path.exists)
 
 
 def isdir(p: PathLike) -> bool:
-  if is_url(p):
-    fs, key = _fs(p)
-    return fs.isdir(key)
-  return os.path.isdir(p)
+  return _either(p, "isdir", os.path.isdir)
 
 
 def isfile(p: PathLike) -> bool:
-  if is_url(p):
-    fs, key = _fs(p)
-    return fs.isfile(key)
-  return os.path.isfile(p)
+  return _either(p, "isfile", os.path.isfile)
 
 
 def size(p: PathLike) -> int:
-  if is_url(p):
-    fs, key = _fs(p)
-    return fs.size(key)
-  return os.path.getsize(p)
+  return _either(p, "size", os.path.getsize)
 
 
 def listdir(p: PathLike) -> list[str]:
@@ -202,41 +191,49 @@ _CACHE = None
 
 class LocalMirror:
   """A local folder standing in for a run directory's growing files on a bucket (metrics.jsonl,
-  tb/, wandb/, profile/: an object store cannot append to an object): `fetch` names copied down
-  at the start (e.g. metrics.jsonl of the run being resumed), every file changed since the last
-  `sync()` uploaded whole, the last time on leaving. For a local run directory the mirror is the
-  directory itself and `sync` does nothing."""
+  tb/, wandb/, profile/: an object store cannot append to an object): the `fetch` names are
+  copied down when it is made (e.g. metrics.jsonl of the run being resumed), every file changed
+  since the last `sync()` is uploaded whole, the last time when the `with` block it guards ends
+  (which also removes the local folder). For a local run directory the mirror is the directory
+  itself and `sync` does nothing. An upload the store refuses raises `error(os_error, step)`
+  (default: the OSError itself)."""
 
-  def __init__(self, workdir: PathLike, fetch: tuple = ()):
-    self.remote, self._fetch = str(workdir), fetch
-    self.path = self.remote
+  def __init__(self, workdir: PathLike, fetch: tuple = (), error=None):
+    self.remote = self.path = str(workdir)
     self._sent = {}
-
-  def __enter__(self) -> "LocalMirror":
+    self._error = error
     if is_url(self.remote):
       self.path = tempfile.mkdtemp(prefix="ftjax-run-")
-      for name in self._fetch:
+      for name in fetch:
         if exists(os.path.join(self.remote, name)):
           write_bytes(os.path.join(self.path, name), read_bytes(os.path.join(self.remote, name)))
           self._sent[name] = _stamp(os.path.join(self.path, name))
+
+  def __enter__(self) -> "LocalMirror":
     return self
 
-  def sync(self) -> None:
-    """Uploads the files changed since the last sync (OSError when the store refuses)."""
+  def sync(self, step: Optional[int] = None) -> None:
+    """Uploads the files changed since the last sync (`step`: the one being logged, for the
+    error)."""
     if self.path == self.remote:
       return
-    for rel in files_under(self.path):
-      stamp = _stamp(os.path.join(self.path, rel))
-      if self._sent.get(rel) != stamp:
-        write_bytes(os.path.join(self.remote, rel), read_bytes(os.path.join(self.path, rel)))
-        self._sent[rel] = stamp
+    try:
+      for rel in files_under(self.path):
+        stamp = _stamp(os.path.join(self.path, rel))
+        if self._sent.get(rel) != stamp:
+          write_bytes(os.path.join(self.remote, rel), read_bytes(os.path.join(self.path, rel)))
+          self._sent[rel] = stamp
+    except OSError as e:
+      if self._error is None:
+        raise
+      raise self._error(e, step) from None
 
   def __exit__(self, kind, error, traceback) -> None:
     if self.path == self.remote:
       return
     try:
       self.sync()
-    except OSError:
+    except Exception:  # noqa: BLE001 (the error in flight, if any, is the one to report)
       if error is None:
         raise
     finally:
@@ -266,7 +263,7 @@ def use_bucket(p: PathLike) -> None:
   if scheme(p) == "s3":
     _route_s3_through_tensorstore()
   try:
-    found = path(f"{scheme(p)}://{bucket}").exists()
+    found = exists(f"{scheme(p)}://{bucket}")
   except Exception as e:  # noqa: BLE001 (each client raises its own kinds)
     raise StorageError(f"cannot reach {scheme(p)}://{bucket} ({_first_line(e)}): check the "
                        f"credentials ({_CREDENTIALS[scheme(p)]})") from None

@@ -129,16 +129,16 @@ def load_run(workdir: str, step: Optional[int] = None, mesh: Optional[dict] = No
   replaces the mesh the run trained on; the checkpoint is resharded onto it.
   """
   from ftjax import checkpoint, run
-  cfg, chosen = run.saved_config(workdir, step, mesh, verify)
-  manager = checkpoint.Manager(run.checkpoints_dir(workdir), read_only=True)
-  manager.verify = verify
+  manager = run.open_checkpoints(workdir, verify)
   try:
+    cfg, chosen = run.saved_config(manager, workdir, step, mesh)
     trainer = Trainer.create(cfg, run_dir=workdir)  # with the run's own tokenizer
     wanted = trainer.abstract_state()
-    state, _ = manager.restore(chosen, wanted if optimizer else
-                               checkpoint.without_optimizer(wanted))
-  except checkpoint.CheckpointError as e:
-    raise run.older_steps_note(e, workdir, chosen) from None
+    try:
+      state, _ = manager.restore(chosen, wanted if optimizer else
+                                 checkpoint.without_optimizer(wanted))
+    except checkpoint.CheckpointError as e:
+      raise run.older_steps_note(e, workdir, chosen) from None
   finally:
     manager.close()
   return trainer, state

@@ -88,20 +88,29 @@ class Text:
   decode: Callable[[np.ndarray], str]
   tokenizer: Any = None  # text runs: the tokenizer
 
+  @classmethod
+  def of(cls, tokenizer: Any) -> "Text":
+    """A text tokenizer's codec (a sequence's start adds nothing: no BOS)."""
+    return cls(lambda string, start=True: tokenizer.encode(string), tokenizer.decode, tokenizer)
+
+
+SYNTHETIC_TEXT = Text(lambda string, start=True: synthetic.encode(string, bos=start),
+                      synthetic.decode)
+
 
 def run_text(cfg: Any, run_dir: str) -> Text:
   """The text codec of the run in `run_dir` (config `cfg`), from the run's own copy of its
   tokenizer: the training data is not opened (it may be gone)."""
   d = cfg.data
   if d.name == "synthetic":
-    return Text(lambda string, start=True: synthetic.encode(string, bos=start), synthetic.decode)
+    return SYNTHETIC_TEXT
   from ftjax.data import tokenizers
   if d.name == "prepared":  # a file tokenizer is copied into the run; none means bytes
     saved = tokenizers.run_copy(run_dir)
     tokenizer = tokenizers.load(saved) if saved else tokenizers.ByteTokenizer()
   else:
     tokenizer = tokenizers.make_tokenizer(cfg, run_dir)
-  return Text(lambda string, start=True: tokenizer.encode(string), tokenizer.decode, tokenizer)
+  return Text.of(tokenizer)
 
 
 def _step_keyed(make_tokens):
@@ -121,8 +130,8 @@ def make_source(cfg: Any, run_dir: Optional[str] = None) -> Source:
       letters = (np.arange(n) * 7) % 26
       return np.stack([np.full(n, synthetic.BOS), synthetic.FIRST_LETTER + letters,
                        np.full(n, synthetic.ARROW)], axis=1).astype(np.int32)
-    return Source("synthetic", _step_keyed(make_tokens), prompts, synthetic.decode,
-                  lambda string, start=True: synthetic.encode(string, bos=start), 0.0)
+    return Source("synthetic", _step_keyed(make_tokens), prompts, SYNTHETIC_TEXT.decode,
+                  SYNTHETIC_TEXT.encode, 0.0)
 
   if d.name == "prepared":
     return _prepared_source(cfg, run_dir)
@@ -140,9 +149,8 @@ def make_source(cfg: Any, run_dir: Optional[str] = None) -> Source:
 
   def prompts(n):  # the first 16 tokens of held-out sequences
     return next(stream("validation", n, slice(None), 0, 1))["inputs"][:, :16]
-  source = Source(d.name, stream, prompts, tokenizer.decode,
-                  lambda string, start=True: tokenizer.encode(string), bytes_per_token)
-  return dataclasses.replace(source, tokenizer=tokenizer)
+  codec = Text.of(tokenizer)
+  return Source(d.name, stream, prompts, codec.decode, codec.encode, bytes_per_token, tokenizer)
 
 
 def _bytes_per_token(cfg, tokenizer, documents=500):
@@ -240,9 +248,9 @@ def _prepared_source(cfg, run_dir):
     return next(stream("validation", n, slice(None), 0, 1))["inputs"][:, :16]
   val = [meta["splits"]["validation"] for _, meta in components]
   bytes_per_token = sum(s["bytes"] for s in val) / max(sum(s["tokens"] for s in val), 1)
-  return Source("prepared", stream, prompts, tokenizer.decode,
-                lambda string, start=True: tokenizer.encode(string), bytes_per_token, tokenizer,
-                validation_tokens=sum(s["tokens"] for s in val))
+  codec = Text.of(tokenizer)
+  return Source("prepared", stream, prompts, codec.decode, codec.encode, bytes_per_token,
+                tokenizer, validation_tokens=sum(s["tokens"] for s in val))
 
 
 def _identity(example):

@@ -18,7 +18,8 @@ import tempfile
 from absl import app, flags
 
 from benchmarks import common
-from ftjax.configs import ConfigError, default_config, resolve
+from ftjax.configs import default_config, resolve
+from ftjax.errors import ConfigError
 from launch import dryrun
 
 _BITS = flags.DEFINE_list("bits", ["8", "12", "16", "20"], "H values.")

@@ -26,13 +26,9 @@ import orbax.checkpoint as ocp
 from ftjax import integrity, storage
 from ftjax.integrity import CHECKSUMS, CHECKSUMS_SINCE, COMMIT_MARKER, verify_files, write_checksums
 from ftjax.configs import default_config, resolve
-from ftjax.metrics import WriteError
+from ftjax.errors import CheckpointError, SaveError
 
 PathLike = Union[str, os.PathLike]  # a directory: a str or a pathlib.Path
-
-
-class CheckpointError(RuntimeError):
-  """A run directory without a usable checkpoint; the message names the directory."""
 
 
 def require_storage(path: PathLike) -> None:
@@ -42,11 +38,6 @@ def require_storage(path: PathLike) -> None:
     storage.use_bucket(path)
   except storage.StorageError as e:
     raise CheckpointError(str(e)) from None
-
-
-class SaveError(WriteError):
-  """A checkpoint (or another file of the run) could not be written; the message is one line:
-  the cause, the step not saved, the newest complete checkpoint and what to do."""
 
 
 def _path_name(path: tuple) -> str:

@@ -39,6 +39,7 @@ import ml_dtypes
 import numpy as np
 
 from ftjax import chat_template
+from ftjax.errors import HFError
 from ftjax.run import (CONFIG_PY, HF_CONFIG_FILE, HF_TOKENIZER_DIR as TOKENIZER_DIR, checkpoints_dir,
                        write_config, write_run_checksums)
 
@@ -61,10 +62,6 @@ _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # (name, shape, dtype, fetch): one tensor to write; fetch() returns its array.
 TensorSpec = tuple[str, tuple, Any, Callable[[], Any]]
-
-
-class HFError(ValueError):
-  """A checkpoint ftjax cannot import as it is; the message (one line) names what and why."""
 
 
 # ----------------------------------------------------------------------------- safetensors

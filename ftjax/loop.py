@@ -17,14 +17,11 @@ import numpy as np
 from ftjax import (distributed, metrics as metrics_lib, preflight, sampling, sharding, storage,
                    trackers, train)
 from ftjax.configs import config_changes, profile_steps, tracker_names
+from ftjax.errors import NonFiniteError, SaveError
 from ftjax.model import make_model
 from ftjax.trainer import Trainer
 
 LOG2 = math.log(2)
-
-
-class NonFiniteError(RuntimeError):
-  """Raised by the loop with train.on_nonfinite="stop"; the message names the step."""
 
 
 def format_progress(step: int, total: int, m: dict, tokens_per_step: int) -> str:
@@ -430,7 +427,6 @@ def _save_after_error(error, manager, state, stream, finished, start, cfg):
   a failed save or a full disk (the storage is the problem), without a consistent stream
   position, or after non-finite steps under train.on_nonfinite=stop."""
   full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
-  from ftjax.checkpoint import SaveError
   if (finished is None or finished <= start or jax.process_count() > 1 or full or
       isinstance(error, (SaveError, NonFiniteError))):
     return

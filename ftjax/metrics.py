@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ftjax.errors import WriteError
+
 
 def block_matmul_params(m: Any) -> int:
   """Weights per decoder block that enter matmuls (attention + SwiGLU)."""
@@ -59,11 +61,6 @@ def measure_matmul_peak(dtype: Any = jnp.float32, size: int = 4096, repeats: int
     f(a, a).block_until_ready()
     best = min(best, time.perf_counter() - start)
   return 2 * size**3 / best
-
-
-class WriteError(RuntimeError):
-  """A file of the run could not be written (disk full, quota, permissions, I/O error); the
-  message is one line naming the file, the cause and what to do."""
 
 
 def write_error(path: str, e: OSError, step: Optional[int] = None) -> WriteError:

@@ -14,8 +14,7 @@ import jax
 import numpy as np
 
 from ftjax import configs, metrics as metrics_lib, storage, trackers
-from ftjax.configs import ConfigError
-from ftjax.data.text import CorpusError
+from ftjax.errors import ConfigError, CorpusError
 
 
 def check_before_training(trainer, workdir: str) -> None:

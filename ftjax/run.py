@@ -28,8 +28,8 @@ from typing import Any, Optional
 import jax
 
 from ftjax import checkpoint as ckpt_lib, integrity, sharding, storage
-from ftjax.checkpoint import CheckpointError
 from ftjax.data import run_text  # the text codec only: no data pipeline is built
+from ftjax.errors import CheckpointError
 from ftjax.metrics import write_error
 from ftjax.model import make_model
 from ftjax.train import init_params, init_variables  # the model's initialiser; no optimizer

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ftjax.configs import ConfigError
+from ftjax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

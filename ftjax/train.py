@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
 from ftjax import losses, sharding, zdiag
-from ftjax.configs import ConfigError
+from ftjax.errors import ConfigError
 from ftjax.fp8 import fp8_supported
 from ftjax.layers import resolve_attention_impl
 from ftjax.model import Transformer, make_model, unembed_kernel

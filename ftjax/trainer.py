@@ -13,6 +13,7 @@ import numpy as np
 
 from ftjax import data as data_lib
 from ftjax import distributed, sharding, train
+from ftjax.errors import CheckpointError
 from ftjax.model import Transformer
 
 STOP_EVERY = 16  # evaluation batches between two stop checks with several processes
@@ -137,7 +138,7 @@ def load_run(workdir: str, step: Optional[int] = None, mesh: Optional[dict] = No
     try:
       state, _ = manager.restore(chosen, wanted if optimizer else
                                  checkpoint.without_optimizer(wanted))
-    except checkpoint.CheckpointError as e:
+    except CheckpointError as e:
       raise run.older_steps_note(e, workdir, chosen) from None
   finally:
     manager.close()

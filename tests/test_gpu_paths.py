@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from ftjax import fp8, layers, train
-from ftjax.configs import ConfigError
 from ftjax.data import make_source
+from ftjax.errors import ConfigError
 from ftjax.trainer import Trainer
 from tests.conftest import resolved
 

@@ -12,7 +12,7 @@ import pytest
 
 from ftjax import checkpoint, configs, loop, metrics
 from ftjax.data import prepared
-from ftjax.data.text import CorpusError
+from ftjax.errors import CorpusError
 from ftjax.trainer import Trainer
 from tests.conftest import resolved
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ftjax import layers, sharding, train
-from ftjax.configs import ConfigError
+from ftjax.errors import ConfigError
 from ftjax.model import make_model
 from ftjax.trainer import Trainer
 from tests.conftest import resolved

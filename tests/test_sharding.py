@@ -6,8 +6,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from ftjax import sharding
+from ftjax.errors import ConfigError
 from ftjax.trainer import Trainer
-from ftjax.configs import ConfigError
 from tests.conftest import resolved
 
 MESHES = {"data2_fsdp2_tensor2": (2, 2, 2), "fsdp8": (1, 8, 1)}

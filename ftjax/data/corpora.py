@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from ftjax.data import text
+from ftjax.errors import CorpusError
 
 HELD_OUT_EVERY = 20
 DEFAULT_DATA_DIR = os.path.join("~", ".cache", "ftjax", "datasets")
@@ -80,7 +81,7 @@ def data_dir(path=""):
 def prepare(name, path=""):
   """Builds corpus `name` into array_record files under `data_dir(path)` (once)."""
   if name not in BUILDERS:
-    raise text.CorpusError(f"unknown corpus {name!r}; known: {sorted(BUILDERS)}")
+    raise CorpusError(f"unknown corpus {name!r}; known: {sorted(BUILDERS)}")
   builder = BUILDERS[name](data_dir=data_dir(path), file_format="array_record")
   builder.download_and_prepare()
   return builder
@@ -89,6 +90,6 @@ def prepare(name, path=""):
 def data_source(name, split, path=""):
   """Random-access source of {'text': bytes} examples; prepares the corpus at first use."""
   if name not in BUILDERS:
-    raise text.CorpusError(f"unknown corpus {name!r}; known: {sorted(BUILDERS)}")
+    raise CorpusError(f"unknown corpus {name!r}; known: {sorted(BUILDERS)}")
   return prepare(name, path).as_data_source(split=split)
 

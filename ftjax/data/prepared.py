@@ -34,7 +34,7 @@ import time
 import numpy as np
 
 from ftjax.data import tokenizers
-from ftjax.data.text import CorpusError
+from ftjax.errors import CorpusError
 
 FORMAT = "ftjax.prepared/1"
 METADATA = "metadata.json"

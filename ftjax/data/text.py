@@ -12,14 +12,12 @@ from typing import Any
 
 import numpy as np
 
+from ftjax.errors import CorpusError
+
 PAD, BOS, EOS = 0, 1, 2
 BYTE_OFFSET = 3
 VOCAB_SIZE = BYTE_OFFSET + 256
 SPLITS = {"train": 0, "validation": 1}
-
-
-class CorpusError(RuntimeError):
-  """A corpus that is missing or unreadable; the message says how to get it."""
 
 
 def encode(text: str) -> np.ndarray:

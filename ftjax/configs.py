@@ -36,9 +36,10 @@ TRACKERS = ("tensorboard", "wandb")
 ONEHOT_CHUNK_BYTES = 2 * 2**30  # bound on one backward chunk of the one-hot post-sampler
 
 
-FILE_SYSTEM_ONLY = ("ftjax reads data, tokenizers and checkpoints to import through the file "
-                    "system (run directories may be gs:// or s3://): give a path that every "
-                    "process sees (local disk, NFS, Filestore, Lustre or a mounted bucket)")
+FILE_SYSTEM_ONLY = ("this path is read through the file system (run directories, prepared data "
+                    "and the import/export launchers' directories may be gs:// or s3://): give "
+                    "a path that every process sees (local disk, NFS, Filestore, Lustre or a "
+                    "mounted bucket)")
 
 
 def url_error(path):
@@ -396,11 +397,13 @@ def _check_data(cfg):
   _require(d.loader == "grain" or d.name != "python_stdlib", "data.loader",
            "data.name='python_stdlib' is read with data.loader='grain'")
   _require(not (d.path and d.mixture), "data.mixture", "set data.path or data.mixture, not both")
-  paths = [("data.path", d.path), ("data.data_dir", d.data_dir), ("data.tokenizer", d.tokenizer)]
-  if d.mixture:
-    paths += [("data.mixture", path) for path, _ in parse_mixture(d.mixture)]  # or ConfigError
-  for key, path in paths:
+  for key, path in [("data.data_dir", d.data_dir), ("data.tokenizer", d.tokenizer)]:
     _require(not url_error(path), key, url_error(path))
+  prepared = [("data.path", d.path)]  # local, gs:// or s3://
+  if d.mixture:
+    prepared += [("data.mixture", path) for path, _ in parse_mixture(d.mixture)]  # or ConfigError
+  for key, path in prepared:
+    _require(not storage.unsupported(path), key, storage.unsupported(path))
   if d.name == "prepared":  # the data itself is checked when the source is made (dry runs
     return  # need none): its tokenizer against data.tokenizer, its vocabulary against the model
   _require(not d.path and not d.mixture, "data.path",

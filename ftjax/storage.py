@@ -165,24 +165,89 @@ def files_under(directory: PathLike) -> list[str]:
   return sorted(f[len(prefix):] for f in fs.find(prefix) if f.startswith(prefix))
 
 
+def glob(pattern: str) -> list[str]:
+  """The files matching `pattern` (`**` crosses folders), sorted; URLs for a bucket pattern."""
+  if not is_url(pattern):
+    import glob as glob_lib
+    return sorted(f for f in glob_lib.glob(os.path.expanduser(pattern), recursive=True)
+                  if os.path.isfile(f))
+  fs, key = _fs(pattern)
+  found = fs.glob(key, detail=True)
+  return sorted(f"{scheme(pattern)}://{name}" for name, info in found.items()
+                if info.get("type") == "file")
+
+
 def local_copy(p: PathLike) -> str:
-  """A local path holding the file `p` (itself when local; a bucket's file is downloaded once
-  into a cache folder of this process): for libraries that read files by name (tokenizers)."""
+  """A local path holding the file `p`, for libraries that read files by name (tokenizers,
+  array_record shards, safetensors): `p` itself when local; a bucket's file is downloaded into
+  the cache folder (`FTJAX_CACHE_DIR`, kept across runs; default a temporary folder of this
+  process) unless a copy of the same size is already there."""
   if not is_url(p):
     return str(p)
-  url = parse.urlparse(str(p))
-  target = os.path.join(_cache_dir(), url.netloc, url.path.lstrip("/"))
-  if not os.path.exists(target):
+  target = _cached(p)
+  if not (os.path.exists(target) and os.path.getsize(target) == size(p)):
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    write_bytes(target, read_bytes(p))
+    fs, key = _fs(p)
+    tmp = f"{target}.tmp{os.getpid()}"
+    fs.get_file(key, tmp)
+    os.replace(tmp, target)
   return target
+
+
+def local_tree(directory: PathLike) -> str:
+  """A local folder holding every file under `directory` (itself when local; a bucket's files are
+  copied as `local_copy` copies one)."""
+  if not is_url(directory):
+    return str(directory)
+  names = files_under(directory)
+  if not names:
+    raise FileNotFoundError(f"{directory}: no files")
+  for rel in names:
+    local_copy(join(directory, rel))
+  return _cached(directory)
+
+
+def _cached(url: PathLike) -> str:
+  """Where the cache folder keeps the bucket file or folder `url`."""
+  parts = parse.urlparse(str(url))
+  return os.path.join(_cache_dir(), scheme(url), parts.netloc, parts.path.strip("/"))
+
+
+def upload_tree(local: str, directory: PathLike, last: tuple = (), only: tuple = ()) -> None:
+  """Copies every file under the local folder `local` (or `only` these, relative to it) to
+  `directory` (a bucket prefix or a local folder), skipping those already there with the same
+  size; the names in `last` go last (a marker such as metadata.json: a reader that sees it sees
+  the rest)."""
+  names = list(only) or files_under(local)
+  names = [n for n in names if n not in last] + [n for n in names if n in last]
+  for rel in names:
+    source, target = os.path.join(local, rel), join(directory, rel)
+    if exists(target) and size(target) == os.path.getsize(source):
+      continue
+    makedirs(os.path.dirname(target))
+    if is_url(target):
+      fs, key = _fs(target)
+      fs.put_file(source, key)
+    else:
+      shutil.copyfile(source, target)
+
+
+def join(directory: PathLike, *names: str) -> str:
+  """`directory`/names, with `/` on a bucket."""
+  if is_url(directory):
+    return "/".join([str(directory).rstrip("/"), *names])
+  return os.path.join(directory, *names)
 
 
 def _cache_dir() -> str:
   global _CACHE
   if _CACHE is None:
-    _CACHE = tempfile.mkdtemp(prefix="ftjax-bucket-files-")
-    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+    _CACHE = os.environ.get("FTJAX_CACHE_DIR") or ""
+    if _CACHE:
+      os.makedirs(_CACHE, exist_ok=True)
+    else:
+      _CACHE = tempfile.mkdtemp(prefix="ftjax-bucket-files-")
+      atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
   return _CACHE
 
 

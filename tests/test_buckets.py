@@ -160,3 +160,65 @@ def test_a_missing_bucket_or_credentials_is_one_line_before_compiling(bucket, ca
   assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
   assert ("does not exist" if case == "no bucket" else "credentials") in lines[0]
   assert "compiling" not in result.stdout
+
+
+# ---------------------------------------------------------------------------- data on a bucket
+
+def _upload_corpus(root, local):
+  import gzip
+  import json
+  with gzip.open(local / "a.jsonl.gz", "wt", encoding="utf-8") as f:
+    for i in range(60):
+      f.write(json.dumps({"text": f"document {i} " + "ab" * (i % 7)}) + "\n")
+  (local / "b.txt").write_text("\n".join(f"line {i} of b" for i in range(30)), encoding="utf-8")
+  for name in ("a.jsonl.gz", "b.txt"):
+    storage.write_bytes(storage.join(root, "in", name), (local / name).read_bytes())
+
+
+def test_prepared_data_read_and_written_on_a_bucket_equals_the_local_one(bucket, tiny_cfg,
+                                                                          tmp_path):
+  from ftjax.data import make_source, prepared
+  from tests.test_prepared import _cfg
+  root = bucket.url()
+  _upload_corpus(root, tmp_path)
+  settings = dict(tokenizer="bytes", text_unit="line", docs_per_shard=16, validation_every=5)
+  inputs = prepared.match_inputs(storage.join(root, "in", "*"))
+  assert inputs == [storage.join(root, "in", "a.jsonl.gz"), storage.join(root, "in", "b.txt")]
+  remote = storage.join(root, "data")
+  meta = prepared.prepare(prepared.Settings(inputs=tuple(inputs), **settings), remote)
+  local = prepared.prepare(prepared.Settings(
+      inputs=(str(tmp_path / "a.jsonl.gz"), str(tmp_path / "b.txt")), **settings),
+      str(tmp_path / "data"))
+  assert meta["splits"] == local["splits"]
+  assert sorted(storage.files_under(remote)) == sorted(storage.files_under(str(tmp_path / "data")))
+  for split in prepared.SPLITS:  # read back through the cache folder, record for record
+    a = prepared.ShardSource(remote, split, prepared.load_metadata(remote))
+    b = prepared.ShardSource(str(tmp_path / "data"), split, local)
+    assert len(a) == len(b) > 0
+    for i in range(len(a)):
+      np.testing.assert_array_equal(a[i]["tokens"], b[i]["tokens"])
+  # An interrupted preparation (no metadata.json, a chunk's part missing) resumes on the bucket.
+  storage.remove(storage.join(remote, prepared.METADATA))
+  storage.remove(storage.join(remote, "parts", "00000-00001.json"))
+  lines = []
+  again = prepared.prepare(prepared.Settings(inputs=tuple(inputs), **settings), remote,
+                           progress=lines.append)
+  assert again == meta and "1 chunks written (5 done before)" in lines[-1]
+  # Training batches from the bucket, alone and in a mixture, equal the local directory's.
+  for key, value in (("data.path", remote), ("data.mixture", f"{remote}:1,{tmp_path}/data:1")):
+    want = "data.path" if key == "data.path" else "data.mixture"
+    local_value = value.replace(remote, str(tmp_path / "data"))
+    batches = []
+    for v in (value, local_value):
+      stream = make_source(_cfg(tiny_cfg, **{want: v})).stream("train", 4, slice(None), 0, 1)
+      batches.append([next(stream)["inputs"] for _ in range(2)])
+      stream.close()
+    np.testing.assert_array_equal(batches[0], batches[1])
+
+
+def test_a_missing_data_bucket_is_one_data_error(bucket, tiny_cfg):
+  from ftjax.data import make_source
+  from ftjax.data.text import CorpusError
+  from tests.test_prepared import _cfg
+  with pytest.raises(CorpusError, match="does not exist"):
+    make_source(_cfg(tiny_cfg, **{"data.path": f"{bucket.scheme}://no-such-bucket/data"}))

@@ -72,8 +72,9 @@ BAD_OVERRIDES = [
     ("--config.model.attention_impl=flash", "model.attention_impl"),
     ("--config.model.param_dtype=int8", "model.param_dtype"),
     ("--config.train.grad_accum_steps=3", "train.grad_accum_steps"),
-    ("--config.data.mixture=gs://bucket/web:0.7,data/code:0.3",
-     "data.mixture: gs://bucket/web is a URL"),
+    ("--config.data.mixture=hdfs://cluster/web:0.7,data/code:0.3",
+     "data.mixture: hdfs://cluster/web: only local paths, gs:// and s3://"),
+    ("--config.data.data_dir=gs://bucket/tfds", "data.data_dir: gs://bucket/tfds is a URL"),
 ]
 
 

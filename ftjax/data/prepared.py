@@ -19,20 +19,24 @@ validation split is never empty.
 
 A re-run skips the chunks whose `parts/*.json` exists; shards are written under a temporary name
 and renamed when complete, so an interrupted run leaves no shard and no metadata that looks
-complete.
+complete. On a bucket (`gs://`, `s3://`) the directory is written through a local staging folder:
+each chunk's shards are uploaded, then its `parts/*.json`, and metadata.json last; readers copy
+the shards they open into the local cache folder (`storage.local_copy`).
 """
 
 import dataclasses
-import glob
 import gzip
 import json
 import multiprocessing
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
 
+from ftjax import storage
 from ftjax.data import tokenizers
 from ftjax.errors import CorpusError
 
@@ -71,17 +75,23 @@ def load_metadata(path):
     raise CorpusError("no prepared data given: set data.path (make it with "
                       f"`{PREPARE_COMMAND}`)")
   path = os.path.expanduser(path)
-  meta_path = os.path.join(path, METADATA)
-  if not os.path.exists(meta_path):
-    what = ("preparation did not finish: run launch.prepare_data again with the same flags"
-            if os.path.exists(os.path.join(path, PLAN)) else
-            f"not a prepared directory: make it with `{PREPARE_COMMAND}`")
-    raise CorpusError(f"{path}: no {METADATA} ({what})")
+  meta_path = storage.join(path, METADATA)
   try:
-    with open(meta_path, encoding="utf-8") as f:
-      meta = json.load(f)
+    storage.use_bucket(path)
+  except storage.StorageError as e:
+    raise CorpusError(str(e)) from None
+  try:
+    found = storage.exists(meta_path)
+    if not found:
+      what = ("preparation did not finish: run launch.prepare_data again with the same flags"
+              if storage.exists(storage.join(path, PLAN)) else
+              f"not a prepared directory: make it with `{PREPARE_COMMAND}`")
+    else:
+      meta = json.loads(storage.read_bytes(meta_path))
   except (OSError, json.JSONDecodeError) as e:
     raise CorpusError(f"{meta_path}: unreadable ({e})") from e
+  if not found:
+    raise CorpusError(f"{path}: no {METADATA} ({what})")
   if meta.get("format") != FORMAT:
     raise CorpusError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
   return meta
@@ -92,10 +102,14 @@ def tokenizer_of(path, meta):
   tok = meta["tokenizer"]
   if tok["kind"] == "bytes":
     return tokenizers.ByteTokenizer()
-  file = os.path.join(os.path.expanduser(path), tokenizers.RUN_FILES[tok["kind"]])
+  file = storage.join(os.path.expanduser(path), tokenizers.RUN_FILES[tok["kind"]])
   try:
-    loaded = (tokenizers.SentencePieceTokenizer(file) if tok["kind"] == "sentencepiece" else
-              tokenizers.HFTokenizer(file, eos_token=_eos_token(tok)))
+    local = storage.local_copy(file)
+  except OSError as e:
+    raise CorpusError(f"{file}: cannot read the prepared directory's tokenizer ({e})") from e
+  try:
+    loaded = (tokenizers.SentencePieceTokenizer(local) if tok["kind"] == "sentencepiece" else
+              tokenizers.HFTokenizer(local, eos_token=_eos_token(tok)))
   except tokenizers.TokenizerError as e:
     raise CorpusError(str(e)) from e
   if loaded.sha256 != tok["sha256"]:
@@ -119,9 +133,10 @@ class ShardSource:
       raise CorpusError(f"{path}: the {split} split holds no documents")
     files = []
     for entry in entries:
-      file = os.path.join(os.path.expanduser(path), entry["file"])
+      file = storage.join(os.path.expanduser(path), entry["file"])
       try:
-        reader = arm.ArrayRecordReader(file)
+        local = storage.local_copy(file)
+        reader = arm.ArrayRecordReader(local)
         count = reader.num_records()
         first = reader.read([0])[0] if count else b""
         reader.close()
@@ -133,7 +148,7 @@ class ShardSource:
       if count != entry["documents"]:
         raise CorpusError(f"shard {file} holds {count} records, {METADATA} says "
                           f"{entry['documents']}: corrupt or truncated (prepare it again)")
-      files.append(file)
+      files.append(local)
     self._source = grain.sources.ArrayRecordDataSource(files)
     self.path = path
 
@@ -147,8 +162,10 @@ class ShardSource:
 # ------------------------------------------------------------------------------------- inputs
 
 def match_inputs(pattern):
-  files = sorted(f for f in glob.glob(os.path.expanduser(pattern), recursive=True)
-                 if os.path.isfile(f))
+  try:
+    files = storage.glob(pattern)
+  except OSError as e:
+    raise CorpusError(f"--input={pattern!r}: cannot list ({e})") from e
   if not files:
     raise CorpusError(f"--input={pattern!r} matches no file")
   return files
@@ -176,8 +193,9 @@ def read_documents(path, fmt="auto", text_key="text", text_unit="file"):
   of a bad one."""
   fmt = file_format(path, fmt)
   try:
+    local = storage.local_copy(path)  # a bucket's file: downloaded into the cache folder
     if fmt == "jsonl":
-      with _open_text(path) as f:
+      with _open_text(local) as f:
         for number, line in enumerate(f, 1):
           if not line.strip():
             continue
@@ -193,7 +211,7 @@ def read_documents(path, fmt="auto", text_key="text", text_unit="file"):
     elif fmt == "parquet":
       import pyarrow.parquet as pq
       try:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(local)
       except Exception as e:  # pyarrow raises ArrowInvalid and friends
         raise CorpusError(f"{path}: not a readable Parquet file ({e})") from e
       if text_key not in parquet.schema_arrow.names:
@@ -204,7 +222,7 @@ def read_documents(path, fmt="auto", text_key="text", text_unit="file"):
           if value is not None:
             yield value
     elif fmt == "text":
-      with _open_text(path) as f:
+      with _open_text(local) as f:
         if text_unit == "file":
           yield f.read()
         else:
@@ -336,12 +354,41 @@ def _write_json(path, value):
 
 
 def prepare(settings, out, num_workers=1, progress=None, progress_every=2.0):
-  """Tokenises `settings.inputs` into the prepared directory `out`; returns its metadata.
+  """Tokenises `settings.inputs` into the prepared directory `out` (a local folder or a gs:// /
+  s3:// prefix); returns its metadata.
 
   `num_workers` processes tokenise chunks in parallel (1: in this process). `progress(line)` is
-  called at most every `progress_every` seconds and at the end. Raises CorpusError (bad input, tokenizer, or an `out` that
-  holds another preparation).
+  called at most every `progress_every` seconds and at the end. Raises CorpusError (bad input,
+  tokenizer, or an `out` that holds another preparation).
   """
+  if not storage.is_url(out):
+    return _prepare_in(settings, out, out, num_workers, progress, progress_every)
+  stage = tempfile.mkdtemp(prefix="ftjax-prepare-")
+  try:  # the bucket's plan and finished chunks first: a re-run resumes as it does locally
+    os.makedirs(os.path.join(stage, "parts"))
+    for rel in [PLAN, *(f"parts/{n}" for n in storage.listdir(storage.join(out, "parts")))]:
+      if storage.exists(storage.join(out, rel)):
+        storage.write_bytes(os.path.join(stage, rel), storage.read_bytes(storage.join(out, rel)))
+
+    def upload_chunk(chunk_id, counts):  # its shards, then its part (which marks it done)
+      for c in counts.values():
+        if c["file"]:
+          storage.upload_tree(stage, out, only=(c["file"],))
+          os.remove(os.path.join(stage, c["file"]))
+      storage.upload_tree(stage, out, only=(f"parts/{chunk_id}.json",))
+
+    meta = _prepare_in(settings, stage, out, num_workers, progress, progress_every, upload_chunk)
+    storage.upload_tree(stage, out, last=(METADATA,))
+    return meta
+  except OSError as e:
+    raise CorpusError(f"{out}: cannot write the prepared directory ({e})") from e
+  finally:
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+def _prepare_in(settings, out, shown, num_workers, progress, progress_every, chunk_done=None):
+  """`prepare` into the local folder `out` (`shown`: its name in messages); `chunk_done(chunk_id,
+  counts)` is called in this process after each chunk is written."""
   settings.check()
   try:
     tok = tokenizers.load(settings.tokenizer, settings.eos_token or None)
@@ -356,7 +403,7 @@ def prepare(settings, out, num_workers=1, progress=None, progress_every=2.0):
       old = json.load(f)
     if old != plan:
       changed = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
-      raise CorpusError(f"{out} holds a preparation with other settings ({', '.join(changed)}): "
+      raise CorpusError(f"{shown} holds a preparation with other settings ({', '.join(changed)}): "
                         "use another --output")
   else:
     _write_json(plan_path, plan)
@@ -368,16 +415,19 @@ def prepare(settings, out, num_workers=1, progress=None, progress_every=2.0):
   done = {name.removesuffix(".json") for name in os.listdir(os.path.join(out, "parts"))
           if name.endswith(".json")}
   skipped = len(done)
-  start, written, tokens, shown = time.monotonic(), 0, 0, 0.0
+  start, written, tokens, shown_at = time.monotonic(), 0, 0, 0.0
 
-  def finished(counts, last=False):
-    nonlocal written, tokens, shown
-    if counts is not None:
+  def finished(result, last=False):
+    nonlocal written, tokens, shown_at
+    if result is not None:
+      chunk_id, counts = result
+      if chunk_done:
+        chunk_done(chunk_id, counts)
       written += 1
       tokens += sum(c["tokens"] for c in counts.values())
     now = time.monotonic()
-    if progress and (last or now - shown >= progress_every):
-      shown = now
+    if progress and (last or now - shown_at >= progress_every):
+      shown_at = now
       progress(f"{written} chunks written ({skipped} done before), {tokens:,} tokens, "
                f"{tokens / max(now - start, 1e-9):,.0f} tokens/s")
 
@@ -385,7 +435,7 @@ def prepare(settings, out, num_workers=1, progress=None, progress_every=2.0):
   if num_workers <= 1:
     _init_worker(settings.tokenizer, settings.eos_token)
     for chunk_id, docs in chunks:
-      finished(_write_chunk(out, chunk_id, docs)[1])
+      finished(_write_chunk(out, chunk_id, docs))
   else:
     context = multiprocessing.get_context("spawn")  # no forked jax/grain state in the workers
     with context.Pool(num_workers, _init_worker, (settings.tokenizer, settings.eos_token)) as pool:
@@ -393,9 +443,9 @@ def prepare(settings, out, num_workers=1, progress=None, progress_every=2.0):
       for chunk_id, docs in chunks:
         pending.append(pool.apply_async(_write_chunk, (out, chunk_id, docs)))
         while len(pending) >= 2 * num_workers:  # bounded: the corpus is never all in memory
-          finished(pending.pop(0).get()[1])
+          finished(pending.pop(0).get())
       for result in pending:
-        finished(result.get()[1])
+        finished(result.get())
   finished(None, last=True)
   if not any(name.endswith(".json") for name in os.listdir(os.path.join(out, "parts"))):
     raise CorpusError(f"no documents in the {len(settings.inputs)} input files")

@@ -13,9 +13,10 @@ experiments/kappa_study.py's after_point) and writes under --out:
                   permutation p-values over the Z-group labels, and the stricter checks of
                   synthetic_study.strict_stats on the uniform-Z samples;
   groups.csv      per (post-sampler, κ or target): mean and sample standard deviation over the
-                  seeds of each metric, the number of seeds, and the paired difference to the
-                  baseline of the same seed (mean ± std over seeds);
-  groups.md       groups.csv as the markdown table of experiments/README.md section 4;
+                  seeds of each metric, the number of seeds, the number of seeds whose position
+                  permutation p is below 0.05 (p-values are counted, not averaged), and the paired
+                  difference to the baseline of the same seed (mean ± std over seeds);
+  groups.md       groups.csv as the markdown table of experiments/studies/kappa.md;
   controller.csv  the target-rate runs: mean train KL over the second half of the run against
                   the target (within 10 %?), and at 1 bit the comparison with fixed κ = 1 bit;
   results.json    all of it, plus the device and the source.
@@ -48,6 +49,8 @@ GROUP_METRICS = ("eval_ce", "eval_elbo", "eval_kl_bits", "eval_z_use", "eval_z_m
                  "position_p", "noise_jaccard_same_minus_other", "noise_jaccard_p",
                  "uniform_in_block_bang", "uniform_strict_well_formed", "uniform_start_uniform_p",
                  "uniform_start_max", "well_formed_uniform", "train_kl_bits_2nd_half")
+ALPHA = 0.05
+POSITION_SEEDS = "position_p_seeds_below_0.05"  # groups(): seeds whose position p < ALPHA
 
 
 def read_run(run_dir, draws):
@@ -127,6 +130,9 @@ def groups(runs):
       mean, std, n = mean_std([r.get(m) for r in rs])
       if n:
         row[f"{m}_mean"], row[f"{m}_std"], row[f"{m}_n"] = mean, std, n
+    ps = [p for p in (r.get("position_p") for r in rs) if isinstance(p, (int, float)) and p == p]
+    if ps:
+      row[POSITION_SEEDS] = sum(p < ALPHA for p in ps)
     if key[0] != "baseline":
       for m in ("eval_ce", "eval_elbo"):
         diffs = [r[m] - base[r["seed"]][m] for r in rs
@@ -209,26 +215,32 @@ def point_label(g):
   return f"{sampler} κ {value}" if g["knob"] == "kappa_bits" else f"{sampler} target {value} bit"
 
 
-# (groups() metric, column, digits, sign); p is the mean of the seeds' permutation p-values.
+# (groups() metric, column, digits, sign); the position p-values are shown as the number of seeds
+# below ALPHA out of the seeds tested (a mean of p-values is not a p-value).
 MARKDOWN_COLUMNS = (("eval_ce", "eval CE", 3, ""),
                     ("eval_ce_minus_baseline", "CE − baseline", 3, "+"),
                     ("eval_elbo", "ELBO", 3, ""),
                     ("eval_kl_bits", "KL bits", 2, ""),
                     ("eval_z_use", "Z use", 3, ""),
                     ("position_same_minus_other", "position", 3, "+"),
-                    ("position_p", "p (mean)", 4, ""),
+                    ("position_p", "seeds p < 0.05", 0, ""),
                     ("uniform_in_block_bang", "in-block !", 3, ""),
                     ("uniform_strict_well_formed", "strict", 2, ""))
 
 
 def markdown_table(grouped):
-  """groups() as the markdown table of experiments/README.md section 4 (mean ± std over seeds;
-  CE − baseline: the paired difference to the same seed's baseline)."""
+  """groups() as the markdown table of experiments/studies/kappa.md (mean ± std over seeds;
+  CE − baseline: the paired difference to the same seed's baseline; position p: seeds below
+  ALPHA of the seeds tested)."""
   lines = ["| run | seeds | " + " | ".join(c[1] for c in MARKDOWN_COLUMNS) + " |",
            "|---" * (2 + len(MARKDOWN_COLUMNS)) + "|"]
+
+  def count(g):
+    return f"{g[POSITION_SEEDS]} of {g['position_p_n']}" if POSITION_SEEDS in g else "–"
   for g in grouped:
-    cells = [cell(g.get(f"{key}_mean"), None if key == "position_p" else g.get(f"{key}_std"),
-                  digits, sign) for key, _, digits, sign in MARKDOWN_COLUMNS]
+    cells = [count(g) if key == "position_p" else
+             cell(g.get(f"{key}_mean"), g.get(f"{key}_std"), digits, sign)
+             for key, _, digits, sign in MARKDOWN_COLUMNS]
     lines.append(f"| {point_label(g)} | {g['seeds']} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
@@ -291,7 +303,8 @@ def main(argv=None):
     ce = g.get("eval_ce_mean")
     print(f"  {g['post_sampler']:8s} {g['knob']:11s} {g['value']!s:8s} seeds {g['seeds']:6s} "
           f"eval_ce {ce if ce is None else round(ce, 4)} KL bits "
-          f"{g.get('eval_kl_bits_mean')} position p {g.get('position_p_mean')}")
+          f"{g.get('eval_kl_bits_mean')} seeds with position p < {ALPHA}: "
+          f"{g.get(POSITION_SEEDS, '-')} of {g.get('position_p_n', 0)}")
 
 
 if __name__ == "__main__":

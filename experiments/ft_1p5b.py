@@ -1,4 +1,5 @@
-"""The paper's 1.5B-class Free Transformer (Llama-3-style shape; PAPER_NUMBERS.md)."""
+"""A 1.5B-class Free Transformer, the smaller scale of the paper (F. Fleuret, The Free Transformer,
+arXiv 2510.17558), in a Llama-3-style shape whose widths are this project's choice."""
 
 from ftjax.configs import default_config
 

@@ -1,4 +1,5 @@
-"""The paper's 8B Free Transformer (Llama-3-8B shape; PAPER_NUMBERS.md)."""
+"""The 8B Free Transformer of the paper (F. Fleuret, The Free Transformer, arXiv 2510.17558):
+the Llama-3-8B shape."""
 
 from experiments import ft_1p5b
 

@@ -10,7 +10,7 @@ fresh sample sets (sampling seeds 1, 2, ...; the main job itself used seed 0) an
 agreement and p for the same block position, the distance between block starts and the '!'
 overlap, and the sampling wall time. Then <out>_summary.csv, per (run, design): how many sets pass
 each test and any of them at p < 0.05 / 3 (0.05 shared by the three tests, Bonferroni, as in
-experiments/README.md section 5a), an estimate of each test's power on that model, and the median
+experiments/studies/main_job.md), an estimate of each test's power on that model, and the median
 of each p.
 """
 

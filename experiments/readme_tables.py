@@ -1,4 +1,5 @@
-"""The tables quoted in experiments/README.md, computed from the committed result files.
+"""The tables of experiments/studies/synthetic_400.md and synthetic_long.md, computed from the
+committed result files.
 
   python -m experiments.readme_tables --out=experiments/results/readme
 

@@ -5,7 +5,7 @@
 
 from experiments import synthetic
 
-KAPPA_BITS = (1 / 64, 1 / 16, 1 / 4, 1, 4)  # PAPER_NUMBERS.md: from "Z unused" to "Z copies"
+KAPPA_BITS = (1 / 64, 1 / 16, 1 / 4, 1, 4)  # from "Z unused" to "Z copies" (arXiv 2510.17558)
 NUM_BITS = (4, 8, 16)
 
 

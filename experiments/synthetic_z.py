@@ -7,9 +7,9 @@ groups, the share of pairs with the same block position and the overlap of their
 Differences from experiments/synthetic.py (the paper-like study config):
 - the target-rate KL control (a multiplier β on the mean KL, adapted toward 1/4 bit per token)
   instead of the free-bits hinge, started at β = 0.01: while β is small the KL is nearly free, the
-  encoder spends up to 3 bits per token and the decoder starts reading Z by step 300-400; then β
-  rises and brings the KL back to the target. Under the hinge at κ = 1 bit the same model only
-  starts reading Z at step 800-900 (experiments/README.md, section 5);
+  encoder spends up to 3 bits per token and the decoder starts reading Z by step 200-700 (7 runs);
+  then β rises and brings the KL back to the target. Under the hinge at κ = 1 bit the same model
+  only starts reading Z at step 800-900 (experiments/studies/main_job.md);
 - the per-bit post-sampler (H × D instead of 2^H × D: about 2× faster steps here) started at
   random, not zero, so that the encoder gets a gradient from the first step;
 - 16 sequences per step and a higher learning rate.

@@ -12,7 +12,7 @@ Writes under --out:
               4-block baseline and to the 5-block control of the same corpus and seed (mean, std,
               number of seeds). A difference whose mean is inside about one std of zero is noise
               at this number of seeds;
-  groups.md   groups.csv as the markdown table of experiments/README.md section 3;
+  groups.md   groups.csv as the markdown table of experiments/studies/text.md;
   curves.csv  one row per run and eval step (the same metrics), e.g. eval_bpb over training
               (experiments/z_onset.py reads the onset of Z use from the runs).
 Runs short of their configured steps are listed in runs.csv and left out of groups.csv.
@@ -89,7 +89,7 @@ def groups(runs):
 
 
 def markdown_table(summary):
-  """groups() as the markdown table of experiments/README.md section 3."""
+  """groups() as the markdown table of experiments/studies/text.md."""
   cols = (("eval_ce", "eval_ce (nats/byte)", 4, ""), ("eval_bpb", "eval_bpb", 4, ""),
           ("eval_elbo_bpb", "ELBO (bpb)", 4, ""), ("eval_kl_bits", "KL (bits/token)", 2, ""),
           ("eval_z_use", "decoder use of Z", 4, ""),

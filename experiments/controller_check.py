@@ -1,4 +1,4 @@
-"""A short check of the target-rate KL controller on the synthetic task (issue 16): targets 1/16,
+"""A short check of the target-rate KL controller on the synthetic task: targets 1/16,
 1/4 and 1 bit per token and fixed κ = 1 bit (free bits) for comparison, 3 seeds, per-bit
 post-sampler, H = 16. Short enough for the 2-core CPU; experiments/kappa_study.py has the
 3000-step version for a GPU.

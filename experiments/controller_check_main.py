@@ -1,4 +1,4 @@
-"""The target-rate KL controller checked at the README main job's config (issue 16): targets 1/16,
+"""The target-rate KL controller checked at the README main job's config: targets 1/16,
 1/4 and 1 bit per token, β = 0.01 until the warm-up ends, and fixed κ = 1 bit (free bits) for
 comparison, 3 seeds, 1200 steps, per-bit post-sampler started at random, H = 16. It replaces the
 300-step check (controller_check.py), which stopped before the controller settles.

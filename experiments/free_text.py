@@ -1,4 +1,4 @@
-"""Issue 36: is the latent free on text at small rates? The pre-registered comparison
+"""Is the latent free on text at small rates? The pre-registered comparison
 (experiments/results/free_text/PROTOCOL.md fixes the rules; do not tune after looking):
 
   python -m launch.sweep --config=experiments/free_text.py --workdir=runs/free_text --in_process

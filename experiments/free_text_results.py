@@ -1,4 +1,4 @@
-"""Issue 36's result table from the run files of experiments/free_text.py, with the decision rule
+"""The free-text comparison's result table from the run files of experiments/free_text.py, with the decision rule
 of experiments/results/free_text/PROTOCOL.md applied as written there.
 
   python -m experiments.free_text_results --root=runs/free_text \

@@ -1,4 +1,4 @@
-"""The κ study (issue 16): per-bit and one-hot post-samplers, H = 16, κ ∈ {1/16, 1/4, 1, 4} bits,
+"""The κ study: per-bit and one-hot post-samplers, H = 16, κ ∈ {1/16, 1/4, 1, 4} bits,
 3 seeds, 3000 steps, and the baseline with the same 3 seeds; then the target-rate controller at
 1/16, 1/4 and 1 bit (3 seeds each). Run through launch.sweep, so it resumes after interruptions:
 

@@ -1,4 +1,4 @@
-"""Issue 36's "Also": at a fixed κ, does a per-bit run move along nothing → position → noise →
+"""Training time at fixed κ: at a fixed κ, does a per-bit run move along nothing → position → noise →
 broken generation with training time, within one schedule and one device? Per-bit κ ∈ {1/4, 1}
 bit × seeds 0–2 on the synthetic task (experiments/kappa_study.py's config: H = 16, 3000 steps),
 with samples and the shared-Z tests of the same runs at steps 1000, 2000 and 3000.

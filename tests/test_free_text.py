@@ -1,4 +1,4 @@
-"""Issue 36: the free_text sweep's arms, the importance-weighted bound against brute force over
+"""The free_text sweep's arms, the importance-weighted bound against brute force over
 every code sequence, and the pre-registered decision rule on fabricated run files."""
 
 import csv
@@ -260,7 +260,7 @@ def test_rule_needs_every_seed_and_every_iw_file(tmp_path):
     free_text_results.main([f"--root={root}", f"--out={tmp_path / 'r3_out'}"])
 
 
-# --- the issue's "Also": studies at several checkpoints of one run (experiments/kappa_time.py) ---
+# --- training time at fixed κ: studies at several checkpoints of one run (experiments/kappa_time.py) ---
 
 def test_kappa_time_points():
   from experiments import kappa_time

@@ -1,16 +1,41 @@
-"""Shared command-line plumbing: flag parsing and config resolution with one-line errors."""
+"""Shared command-line plumbing: flag parsing, config resolution, and `run`, which turns the
+errors of ftjax.errors into one line and an exit status."""
 
+import os
 import sys
 
-from absl import flags, logging
+from absl import app, flags, logging
 
-from ftjax.configs import ConfigError, resolve
+from ftjax.configs import resolve
+from ftjax.errors import FtjaxError
 
 
 def fail(message, status=2):
   """Prints one line to stderr and exits (status 2: bad flags or config)."""
   print(message, file=sys.stderr)
   sys.exit(status)
+
+
+def exit_now(message, status):
+  """Prints one line and ends the process at once: orbax's and jax's background threads (and the
+  runtime's shutdown barrier, with a lost peer) would otherwise print tracebacks or wait."""
+  print(message, file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(status)
+
+
+def run(main, exit_at_once=()):
+  """A launcher's `app.run(main)` (flags through `parse_flags`): an FtjaxError from `main` ends
+  the process with its one line (`FtjaxError.line`: prefix, message, notes) on stderr and its exit
+  status; through `exit_now` for the error types in `exit_at_once`."""
+
+  def one_line_errors(argv):
+    try:
+      return main(argv)
+    except FtjaxError as e:
+      (exit_now if isinstance(e, exit_at_once) else fail)(e.line(), e.status)
+
+  app.run(one_line_errors, flags_parser=parse_flags)
 
 
 def parse_flags(argv):
@@ -36,22 +61,15 @@ def _as_text(error):
 
 
 def resolved_config(config_flag):
-  """The validated config from a `config_flags` flag; exits 2 on any config error."""
+  """The validated config from a `config_flags` flag; exits 2 when the file does not load (a
+  ConfigError is left to `run`)."""
   if config_flag.value is None:
     fail("flag error: --config=experiments/<name>.py is required")
   try:
-    return resolve_or_fail(config_flag.value)
+    return resolve(config_flag.value)
   except OSError as e:  # config_flags defers a failed load of the file to the first access
     reason = str(e).strip().splitlines()[-1].strip()
     fail(f"config error: cannot load the --config file: {reason}")
-
-
-def resolve_or_fail(cfg):
-  """`resolve(cfg)`, exiting 2 with the one-line message on a config error."""
-  try:
-    return resolve(cfg)
-  except ConfigError as e:
-    fail(str(e))
 
 
 def print_config_help():
@@ -124,8 +142,8 @@ def _read_only_notices(record):
 def restored_run(argv, workdir, step, mesh=""):
   """`ftjax.run.Inference` of the run in `workdir` (config, model, parameters, text codec; the
   training data is not opened), restored onto one device or the `mesh` flag's devices, for the
-  launchers that sample or export; exits 2 with one line on bad flags or a missing/unreadable
-  run."""
+  launchers that sample or export; exits 2 with one line on bad flags or (under `run`) a
+  missing/unreadable run."""
   from ftjax import run  # after flag checks: errors stay fast
   return _restore(argv, workdir, mesh, lambda mesh_: run.load_for_inference(workdir, step, mesh_))
 
@@ -146,16 +164,7 @@ def _restore(argv, workdir, mesh, load):
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it touches at INFO
   import logging as py_logging
   py_logging.getLogger("absl").addFilter(_read_only_notices)  # orbax on reading a run: expected
-  from ftjax import checkpoint
-  from ftjax.data.text import CorpusError
-  try:
-    return load(mesh)
-  except checkpoint.CheckpointError as e:
-    fail(f"checkpoint error: {e}")
-  except CorpusError as e:  # the run's data moved or is damaged
-    fail(f"data error: {e}")
-  except ConfigError as e:
-    fail(str(e))
+  return load(mesh)  # a missing or damaged run, or its data: one line (`run`)
 
 
 class DistributedFlags:

@@ -14,9 +14,10 @@ import json
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
+from ftjax.configs import resolve
 from launch import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -105,7 +106,7 @@ def format_report(r, hbm_gb):
 
 
 def _with(cfg, **overrides):
-  from ftjax.configs import resolve, with_overrides
+  from ftjax.configs import with_overrides
   return resolve(with_overrides(cfg, overrides))
 
 
@@ -146,25 +147,18 @@ def fit_search(cfg, num_devices, hbm_gb, log=print):
 def main(argv):
   cli.no_extra_args(argv)
   cfg = cli.resolved_config(_CONFIG)
-  cfg = cli.resolve_or_fail(_apply_mesh(cfg, _MESH.value))
+  cfg = resolve(_apply_mesh(cfg, _MESH.value))
   logging.set_verbosity(logging.WARNING)
   import jax
   if len(jax.devices()) < _NUM_DEVICES.value:
     cli.fail(f"flag error: jax sees {len(jax.devices())} devices, fewer than --num_devices")
-  from ftjax.configs import ConfigError
-  try:
-    report = dry_run(cfg, _NUM_DEVICES.value)
-  except ConfigError as e:
-    cli.fail(str(e))
+  report = dry_run(cfg, _NUM_DEVICES.value)
   text, fits = format_report(report, _HBM_GB.value)
   print(text)
   found = None
   if not fits and _SEARCH.value:
     print(f"searching for a variant that fits {_HBM_GB.value:g} GB:")
-    try:
-      found = fit_search(cfg, _NUM_DEVICES.value, _HBM_GB.value)
-    except ConfigError as e:
-      cli.fail(str(e))
+    found = fit_search(cfg, _NUM_DEVICES.value, _HBM_GB.value)
     if found is None:
       print("no gradient accumulation or remat policy fits: use more devices, a larger "
             "mesh.fsdp, or a smaller batch")
@@ -192,4 +186,4 @@ def _simulate_devices(argv):
 
 if __name__ == "__main__":
   _simulate_devices(sys.argv)
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

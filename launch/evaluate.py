@@ -18,7 +18,7 @@ the fraction that is well-formed.
 
 import json
 
-from absl import app, flags
+from absl import flags
 
 from launch import cli
 
@@ -80,4 +80,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

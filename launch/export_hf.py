@@ -12,7 +12,7 @@ alone, i.e. the FT with R = 0, which is neither Z uniform nor encoder Z.
 
 import os
 
-from absl import app, flags
+from absl import flags
 
 from launch import cli
 
@@ -37,4 +37,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

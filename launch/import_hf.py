@@ -25,9 +25,10 @@ tensor shards of its own devices (same flags as launch.train; SLURM and TPU VMs 
 
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
+from ftjax.configs import resolve
 from launch import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/hf_llama.py",
@@ -47,29 +48,16 @@ def main(argv):
     cli.fail(f"flag error: --hf_dir={_HF_DIR.value} is not a directory")
   _DISTRIBUTED.check()
   from ftjax import hf
-  from ftjax.configs import ConfigError
   try:
     base = _CONFIG.value
   except OSError as e:
     cli.fail(f"config error: cannot load the --config file: {str(e).strip().splitlines()[-1]}")
-  try:
-    cfg = hf.build_config(base, hf.read_config(_HF_DIR.value),
-                          config_flags.get_override_values(flags.FLAGS["config"]))
-  except hf.HFError as e:
-    cli.fail(f"import error: {e}")
-  cfg = cli.resolve_or_fail(cfg)
+  cfg = resolve(hf.build_config(base, hf.read_config(_HF_DIR.value),
+                                config_flags.get_override_values(flags.FLAGS["config"])))
   logging.set_verbosity(logging.WARNING)
   _DISTRIBUTED.start(cfg.distributed.peer_timeout_seconds)
-  from ftjax.checkpoint import CheckpointError
-  try:
-    hf.import_run(_HF_DIR.value, _WORKDIR.value, cfg)
-  except hf.HFError as e:
-    cli.fail(f"import error: {e}")
-  except ConfigError as e:
-    cli.fail(str(e))
-  except CheckpointError as e:
-    cli.fail(f"checkpoint error: {e}")
+  hf.import_run(_HF_DIR.value, _WORKDIR.value, cfg)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

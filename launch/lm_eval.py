@@ -19,7 +19,7 @@ few-shot examples as turns of the conversation (--fewshot_as_multiturn, default 
 --system_instruction as the system message.
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from launch import cli
 
@@ -131,4 +131,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

@@ -15,7 +15,7 @@ same flags skips finished shards; metadata.json is written last. Bad input exits
 
 import os
 
-from absl import app, flags
+from absl import flags
 
 from launch import cli
 
@@ -46,7 +46,6 @@ def main(argv):
   cli.check_paths(directories=[("output", _OUTPUT.value)],
                   others=[("input", _INPUT.value), ("tokenizer", _TOKENIZER.value)])
   from ftjax.data import prepared
-  from ftjax.data.text import CorpusError
   try:
     settings = prepared.Settings(
         inputs=tuple(prepared.match_inputs(_INPUT.value)), tokenizer=_TOKENIZER.value,
@@ -56,8 +55,6 @@ def main(argv):
     prepared.eprint(f"{len(settings.inputs)} input files -> {_OUTPUT.value}")
     meta = prepared.prepare(settings, _OUTPUT.value, max(_NUM_WORKERS.value, 1),
                             progress=prepared.eprint)
-  except CorpusError as e:
-    cli.fail(f"data error: {e}")
   except KeyboardInterrupt:
     cli.fail("interrupted: run the same command again to resume", status=130)
   for line in prepared.summary(meta):
@@ -65,4 +62,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

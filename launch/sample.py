@@ -20,7 +20,7 @@ header; generation stops at the tokenizer's end-of-sequence token).
 import json
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from launch import cli
 
@@ -81,11 +81,11 @@ def _data_prompts(cfg, n):
   """`n` prompts from the run's data (its source's own kind of prompt): only without --prompt
   is the training data opened."""
   from ftjax.data import make_source
-  from ftjax.data.text import CorpusError
+  from ftjax.errors import CorpusError
   try:
     return make_source(cfg, _WORKDIR.value).prompts(n)
   except CorpusError as e:
-    cli.fail(f"data error: no --prompt given, and the run's data gives none: {e}")
+    raise CorpusError(f"no --prompt given, and the run's data gives none: {e}") from None
 
 
 def main(argv):
@@ -153,4 +153,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

@@ -36,7 +36,7 @@ import shlex
 import subprocess
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from launch import cli
 from launch.slurm import jobs
@@ -116,6 +116,7 @@ def run_in_process(module, root, selected, extra):
   from absl import logging
 
   from ftjax import configs, loop
+  from ftjax.errors import ConfigError
   from ftjax.trainer import Trainer
   logging.set_verbosity(logging.WARNING)
   base = module.get_config()
@@ -128,7 +129,7 @@ def run_in_process(module, root, selected, extra):
       continue
     try:
       cfg = configs.resolve(configs.with_overrides(base, {**overrides, **extra}))
-    except configs.ConfigError as e:
+    except ConfigError as e:
       print(f"[{name}] config error: {e}", flush=True)
       failed.append(name)
       continue
@@ -368,4 +369,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

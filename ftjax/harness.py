@@ -263,12 +263,11 @@ class FtjaxLM(TemplateLM):
     index_B = jnp.asarray(list(indices) + [indices[-1]] * (size - len(pairs)), jnp.int32)
     out = []
     if self.z_mode == "encoder":
-      p = _bucket(max(len(c) for c, _ in padded), self.max_length)
+      context_BP, start_B = sampling.left_pad(
+          [c for c, _ in padded], length=_bucket(max(len(c) for c, _ in padded), self.max_length))
       width = _bucket(max(len(x) for _, x in padded), self.max_length)
-      context_BP, cont_BC = np.zeros((size, p), np.int32), np.zeros((size, width), np.int32)
-      start_B = np.array([p - len(c) for c, _ in padded], np.int32)
-      for r, (c, x) in enumerate(padded):
-        context_BP[r, p - len(c):] = c
+      cont_BC = np.zeros((size, width), np.int32)
+      for r, (_, x) in enumerate(padded):
         cont_BC[r, :len(x)] = x
       logp_BC, greedy_BC = jax.device_get(score_encoder(
           self.decode_model, self.params, jnp.asarray(context_BP), jnp.asarray(start_B),
@@ -277,13 +276,9 @@ class FtjaxLM(TemplateLM):
       for r, (_, x) in enumerate(pairs):
         out.append((float(logp_BC[r, :len(x)].sum()), bool(greedy_BC[r, :len(x)].all())))
       return out
-    t = _bucket(max(len(c) + len(x) for c, x in padded), self.max_length + 1)
-    tokens_BT = np.zeros((size, t), np.int32)
-    start_B = np.zeros((size,), np.int32)
-    for r, (c, x) in enumerate(padded):
-      seq = c + x
-      tokens_BT[r, t - len(seq):] = seq
-      start_B[r] = t - len(seq)
+    tokens_BT, start_B = sampling.left_pad(
+        [c + x for c, x in padded],
+        length=_bucket(max(len(c) + len(x) for c, x in padded), self.max_length + 1))
     logp_BT, greedy_BT = jax.device_get(score_full(
         self.model, self.params, jnp.asarray(tokens_BT), jnp.asarray(start_B), index_B,
         self.key, z_mode=self.z_mode, code=self.code, code_len=self.max_length + 1))
@@ -360,10 +355,7 @@ class FtjaxLM(TemplateLM):
     budget = max(self.max_length - max_new, 1)
     prompts = [list(x)[-budget:] for x in prompts]
     p = _bucket(max(len(x) for x in prompts), budget)
-    prompt_BP = np.zeros((size, p), np.int32)
-    start_B = np.array([p - len(x) for x in prompts], np.int32)
-    for r, x in enumerate(prompts):
-      prompt_BP[r, p - len(x):] = x
+    prompt_BP, start_B = sampling.left_pad(prompts, length=p)
     out = sampling.generate(
         self.decode_model, self.params, jnp.asarray(prompt_BP), jnp.asarray(start_B),
         self.key if key is None else key, max_new_tokens=max_new, z_mode=self.z_mode,

@@ -28,9 +28,11 @@ from ftjax import latent as latent_lib
 Z_MODES = ("uniform", "fixed", "encoder")
 
 
-def left_pad(prompts: list, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """(tokens (B, P) int32, start_B) from a list of token lists of different lengths."""
-  length = max(len(p) for p in prompts)
+def left_pad(prompts: list, pad_id: int = 0,
+             length: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens (B, P) int32, start_B) from a list of token lists of different lengths; P is
+  `length` (at least the longest), by default the longest."""
+  length = max(len(p) for p in prompts) if length is None else length
   tokens = np.full((len(prompts), length), pad_id, np.int32)
   for i, p in enumerate(prompts):
     tokens[i, length - len(p):] = p

@@ -33,6 +33,16 @@ def test_cached_logits_equal_full_forward(tiny_cfg, latent):
   np.testing.assert_allclose(out["logits"], full_BTV[:, p - 1:-1], rtol=1e-4, atol=1e-4)
 
 
+def test_left_pad_to_the_longest_or_a_given_length():
+  tokens_BP, start_B = sampling.left_pad(PROMPTS)
+  np.testing.assert_array_equal(tokens_BP[1], [0, 0, 0, 1, 20, 5])
+  np.testing.assert_array_equal(start_B, [0, 3, 2])
+  tokens_BP, start_B = sampling.left_pad(PROMPTS, pad_id=3, length=8)  # the harness's buckets
+  np.testing.assert_array_equal(tokens_BP[2], [3, 3, 3, 3, 1, 8, 5, 11])
+  np.testing.assert_array_equal(start_B, [2, 5, 4])
+  assert tokens_BP.dtype == start_B.dtype == np.int32
+
+
 def test_left_padding_does_not_change_a_sequence(tiny_cfg):
   cfg, params, model, _ = _setup(tiny_cfg)
   codes = jnp.arange(9)[None] % 16

@@ -23,7 +23,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from ftjax import integrity, storage
+from ftjax import distributed, integrity, storage
 from ftjax.integrity import CHECKSUMS, CHECKSUMS_SINCE, COMMIT_MARKER, verify_files, write_checksums
 from ftjax.configs import default_config, resolve
 from ftjax.errors import CheckpointError, SaveError
@@ -357,14 +357,6 @@ class Manager:
       verify_files(os.path.join(self.directory, str(step)), share)
       self._verified.add((step, share))
 
-  def _agreed_ok(self, ok: bool) -> bool:
-    """True when every process found the step sound."""
-    if jax.process_count() == 1:
-      return ok
-    import numpy as np
-    from jax.experimental import multihost_utils
-    return bool(np.asarray(multihost_utils.process_allgather(np.array([ok]))).all())
-
   def _restore_step(self, step: int, abstract_state: Any) -> tuple[Any, Any]:
     metadata, data_state = self._sound_step(step)
     self._check_shapes(step, metadata, abstract_state)
@@ -384,7 +376,7 @@ class Manager:
       problem = e
     except Exception as e:  # noqa: BLE001 (orbax raises many kinds for a damaged step)
       problem = integrity.Unreadable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    if not self._agreed_ok(problem is None):
+    if distributed.any_process(problem is not None)[0]:  # a process found the step unsound
       raise problem or integrity.Unreadable("another process found it damaged")
     self._verified.add((step, (0, 1)))  # each process checked its share: the step is sound
     return metadata, data_state

@@ -13,6 +13,7 @@ import time
 from typing import Any, Callable, Optional
 
 import jax
+import numpy as np
 
 ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
@@ -82,6 +83,16 @@ def global_batch(local_batch: dict, sharding: jax.sharding.Sharding,
   """A global jax.Array from this process's rows of every entry of `local_batch`."""
   return {k: jax.make_array_from_process_local_data(sharding, v, (global_batch_size, *v.shape[1:]))
           for k, v in local_batch.items()}
+
+
+def any_process(*flags_: bool) -> list[bool]:
+  """Each host-side flag OR-ed over all processes (one allgather), so that the processes take a
+  decision together: any process asking is enough (a single process: the flags as given)."""
+  flags_ = np.array(flags_, bool)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    flags_ = np.asarray(multihost_utils.process_allgather(flags_)).any(axis=0)
+  return [bool(f) for f in flags_]
 
 
 def fetch(tree: Any) -> Any:

@@ -155,15 +155,6 @@ class StepTrace:
       error.add_note(f"the profile in {self.directory} may be incomplete ({e})")
 
 
-def _agreed(*flags_):
-  """Host-side decisions all processes take together (any process asking is enough)."""
-  flags_ = np.array(flags_, bool)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    flags_ = np.asarray(multihost_utils.process_allgather(flags_)).any(axis=0)
-  return [bool(f) for f in flags_]
-
-
 def _check_nonfinite(state, cfg, manager):
   """The count of skipped non-finite steps; raises NonFiniteError under on_nonfinite="stop"."""
   count, first = (int(x) for x in distributed.fetch(
@@ -280,8 +271,8 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
   mirror = storage.LocalMirror(workdir, fetch=("metrics.jsonl", run.WANDB_ID_FILE),
                                error=lambda e, step: metrics_lib.write_error(workdir, e, step))
   local = mirror.path
-  evaluate_first = _agreed(start > 0 and Due.after(start, t.steps, cfg).eval and
-                           not _has_eval_row(local, start))[0]
+  evaluate_first = distributed.any_process(start > 0 and Due.after(start, t.steps, cfg).eval and
+                                           not _has_eval_row(local, start))[0]
   writer = metrics_lib.MetricWriter(local, resume_step=start,
                                     trackers=trackers.start(cfg, local, start, log))
   meter = ThroughputMeter(tokens_per_step)
@@ -305,7 +296,8 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
   def evaluate(step):
     """Evaluates and logs the current parameters as those of `step`; False when a signal ended
     the evaluation first."""
-    ev = trainer.evaluate(state.params, stop=lambda: _agreed(preemption.requested)[0])
+    ev = trainer.evaluate(state.params,
+                          stop=lambda: distributed.any_process(preemption.requested)[0])
     if ev is None:
       return False
     writer.write(step, ev)
@@ -340,9 +332,9 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
           pending = (done, device_metrics)
         preempted = timed_save = False
         if jax.process_count() == 1 or due.log:  # multi-process: agree at log steps only
-          preempted, timed_save = _agreed(preemption.requested,
-                                          bool(c.every_seconds) and
-                                          time.monotonic() - last_save >= c.every_seconds)
+          preempted, timed_save = distributed.any_process(
+              preemption.requested,
+              bool(c.every_seconds) and time.monotonic() - last_save >= c.every_seconds)
         save = due.save or timed_save or preempted
         if (due.eval or save) and pending is not None:
           flush()

@@ -37,15 +37,20 @@ def format_progress(step: int, total: int, m: dict, tokens_per_step: int) -> str
 
 
 def format_eval(step: int, ev: dict) -> str:
-  """The eval line a person reads: KL values in bits (metrics.jsonl keeps nats)."""
-  in_nats = lambda k: {"kl", "mi"} & set(k.split("_")) and not {"frac", "active"} & set(k.split("_"))
+  """The eval line a person reads, in `metrics_lib.display_unit`'s units; only the converted ones
+  are named (KL values in bits: metrics.jsonl keeps nats)."""
   per_bit = [v for k, v in ev.items() if k.startswith("eval_z_kl_bit")]  # in metrics.jsonl
   ev = {k: v for k, v in ev.items() if not k.startswith("eval_z_kl_bit")}
   if per_bit:
     ev["eval_z_kl_max_bit"] = max(per_bit)
-  parts = [f"{k} {v}" if isinstance(v, int) else f"{k} {v / LOG2:.4f} bits" if in_nats(k) else
-           f"{k} {v:.4f}" for k, v in ev.items()]
-  return f"eval step {step} | " + " | ".join(parts)
+
+  def shown(k, v):
+    if isinstance(v, int):
+      return f"{k} {v}"
+    divisor, unit = metrics_lib.display_unit(k)
+    return f"{k} {v / divisor:.4f}" + (f" {unit.split(' per ')[0]}" if divisor != 1 else "")
+
+  return f"eval step {step} | " + " | ".join(shown(k, v) for k, v in ev.items())
 
 
 def _describe(cfg, trainer, state):

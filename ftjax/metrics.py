@@ -6,6 +6,7 @@ over the full T × T score matrix, as computed.
 """
 
 import json
+import math
 import os
 import time
 from typing import Any, Optional
@@ -61,6 +62,20 @@ def measure_matmul_peak(dtype: Any = jnp.float32, size: int = 4096, repeats: int
     f(a, a).block_until_ready()
     best = min(best, time.perf_counter() - start)
   return 2 * size**3 / best
+
+
+def display_unit(key: str) -> tuple[float, str]:
+  """(divisor, unit) in which a person reads the metric `key` of metrics.jsonl (value / divisor):
+  KL and mutual information in bits per token (stored in nats), CE, ELBO and Z use in nats per
+  token, bpb in bits per byte; anything else (fractions, counts, rates) as stored, unit ""."""
+  parts = set(key.split("_"))
+  if {"kl", "mi"} & parts and not {"frac", "active"} & parts:
+    return math.log(2), "bits per token"
+  if {"ce", "elbo", "use"} & parts:
+    return 1.0, "nats per token"
+  if "bpb" in parts:
+    return 1.0, "bits per byte"
+  return 1.0, ""
 
 
 def write_error(path: str, e: OSError, step: Optional[int] = None) -> WriteError:

@@ -36,18 +36,13 @@ _MESH = cli.define_restore_mesh()
 
 
 def describe(key, value):
-  """A value with its unit: KL and mutual information in bits, CE in nats per token."""
-  import math
-  parts = set(key.split("_"))
+  """A value with its unit (`ftjax.metrics.display_unit`: KL and mutual information in bits,
+  CE in nats per token)."""
+  from ftjax.metrics import display_unit
   if not isinstance(value, float):
     return f"{value}"
-  if {"kl", "mi"} & parts and not {"frac", "active"} & parts:
-    return f"{value / math.log(2):.4f} bits per token"
-  if {"ce", "elbo", "use"} & parts:
-    return f"{value:.4f} nats per token"
-  if "bpb" in parts:
-    return f"{value:.4f} bits per byte"
-  return f"{value:.4f}"
+  divisor, unit = display_unit(key)
+  return f"{value / divisor:.4f} {unit}".rstrip()
 
 
 def main(argv):

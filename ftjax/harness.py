@@ -39,7 +39,6 @@ from ftjax import chat_template as chat_template_lib, hf, latent as latent_lib, 
 from ftjax.chat_template import ChatTemplateError
 from ftjax.model import make_model
 
-Z_MODES = ("uniform", "fixed", "encoder")
 LENGTH_BUCKET = 64
 
 
@@ -124,8 +123,8 @@ class FtjaxLM(TemplateLM):
                max_length: Optional[int] = None, add_bos_token: Union[bool, str] = False,
                trainer: Any = None, params: Any = None) -> None:
     super().__init__()
-    if z_mode not in Z_MODES:
-      raise ValueError(f"z_mode must be one of {Z_MODES}, got {z_mode!r}")
+    if z_mode not in sampling.GENERATION_Z_MODES:
+      raise ValueError(f"z_mode must be one of {sampling.GENERATION_Z_MODES}, got {z_mode!r}")
     if trainer is None:
       from ftjax.trainer import load_run
       trainer, state = load_run(workdir, None if step is None else int(step))

@@ -25,7 +25,9 @@ from ftjax import latent as latent_lib
 from ftjax.configs import REMAT_POLICIES
 from ftjax.layers import ACTIVATION_AXES, Block, Einsum, RMSNorm, Span
 
-Z_MODES = ("encoder", "encoder_argmax", "uniform", "given", "zero")
+# Where a forward pass takes Z from (`z_mode` of `Transformer.__call__`); how generation chooses
+# Z is sampling.GENERATION_Z_MODES.
+Z_SOURCES = ("encoder", "encoder_argmax", "uniform", "given", "zero")
 
 
 
@@ -141,8 +143,8 @@ class Transformer(nn.Module):
                segment_ids_BT: Optional[jax.Array] = None,
                positions_BT: Optional[jax.Array] = None):
     m = self.cfg
-    if z_mode not in Z_MODES:
-      raise ValueError(f"z_mode must be one of {Z_MODES}, got {z_mode!r}")
+    if z_mode not in Z_SOURCES:
+      raise ValueError(f"z_mode must be one of {Z_SOURCES}, got {z_mode!r}")
     b, t = tokens_BT.shape
     left_padded = start_B is not None
     start_B = jnp.zeros((b,), jnp.int32) if start_B is None else start_B

@@ -25,7 +25,9 @@ import numpy as np
 
 from ftjax import latent as latent_lib
 
-Z_MODES = ("uniform", "fixed", "encoder")
+# How generation chooses Z (above: `z_mode` of `generate`, launch.sample and the lm_eval model);
+# the forward passes it makes take Z from one of model.Z_SOURCES.
+GENERATION_Z_MODES = ("uniform", "fixed", "encoder")
 
 
 def left_pad(prompts: list, pad_id: int = 0,
@@ -102,8 +104,8 @@ def generate(decode_model: Any, params: dict, prompt_BP: jax.Array, start_B: jax
   `codes` (B, P + N) for a Free Transformer, `num_generated` and, with `return_logits`,
   `logits` (B, N, V) of every sampled position.
   """
-  if z_mode not in Z_MODES:
-    raise ValueError(f"z_mode must be one of {Z_MODES}, got {z_mode!r}")
+  if z_mode not in GENERATION_Z_MODES:
+    raise ValueError(f"z_mode must be one of {GENERATION_Z_MODES}, got {z_mode!r}")
   lat = decode_model.cfg.latent
   b, p = prompt_BP.shape
   total = p + max_new_tokens

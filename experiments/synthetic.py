@@ -26,4 +26,5 @@ def get_config():
   c.train.eval_every = 200
   c.train.eval_batches = 4
   c.train.num_samples = 12
+  c.train.end_of_run = "ftjax.zdiag:shared_z_report"  # samples sharing a Z draw, and their tests
   return c

@@ -2,7 +2,7 @@
 on a 2-core CPU, the decoder learns to read Z, so that samples sharing a Z draw share their block
 position. The run ends by printing samples grouped by shared Z draws and, within and across
 groups, the share of pairs with the same block position and the overlap of their '!' positions
-(ftjax.zdiag.show_shared_z_samples).
+(ftjax.zdiag.shared_z_report, experiments/synthetic.py's train.end_of_run).
 
 Differences from experiments/synthetic.py (the paper-like study config):
 - the target-rate KL control (a multiplier β on the mean KL, adapted toward 1/4 bit per token)

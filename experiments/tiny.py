@@ -23,5 +23,6 @@ def get_config():
   c.train.eval_every = 10
   c.train.eval_batches = 1
   c.train.num_samples = 2
+  c.train.end_of_run = "ftjax.zdiag:shared_z_report"  # as experiments/synthetic.py
   c.mesh.data = 1  # one device; the sharding tests set their own meshes
   return c

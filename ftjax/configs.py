@@ -6,6 +6,7 @@ fields; any problem raises `ConfigError`, which the launchers turn into a one-li
 exit status 2.
 """
 
+import importlib
 import math
 import re
 
@@ -143,6 +144,11 @@ def default_config():
   # "A:B": a JAX profiler trace of steps A to B (inclusive) in RUN/profile, for TensorBoard's
   # profile plugin / XProf or Perfetto; "": off
   c.train.profile_steps = ""
+  # "module:function" called as fn(trainer, state, workdir) at the end of a run, after the
+  # end-of-run samples (train.num_samples > 0, one process, not stopped by a signal); the lines it
+  # returns are logged and written with the samples. "": none (experiments/synthetic.py sets
+  # ftjax.zdiag:shared_z_report)
+  c.train.end_of_run = ""
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 0  # save every this many steps (0: only at the end and on SIGTERM)
@@ -345,6 +351,8 @@ def _check_train(t):
   _require(set(names) <= set(TRACKERS) and len(set(names)) == len(names), "train.trackers",
            f"must be comma-separated names from {TRACKERS}, each at most once, got {t.trackers!r}")
   profile_steps(t)  # or ConfigError
+  _require(not t.end_of_run or re.fullmatch(r"[\w.]+:\w+", str(t.end_of_run)), "train.end_of_run",
+           f"must be 'module:function' or '', got {t.end_of_run!r}")
 
 
 def tracker_names(t):
@@ -361,6 +369,18 @@ def profile_steps(t):
   _require(match and 1 <= int(match[1]) <= int(match[2]) <= t.steps, "train.profile_steps",
            f"must be 'A:B' with 1 <= A <= B <= train.steps={t.steps}, got {t.profile_steps!r}")
   return int(match[1]), int(match[2])
+
+
+def end_of_run_hook(t):
+  """The function train.end_of_run names (None when it is ""); ConfigError when it cannot be
+  imported."""
+  if not t.end_of_run:
+    return None
+  module, _, name = t.end_of_run.partition(":")
+  try:
+    return getattr(importlib.import_module(module), name)
+  except (ImportError, AttributeError) as e:
+    raise ConfigError("train.end_of_run", f"cannot import {t.end_of_run!r} ({e})") from None
 
 
 def _check_checkpoint(c):

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax import (distributed, metrics as metrics_lib, preflight, sampling, sharding, storage,
-                   trackers, train)
+from ftjax import (configs, distributed, metrics as metrics_lib, preflight, sampling, sharding,
+                   storage, trackers, train)
 from ftjax.configs import config_changes, profile_steps, tracker_names
 from ftjax.errors import NonFiniteError, SaveError
 from ftjax.model import make_model
@@ -381,7 +381,9 @@ def train_and_evaluate(cfg, workdir: str, log: Callable = print, stop_at: Option
     elif t.num_samples:
       preemption.raise_now = True  # the checkpoint is complete: a signal ends sampling at once
       try:
-        writer.write_text(done, "samples", show_samples(trainer, state.params, t.num_samples, log))
+        samples = show_samples(trainer, state.params, t.num_samples, log)
+        writer.write_text(done, "samples",
+                          "\n".join([samples, *_end_of_run(t, trainer, state, workdir, log)]))
       except Preempted:
         log(_stopped(f"while sampling after step {done}") + " (it samples again)")
         return state
@@ -451,6 +453,15 @@ def sample_texts(trainer: Trainer, params, num_samples: int, key: jax.Array,
   return [trainer.source.decode(row) for row in np.asarray(out["tokens"])]
 
 
+def _end_of_run(t, trainer: Trainer, state, workdir: str, log: Callable) -> list[str]:
+  """Logs and returns the lines of the train.end_of_run hook of `t` (none without one)."""
+  hook = configs.end_of_run_hook(t)
+  lines = list(hook(trainer, state, workdir) or []) if hook is not None else []
+  for line in lines:
+    log(line)
+  return lines
+
+
 def show_samples(trainer: Trainer, params, num_samples: int, log: Callable = print,
                  temperature: float = 1.0) -> str:
   """Logs samples (Z uniform per token); for the synthetic task also the share well-formed."""
@@ -462,7 +473,4 @@ def show_samples(trainer: Trainer, params, num_samples: int, log: Callable = pri
     log("  " + s.replace("\n", "\\n"))
   if trainer.source.name == "synthetic":
     log(f"well-formed: {sum(synthetic.well_formed(texts, cfg.data.block_len))}/{len(texts)}")
-    if cfg.model.latent.enabled:  # what Z does: samples grouped by shared Z draws
-      from ftjax import zdiag
-      texts += zdiag.show_shared_z_samples(trainer, params, log)
   return "\n".join(texts)

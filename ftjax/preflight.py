@@ -2,9 +2,9 @@
 
 `check_before_training` builds the evaluation stream and draws one batch, checks the eval
 settings against the validation split, builds and decodes the sample prompts, checks that the
-trackers named can be imported and that every output directory of the run can be written. A
-problem raises `CorpusError` or `ConfigError` (one line; the launcher exits 2) before anything is
-compiled. What can only fail later, and why, is listed in WORKSPACE.md ("Start-up checks").
+trackers named and the end-of-run hook can be imported and that every output directory of the
+run can be written. A problem raises `CorpusError` or `ConfigError` (one line; the launcher exits
+2) before anything is compiled. What can only fail later, and why, is listed in WORKSPACE.md ("Start-up checks").
 """
 
 import math
@@ -20,6 +20,7 @@ from ftjax.errors import ConfigError, CorpusError
 def check_before_training(trainer, workdir: str) -> None:
   """Raises CorpusError / ConfigError / WriteError for a problem the run would meet later."""
   trackers.require_installed(trainer.cfg)
+  configs.end_of_run_hook(trainer.cfg.train)  # or ConfigError
   for name in _output_dirs(trainer.cfg):
     check_writable(os.path.join(workdir, name))
   _check_eval_stream(trainer)

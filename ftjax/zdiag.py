@@ -24,7 +24,7 @@ non-causally, so I(X; Z) is the information per token that Z carries about the s
 """
 
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -208,13 +208,14 @@ def shared_z_lines(texts: list[str], groups: list[int],
   return lines
 
 
-def show_shared_z_samples(trainer: Any, params: dict, log: Callable[[str], Any], num_z: int = 16,
-                          per_z: int = 8, seed: int = 0) -> list[str]:
-  """Logs `shared_z_samples` and their `shared_z_tests` (the share of pairs whose blocks start at
-  the same position and the overlap of their '!' positions, within groups against across groups,
-  with permutation p-values). Returns the printed lines."""
-  texts, groups = shared_z_samples(trainer, params, num_z, per_z, seed)
-  lines = shared_z_lines(texts, groups, shared_z_tests(texts, groups))
-  for line in lines:
-    log(line)
-  return lines
+def shared_z_report(trainer: Any, state: Any, workdir: str) -> list[str]:
+  """The synthetic configs' end-of-run hook (train.end_of_run): for a Free Transformer on the
+  synthetic task, the lines of `shared_z_samples` and their `shared_z_tests` (the share of pairs
+  whose blocks start at the same position, the distance between block starts and the overlap of
+  their '!' positions, within groups against across groups, with permutation p-values); none
+  otherwise."""
+  del workdir
+  if trainer.source.name != "synthetic" or not trainer.cfg.model.latent.enabled:
+    return []
+  texts, groups = shared_z_samples(trainer, state.params)
+  return shared_z_lines(texts, groups, shared_z_tests(texts, groups))

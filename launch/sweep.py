@@ -13,8 +13,9 @@ point. With --print_only the launch commands are printed (one per line) for a cl
 --in_process trains the points one after another in this Python process: consecutive points whose
 configs differ only in κ or the target rate (`model.latent.kappa`, `kappa_bits`, `target_bits`:
 traced values of the train state) reuse the compiled steps. A sweep file may define
-`after_point(trainer, state, workdir)`, called in this mode after each point (e.g. to sample
-from the model), also after one stopped by SIGTERM, before the sweep stops. --set applies
+`after_point(trainer, state, workdir)` (the signature of a config's train.end_of_run hook),
+called in this mode after each point (e.g. to sample from the model), also after one stopped by
+SIGTERM, before the sweep stops. --set applies
 `key=value` overrides to every point (not part of the names).
 
 --launcher=slurm submits the points that are neither finished nor in SLURM's queue as one job

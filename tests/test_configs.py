@@ -104,6 +104,21 @@ def test_config_error_names_the_key():
   assert e.value.key == "model.num_heads"
 
 
+def test_end_of_run_hook_is_a_module_and_function_that_import():
+  from experiments import tiny
+  from ftjax import configs, zdiag
+  cfg = tiny.get_config()
+  assert configs.end_of_run_hook(resolve(cfg).train) is zdiag.shared_z_report
+  cfg.train.end_of_run = "ftjax.zdiag.shared_z_report"
+  with pytest.raises(ConfigError, match="train.end_of_run: must be 'module:function'"):
+    resolve(cfg)
+  cfg.train.end_of_run = "ftjax.zdiag:no_such_hook"
+  with pytest.raises(ConfigError, match="train.end_of_run: cannot import"):
+    configs.end_of_run_hook(resolve(cfg).train)
+  cfg.train.end_of_run = ""
+  assert configs.end_of_run_hook(resolve(cfg).train) is None
+
+
 def test_config_help_lists_every_key_with_a_comment():
   result = _run_train("--config_help")
   assert result.returncode == 0, result.stderr[-2000:]

@@ -71,16 +71,18 @@ def shared_z_study(run):
   texts, groups = zdiag.shared_z_samples(trainer, state.params, NUM_Z, PER_Z)
   tests = zdiag.shared_z_tests(texts, groups)
   starts = [s for s in map(zdiag.block_start, texts) if s is not None]
-  lines = zdiag.shared_z_lines(texts, groups, tests)
+  block_len = trainer.cfg.data.block_len
+  lines = zdiag.shared_z_lines(texts, groups, tests, block_len)
+  position_chance, distance_chance = zdiag.block_start_chance(block_len)
   print("\n".join(lines))
   return {"seed": int(trainer.cfg.seed), "step": int(state.step),
           "target_bits": trainer.cfg.model.latent.target_bits,
           **shared_z_columns(tests),
-          "position_chance": 1 / zdiag.BLOCK_STARTS,
-          "distance_chance": zdiag.BLOCK_START_DISTANCE_CHANCE, "samples": len(texts),
+          "position_chance": position_chance, "distance_chance": distance_chance,
+          "samples": len(texts),
           "with_block": len(starts), "start_std": float(np.std(starts)),
-          "data_start_std": math.sqrt((zdiag.BLOCK_STARTS**2 - 1) / 12),
-          "well_formed": sum(synthetic.well_formed(texts, trainer.cfg.data.block_len)),
+          "data_start_std": math.sqrt((zdiag.block_starts(block_len)**2 - 1) / 12),
+          "well_formed": sum(synthetic.well_formed(texts, block_len)),
           "lines": lines}
 
 

@@ -29,13 +29,24 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from ftjax.data import synthetic
+
 ACTIVE_BIT_NATS = 0.01
 MI_TOKENS = 1024
 LOG2 = math.log(2)
-# Synthetic task: a block of 8 in a body of 64 starts at one of 57 places, uniformly in the data;
-# two independent starts then coincide with probability 1/57 and lie (57² − 1) / (3 · 57) apart.
-BLOCK_STARTS = 57
-BLOCK_START_DISTANCE_CHANCE = (BLOCK_STARTS**2 - 1) / (3 * BLOCK_STARTS)
+
+
+def block_starts(block_len: int) -> int:
+  """Synthetic task: the places where a block of `block_len` can start in the body (57 for the
+  default 8 in 64), uniformly in the data."""
+  return synthetic.BODY_LEN - block_len + 1
+
+
+def block_start_chance(block_len: int) -> tuple[float, float]:
+  """Synthetic task, two independent block starts over n = `block_starts(block_len)` places:
+  (the probability that they coincide, 1/n; their mean distance, (n² − 1) / (3n))."""
+  n = block_starts(block_len)
+  return 1 / n, (n**2 - 1) / (3 * n)
 
 
 def bit_kl_NH(logits_NH: jax.Array) -> jax.Array:
@@ -167,7 +178,6 @@ def shared_z_samples(trainer: Any, params: dict, num_z: int = 16, per_z: int = 8
   import numpy as np
 
   from ftjax import sampling
-  from ftjax.data import synthetic
   from ftjax.model import make_model
   lat = trainer.cfg.model.latent
   rng = np.random.default_rng(seed)
@@ -185,9 +195,12 @@ def shared_z_samples(trainer: Any, params: dict, num_z: int = 16, per_z: int = 8
 
 
 def shared_z_lines(texts: list[str], groups: list[int],
-                   tests: dict[str, tuple[float, float, float]], show: int = 4) -> list[str]:
+                   tests: dict[str, tuple[float, float, float]], block_len: int,
+                   show: int = 4) -> list[str]:
   """The samples of the first `show` groups and the results of `shared_z_tests` (over all
-  groups), as printed lines."""
+  groups) against the chance levels of blocks of `block_len` (data.block_len), as printed
+  lines."""
+  position_chance, distance_chance = block_start_chance(block_len)
   num_z = max(groups) + 1
   lines = [f"samples sharing a Z draw ({num_z} draws from the prior, {len(texts) // num_z} "
            f"samples each, random prompt letters; the first {min(show, num_z)} draws shown, "
@@ -197,10 +210,10 @@ def shared_z_lines(texts: list[str], groups: list[int],
     lines += ["  " + t for t, g in zip(texts, groups) if g == k]
   within, across, p = tests["position"]
   lines.append(f"same block position: {within:.2f} of pairs sharing a Z, {across:.2f} of pairs "
-               f"with different Z (chance ≈ {1 / BLOCK_STARTS:.2f}); permutation p = {p:.4f}")
+               f"with different Z (chance ≈ {position_chance:.2f}); permutation p = {p:.4f}")
   within, across, p = tests["distance"]
   lines.append(f"distance between block starts: {within:.1f} for pairs sharing a Z, {across:.1f} "
-               f"for pairs with different Z (chance ≈ {BLOCK_START_DISTANCE_CHANCE:.0f}); "
+               f"for pairs with different Z (chance ≈ {distance_chance:.0f}); "
                f"permutation p = {p:.4f}")
   within, across, p = tests["noise"]
   lines.append(f"overlap of the '!' positions (Jaccard): {within:.2f} for pairs sharing a Z, "
@@ -218,4 +231,4 @@ def shared_z_report(trainer: Any, state: Any, workdir: str) -> list[str]:
   if trainer.source.name != "synthetic" or not trainer.cfg.model.latent.enabled:
     return []
   texts, groups = shared_z_samples(trainer, state.params)
-  return shared_z_lines(texts, groups, shared_z_tests(texts, groups))
+  return shared_z_lines(texts, groups, shared_z_tests(texts, groups), trainer.cfg.data.block_len)

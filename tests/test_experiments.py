@@ -5,6 +5,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 
 from experiments import plot, synthetic_study, synthetic_sweep, text_sweep
@@ -87,6 +88,20 @@ def test_shared_z_tests_against_hand_counts_and_chance():
   assert no_block["position"][:2] == (0, 0)
   # ... and has no distance to any: no evidence either way.
   assert no_block["distance"][2] == 1.0 and math.isnan(no_block["distance"][0])
+
+
+def test_shared_z_chance_levels_follow_the_block_length():
+  from ftjax import zdiag
+  from ftjax.data import synthetic
+  texts, groups = ["A>" + "_" * 64] * 4, [0, 0, 1, 1]
+  tests = zdiag.shared_z_tests(texts, groups, draws=10)
+  for block_len, printed in ((8, ("0.02", "19")), (32, ("0.03", "11"))):
+    # The starts the data draws from: two independent ones coincide and lie apart on average.
+    starts = np.arange(synthetic.BODY_LEN - block_len + 1)
+    exact = (1 / len(starts), np.abs(starts[:, None] - starts[None, :]).mean())
+    assert zdiag.block_start_chance(block_len) == pytest.approx(exact)
+    lines = zdiag.shared_z_lines(texts, groups, tests, block_len)
+    assert f"(chance ≈ {printed[0]})" in lines[-3] and f"(chance ≈ {printed[1]})" in lines[-2]
 
 
 def test_kappa_results_groups_earlier_runs_with_their_device(tmp_path):

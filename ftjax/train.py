@@ -44,11 +44,13 @@ def latent_ctl_init(lat: ConfigDict) -> dict:
   """The KL-term scalars of a fresh run of the resolved `model.latent` config."""
   f = lambda v: jnp.asarray(v, jnp.float32)
   log_beta = math.log(lat.control_beta_init)
-  return {"kappa": f(lat.kappa or 0.0), "target": f(bits_target(lat)),
+  return {"kappa": f(lat.kappa or 0.0), "target": f(target_nats(lat)),
           "beta": f(lat.control_beta_init), "log_beta_i": f(log_beta), "kl_ema": f(0.0)}
 
 
-def bits_target(lat: ConfigDict) -> float:
+def target_nats(lat: ConfigDict) -> float:
+  """The target rate in nats per token (`target_bits` converted; 0 without a target): the unit of
+  the KL and of the state's "target"."""
   return 0.0 if lat.target_bits is None else lat.target_bits * LOG2
 
 
@@ -57,7 +59,7 @@ def set_latent_targets(state: "TrainState", lat: ConfigDict,
   """`state` with κ and the target rate taken from the config `lat` (placed like the state):
   the config decides them, also on resume and when a compiled step is reused for another κ."""
   ctl = dict(state.latent_ctl)
-  for name, value in (("kappa", lat.kappa or 0.0), ("target", bits_target(lat))):
+  for name, value in (("kappa", lat.kappa or 0.0), ("target", target_nats(lat))):
     ctl[name] = jax.device_put(jnp.asarray(value, jnp.float32), state_sharding.latent_ctl[name])
   return state.replace(latent_ctl=ctl)
 

@@ -62,6 +62,13 @@ def test_reused_trainer_gives_the_same_run_as_a_fresh_one(tiny_cfg, tmp_path):
   assert _metrics(tmp_path / "b")[0]["step"] == 1  # the first step (initial parameters) is logged
 
 
+def test_the_target_rate_is_held_in_nats(tiny_cfg):
+  lat = resolved(tiny_cfg, **TARGET).model.latent
+  assert train.target_nats(lat) == pytest.approx(0.5 * math.log(2))
+  assert float(train.latent_ctl_init(lat)["target"]) == pytest.approx(0.5 * math.log(2))
+  assert train.target_nats(tiny_cfg.model.latent) == 0.0  # free bits: no target
+
+
 def test_target_rate_controller_logs_and_resumes_bit_identically(tiny_cfg, tmp_path):
   cfg = resolved(tiny_cfg, **{"train.peak_flops": 1.0, "train.num_samples": 0,
                               "train.log_every": 1, **TARGET})

@@ -80,9 +80,11 @@ def default_config():
   c.model.remat_policy = "none"  # one of REMAT_POLICIES: none, full, dots, dots_no_batch, nothing
   c.model.ce_chunk_tokens = 0  # 0: plain CE; else CE over chunks of this many tokens
   c.model.attention_q_chunk = 0  # xla attention: 0 dense; else queries in chunks of this many
-  # "auto" (cuDNN flash attention on GPU with bfloat16, packed rows through its segment
-  # offsets; else "xla"), "xla" (einsum), "cudnn", "cudnn_mask" (packed rows through a dense
-  # mask), "pallas" (Pallas GPU flash kernel with segment ids), "splash" (TPU)
+  # "auto" picks "cudnn" on a GPU for 16-bit compute with model.head_dim a multiple of 8 up to
+  # 128, "splash" on a TPU, else "xla"; "xla" (einsum, any backend); on a GPU with
+  # model.dtype="bfloat16": "cudnn" (cuDNN flash attention, packed rows through its segment
+  # offsets), "cudnn_mask" (packed rows through a dense mask), "pallas" (Pallas GPU flash kernel
+  # with segment ids); on a TPU: "splash" (the Pallas splash kernel)
   c.model.attention_impl = "auto"
   # "default": matmuls in model.dtype; "fp8": the decoder blocks' dense layers in FP8 (e4m3
   # inputs and weights, e5m2 gradients, per-tensor scales from each step's amax; needs

@@ -119,6 +119,16 @@ def test_end_of_run_hook_is_a_module_and_function_that_import():
   assert configs.end_of_run_hook(resolve(cfg).train) is None
 
 
+def test_attention_impl_help_names_every_value_and_what_auto_picks():
+  from ftjax import layers
+  from ftjax.configs import ATTENTION_IMPLS, key_help
+  comment = {key: text for key, _, text in key_help()}["model.attention_impl"]
+  assert all(f'"{impl}"' in comment for impl in ATTENTION_IMPLS)
+  auto = comment.split(";")[0]
+  for backend in ("gpu", "tpu", "cpu"):
+    assert f'"{layers.resolve_attention_impl("auto", "bfloat16", 64, backend)}"' in auto, backend
+
+
 def test_config_help_lists_every_key_with_a_comment():
   result = _run_train("--config_help")
   assert result.returncode == 0, result.stderr[-2000:]

@@ -85,11 +85,6 @@ def load_module(path):
   return module
 
 
-def load_sweep(path):
-  """The list of override dicts declared by the sweep file at `path`."""
-  return load_module(path).get_sweep()
-
-
 def parse_set(items):
   """{key: value} from 'key=value' strings (values as Python literals, else strings)."""
   out = {}

@@ -32,6 +32,19 @@ def test_launcher_flag_errors_are_one_line(tmp_path, flags):
   assert not os.listdir(tmp_path)
 
 
+def test_a_sweep_file_that_does_not_load_or_has_no_points_is_one_line(tmp_path):
+  (tmp_path / "broken.py").write_text("def get_config(:\n")
+  (tmp_path / "no_points.py").write_text("def get_config():\n  return None\n")
+  for name, message in (("broken", "cannot load the sweep file"),
+                        ("no_points", "defines no get_sweep()")):
+    done = subprocess.run([sys.executable, "-m", "launch.sweep", f"--config={tmp_path}/{name}.py",
+                           f"--workdir={tmp_path}/root"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
+  assert not os.path.exists(tmp_path / "root")
+
+
 @pytest.mark.slow  # launches three training processes; test_kl_control runs a sweep in-process
 def test_sweep_runs_skips_and_resumes(tmp_path):
   printed = _sweep(tmp_path, "--print_only")

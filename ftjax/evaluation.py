@@ -1,4 +1,7 @@
-"""Held-out evaluation beyond the loss: multiple-choice scoring and the synthetic task metric.
+"""Held-out evaluation beyond the loss: summed log-likelihoods of continuations
+(`sequence_logliks`) and multiple-choice questions scored by them (`read_choices`,
+`multiple_choice`). The synthetic task's metric, the share of well-formed samples, is
+`ftjax.data.synthetic.well_formed` (launch.evaluate --generate).
 
 Shape letters: B batch, T tokens, V vocabulary.
 """

@@ -1,7 +1,9 @@
 """launch.sample and launch.evaluate on a run trained on the fake 8-device mesh; the scorer."""
 
+import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -122,6 +124,14 @@ def test_multiple_choice_picks_the_highest_likelihood(tiny_cfg, tmp_path):
   accuracy, predictions = evaluation.multiple_choice(model, params, encode,
                                                      evaluation.read_choices(path), key)
   assert predictions == best and abs(accuracy - 2 / 3) < 1e-9
+
+
+def test_evaluation_docstring_names_what_exists():
+  names = re.findall(r"`([\w.]+)`", evaluation.__doc__)
+  assert {"sequence_logliks", "multiple_choice", "ftjax.data.synthetic.well_formed"} <= set(names)
+  for name in names:
+    module, _, attr = name.rpartition(".")
+    assert hasattr(importlib.import_module(module) if module else evaluation, attr), name
 
 
 def test_read_choices_rejects_bad_lines(tmp_path):

@@ -24,8 +24,6 @@ lm_eval's apply_chat_template, prompts are written in the checkpoint's chat temp
 """
 
 import functools
-import json
-import os
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import jax
@@ -121,15 +119,15 @@ class FtjaxLM(TemplateLM):
   def __init__(self, workdir: str, step: Optional[int] = None, z_mode: str = "uniform",
                code: Optional[int] = None, seed: int = 0, batch_size: int = 8,
                max_length: Optional[int] = None, add_bos_token: Union[bool, str] = False,
-               trainer: Any = None, params: Any = None) -> None:
+               restored: Any = None, params: Any = None) -> None:
     super().__init__()
     if z_mode not in sampling.GENERATION_Z_MODES:
       raise ValueError(f"z_mode must be one of {sampling.GENERATION_Z_MODES}, got {z_mode!r}")
-    if trainer is None:
-      from ftjax.trainer import load_run
-      trainer, state = load_run(workdir, None if step is None else int(step))
-      params = state.params
-    self.trainer, self.params, self.cfg = trainer, params, trainer.cfg
+    if restored is None:  # parameters and tokenizer only: no optimizer, no data source
+      from ftjax import run
+      restored = run.load_for_inference(workdir, None if step is None else int(step))
+    self.text, self.cfg = restored.text, restored.cfg
+    self.params = restored.params if params is None else params
     self.model = make_model(self.cfg.model)
     self.decode_model = make_model(self.cfg.model, decode=True)
     self.latent = self.cfg.model.latent
@@ -144,7 +142,7 @@ class FtjaxLM(TemplateLM):
     self.add_bos_token = _as_bool(add_bos_token)
     self.hf_tokenizer = hf.run_tokenizer(workdir)
     self._chat_template_name = None  # lm_eval's choice, set by chat_template()
-    tok = self.trainer.source.tokenizer
+    tok = self.text.tokenizer
     if self.hf_tokenizer is not None:
       self._eot = self.hf_tokenizer.eos_id
       self._bos = self.hf_tokenizer.bos_id
@@ -156,12 +154,9 @@ class FtjaxLM(TemplateLM):
     self.max_length = int(max_length) if max_length else self._default_max_length(workdir)
 
   def _default_max_length(self, workdir: str) -> int:
-    path = os.path.join(workdir, hf.HF_CONFIG_FILE)
-    if os.path.exists(path):
-      with open(path, encoding="utf-8") as f:
-        positions = json.load(f).get("max_position_embeddings")
-      if positions:
-        return int(positions)
+    positions = hf.saved_hf_config(workdir).get("max_position_embeddings")
+    if positions:
+      return int(positions)
     return int(self.cfg.model.seq_len)
 
   # -------------------------------------------------------------------- tokenizer
@@ -184,7 +179,7 @@ class FtjaxLM(TemplateLM):
     if self.hf_tokenizer is not None:
       ids = list(self.hf_tokenizer.encode(string))
     else:
-      ids = [int(t) for t in np.asarray(self.trainer.source.encode(string, False)).tolist()]
+      ids = [int(t) for t in np.asarray(self.text.encode(string, False)).tolist()]
     if self.add_bos_token and add_special_tokens is not False and self._bos is not None:
       ids = [self._bos] + ids
     return ids
@@ -192,7 +187,7 @@ class FtjaxLM(TemplateLM):
   def tok_decode(self, tokens: Sequence[int]) -> str:
     if self.hf_tokenizer is not None:
       return self.hf_tokenizer.decode(tokens)
-    return self.trainer.source.decode(np.asarray(tokens, np.int32))
+    return self.text.decode(np.asarray(tokens, np.int32))
 
   # -------------------------------------------------------------------- chat templates
 

@@ -33,12 +33,13 @@ Llama loader ignores both (it warns about unexpected keys) and computes the deco
 import json
 import os
 import shutil
+import tempfile
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import ml_dtypes
 import numpy as np
 
-from ftjax import chat_template
+from ftjax import chat_template, storage
 from ftjax.errors import HFError
 from ftjax.run import (CONFIG_PY, HF_CONFIG_FILE, HF_TOKENIZER_DIR as TOKENIZER_DIR, checkpoints_dir,
                        write_config, write_run_checksums)
@@ -439,37 +440,50 @@ def latent_config_dict(m: Any) -> dict:
 
 def export(params: Any, m: Any, out_dir: str, run_dir: Optional[str] = None) -> None:
   """Writes a run's parameters (resolved model config `m`) to `out_dir` as an HF Llama model
-  directory: config.json, model.safetensors, and the run's tokenizer files when it has them."""
+  directory: config.json, model.safetensors, and the run's tokenizer files when it has them.
+  `out_dir` may be a gs:// or s3:// prefix (written locally first, then uploaded, config.json
+  last); `run_dir` may be a bucket run."""
+  if storage.is_url(out_dir):
+    stage = tempfile.mkdtemp(prefix="ftjax-export-")
+    try:
+      export(params, m, stage, run_dir)
+      storage.upload_tree(stage, out_dir, last=(CONFIG_FILE,))
+    finally:
+      shutil.rmtree(stage, ignore_errors=True)
+    return
   os.makedirs(out_dir, exist_ok=True)
-  base = None
-  if run_dir and os.path.exists(os.path.join(run_dir, HF_CONFIG_FILE)):
-    with open(os.path.join(run_dir, HF_CONFIG_FILE), encoding="utf-8") as f:
-      base = json.load(f)
+  base = saved_hf_config(run_dir) if run_dir else {}
   latent = latent_config_dict(m) if m.latent.enabled else None
   write_safetensors(os.path.join(out_dir, SINGLE_FILE), export_tensors(params, m),
                     metadata={"format": "pt"})
   with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
-    json.dump(hf_config(m, base, latent), f, indent=2, sort_keys=True)
+    json.dump(hf_config(m, base or None, latent), f, indent=2, sort_keys=True)
   if run_dir:
-    copy_tokenizer(os.path.join(run_dir, TOKENIZER_DIR), out_dir)
+    copy_tokenizer(storage.join(run_dir, TOKENIZER_DIR), out_dir)
 
 
 def copy_tokenizer(src_dir: str, dst_dir: str) -> list[str]:
-  """Copies the tokenizer files of `src_dir` (those that exist) to `dst_dir`; returns them."""
+  """Copies the tokenizer files of `src_dir` (those that exist) to `dst_dir` (either may be on a
+  bucket); returns them."""
   copied = []
   for name in TOKENIZER_FILES:
-    if os.path.exists(os.path.join(src_dir, name)):
-      os.makedirs(dst_dir, exist_ok=True)
-      shutil.copyfile(os.path.join(src_dir, name), os.path.join(dst_dir, name))
+    if storage.exists(storage.join(src_dir, name)):
+      storage.makedirs(dst_dir)
+      storage.write_bytes(storage.join(dst_dir, name),
+                          storage.read_bytes(storage.join(src_dir, name)))
       copied.append(name)
   return copied
 
 
+def saved_hf_config(run_dir: str) -> dict:
+  """The HF config.json an imported run keeps (RUN/hf_config.json); {} when it has none."""
+  return _read_json(storage.join(run_dir, HF_CONFIG_FILE))
+
+
 def _read_json(path: str) -> dict:
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return {}
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(storage.read_bytes(path))
 
 
 def _token_text(token: Any) -> Any:
@@ -488,7 +502,7 @@ class RunTokenizer:
 
   def __init__(self, run_dir: str) -> None:
     import tokenizers
-    directory = os.path.join(run_dir, TOKENIZER_DIR)
+    directory = storage.local_tree(storage.join(run_dir, TOKENIZER_DIR))  # a bucket run's: copied
     self._tok = tokenizers.Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
     config = _read_json(os.path.join(directory, "tokenizer_config.json"))
     special = {**_read_json(os.path.join(directory, "special_tokens_map.json")), **config}
@@ -520,7 +534,7 @@ class RunTokenizer:
 
 def run_tokenizer(run_dir: str) -> Optional[RunTokenizer]:
   """The run's HF tokenizer, or None when the run has none (then the run's data tokenizer)."""
-  if not os.path.exists(os.path.join(run_dir, TOKENIZER_DIR, "tokenizer.json")):
+  if not storage.exists(storage.join(run_dir, TOKENIZER_DIR, "tokenizer.json")):
     return None
   return RunTokenizer(run_dir)
 
@@ -581,11 +595,10 @@ def _write_run_files(hf_dir: str, workdir: str, cfg: Any, hf_config_dict: dict) 
   """config.json, config.py, hf_config.json, hf_tokenizer/ and run_checksums.json of an
   imported run; returns the tokenizer files copied."""
   write_config(workdir, cfg)
-  with open(os.path.join(workdir, CONFIG_PY), "w", encoding="utf-8") as f:
-    f.write(config_file_text(cfg))
-  with open(os.path.join(workdir, HF_CONFIG_FILE), "w", encoding="utf-8") as f:
-    json.dump(hf_config_dict, f, indent=2, sort_keys=True)
-  copied = copy_tokenizer(hf_dir, os.path.join(workdir, TOKENIZER_DIR))
+  storage.write_bytes(storage.join(workdir, CONFIG_PY), config_file_text(cfg).encode())
+  storage.write_bytes(storage.join(workdir, HF_CONFIG_FILE),
+                      json.dumps(hf_config_dict, indent=2, sort_keys=True).encode())
+  copied = copy_tokenizer(hf_dir, storage.join(workdir, TOKENIZER_DIR))
   write_run_checksums(workdir)
   return copied
 
@@ -602,11 +615,11 @@ def import_run(hf_dir: str, workdir: str, cfg: Any, log: Callable[[str], Any] = 
   import jax
   from ftjax import checkpoint as ckpt_lib
   from ftjax.trainer import Trainer
-  ckpt = Checkpoint(hf_dir)
+  ckpt = Checkpoint(storage.local_tree(hf_dir))  # a bucket's files: copied to the cache folder
   tied = bool(ckpt.config.get("tie_word_embeddings", False))
   check_tensors(ckpt, cfg.model, tied)
   checkpoints = checkpoints_dir(workdir)
-  if os.path.isdir(checkpoints) and os.listdir(checkpoints):
+  if storage.isdir(checkpoints) and storage.listdir(checkpoints):
     raise HFError(f"{workdir} already holds checkpoints: import into a new directory")
   main = jax.process_index() == 0
   copied = _write_run_files(hf_dir, workdir, cfg, ckpt.config) if main else []

@@ -81,23 +81,32 @@ def print_config_help():
     print(f"{key:<{width}}  {value!r:<14}  {comment}")
 
 
-def check_paths(inputs=(), outputs=(), directories=(), others=(), runs=()):
+def check_paths(inputs=(), outputs=(), directories=(), others=(), runs=(), buckets_ok=(),
+                globs=()):
   """Exits 2 with one line unless every (flag, path) of `inputs` is a readable file, every
   output's folder exists, no `directories` path is an existing file, and no path of these or of
-  `others` is a URL. `runs` (run directories) may also be gs:// or s3:// URLs (the bucket is
-  checked when the run is opened). Empty paths pass."""
-  import os
-
+  `others` is a URL. `runs` (run directories), `buckets_ok` (other directories that ftjax reads
+  and writes through `ftjax.storage`) and `globs` (input patterns) may also be gs:// or s3://
+  URLs; the bucket of a `buckets_ok` or `globs` URL is reached here (a run's when the run is
+  opened). Empty paths pass."""
   from ftjax import storage
   from ftjax.configs import url_error
   for flag, path in (*inputs, *outputs, *directories, *others):
     if url_error(path):
       fail(f"flag error: --{flag}={url_error(path)}")
-  for flag, path in runs:
+  for flag, path in (*runs, *buckets_ok, *globs):
     if storage.unsupported(path):
       fail(f"flag error: --{flag}={storage.unsupported(path)}")
-    if path and not storage.is_url(path) and os.path.exists(path) and not os.path.isdir(path):
+  for flag, path in (*runs, *buckets_ok):
+    if path and not storage.is_url(path) and os.path.isfile(path):
       fail(f"flag error: --{flag}={path}: exists and is not a directory")
+  for flag, path in (*buckets_ok, *globs):
+    if storage.is_url(path):
+      logging.set_verbosity(logging.WARNING)  # botocore and gcsfs log each request at INFO
+    try:
+      storage.use_bucket(path)
+    except storage.StorageError as e:
+      fail(f"flag error: --{flag}={path}: {e}")
   for flag, path in inputs:
     if path and not os.path.isfile(path):
       fail(f"flag error: --{flag}={path}: no such file")

@@ -17,7 +17,7 @@ from absl import flags
 from launch import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
-_OUT = flags.DEFINE_string("out", None, "Output directory (created).")
+_OUT = flags.DEFINE_string("out", None, "Output directory (created; gs:// and s3:// too).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
 _MESH = cli.define_restore_mesh()
 
@@ -25,8 +25,9 @@ _MESH = cli.define_restore_mesh()
 def main(argv):
   if not _OUT.value:
     cli.fail("flag error: --out is required")
-  cli.check_paths(directories=[("out", _OUT.value)])
-  if os.path.exists(os.path.join(_OUT.value, "config.json")):
+  cli.check_paths(buckets_ok=[("out", _OUT.value)])
+  from ftjax import storage
+  if storage.exists(storage.join(_OUT.value, "config.json")):
     cli.fail(f"flag error: --out={_OUT.value} already holds a model (config.json)")
   restored = cli.restored_run(argv, _WORKDIR.value, _STEP.value, _MESH.value)
   from ftjax import hf

@@ -34,8 +34,9 @@ from launch import cli
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/hf_llama.py",
                                           "Experiment config (the model's architecture is "
                                           "replaced by the checkpoint's).", lock_config=True)
-_HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face model directory.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to create.")
+_HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face model directory (gs:// and s3:// "
+                              "too: copied to the local cache folder first).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to create (gs:// and s3:// too).")
 _DISTRIBUTED = cli.DistributedFlags()
 
 
@@ -43,8 +44,9 @@ def main(argv):
   cli.no_extra_args(argv)
   if not _HF_DIR.value or not _WORKDIR.value:
     cli.fail("flag error: --hf_dir and --workdir are required")
-  cli.check_paths(directories=[("workdir", _WORKDIR.value), ("hf_dir", _HF_DIR.value)])
-  if not os.path.isdir(_HF_DIR.value):
+  cli.check_paths(buckets_ok=[("workdir", _WORKDIR.value), ("hf_dir", _HF_DIR.value)])
+  from ftjax import storage
+  if not storage.isdir(_HF_DIR.value):
     cli.fail(f"flag error: --hf_dir={_HF_DIR.value} is not a directory")
   _DISTRIBUTED.check()
   from ftjax import hf
@@ -52,7 +54,7 @@ def main(argv):
     base = _CONFIG.value
   except OSError as e:
     cli.fail(f"config error: cannot load the --config file: {str(e).strip().splitlines()[-1]}")
-  cfg = resolve(hf.build_config(base, hf.read_config(_HF_DIR.value),
+  cfg = resolve(hf.build_config(base, hf.read_config(storage.local_tree(_HF_DIR.value)),
                                 config_flags.get_override_values(flags.FLAGS["config"])))
   logging.set_verbosity(logging.WARNING)
   _DISTRIBUTED.start(cfg.distributed.peer_timeout_seconds)

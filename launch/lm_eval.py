@@ -19,6 +19,9 @@ few-shot examples as turns of the conversation (--fewshot_as_multiturn, default 
 --system_instruction as the system message.
 """
 
+import shutil
+import tempfile
+
 from absl import flags, logging
 
 from launch import cli
@@ -30,7 +33,8 @@ _NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", None, "Few-shot examples (def
                                     "task's).")
 _LIMIT = flags.DEFINE_float("limit", None, "Examples per task (< 1: a fraction).")
 _INCLUDE_PATH = flags.DEFINE_string("include_path", None, "A directory of task YAML files.")
-_OUTPUT_PATH = flags.DEFINE_string("output_path", None, "Where lm_eval writes results.")
+_OUTPUT_PATH = flags.DEFINE_string("output_path", None, "Where lm_eval writes results (a "
+                                   "folder; gs:// and s3:// too).")
 _LOG_SAMPLES = flags.DEFINE_bool("log_samples", False, "Also write per-sample results.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Requests per forward pass.")
 _Z_MODE = flags.DEFINE_enum("z_mode", "uniform", ["uniform", "fixed", "encoder"],
@@ -79,7 +83,8 @@ def main(argv):
   if _CODE.value is not None and _Z_MODE.value != "fixed":
     cli.fail("flag error: --code needs --z_mode=fixed")
   cli.check_paths(runs=[("workdir", _WORKDIR.value)],
-                  others=[("output_path", _OUTPUT_PATH.value), ("include_path", _INCLUDE_PATH.value)])
+                  buckets_ok=[("output_path", _OUTPUT_PATH.value)],
+                  others=[("include_path", _INCLUDE_PATH.value)])
   logging.set_verbosity(logging.WARNING)  # datasets and orbax log at INFO
   try:
     import lm_eval
@@ -97,15 +102,19 @@ def main(argv):
     cli.fail("flag error: --chat_template needs --apply_chat_template")
   if _CHAT.value:
     _check_chat_template(_WORKDIR.value)
-  trainer, state = cli.restored_trainer(argv, _WORKDIR.value, _STEP.value, _MESH.value)
+  restored = cli.restored_run(argv, _WORKDIR.value, _STEP.value, _MESH.value)
   from ftjax.harness import FtjaxLM
   try:
     lm = FtjaxLM(_WORKDIR.value, z_mode=_Z_MODE.value, code=_CODE.value, seed=_SEED.value,
                  batch_size=_BATCH_SIZE.value, max_length=_MAX_LENGTH.value,
-                 add_bos_token=_ADD_BOS.value, trainer=trainer, params=state.params)
+                 add_bos_token=_ADD_BOS.value, restored=restored)
   except ValueError as e:
     cli.fail(f"flag error: {e}")
-  tracker = EvaluationTracker(output_path=_OUTPUT_PATH.value) if _OUTPUT_PATH.value else None
+  from ftjax import storage
+  output_path = _OUTPUT_PATH.value  # a bucket's: written to a local folder, uploaded at the end
+  local_output = tempfile.mkdtemp(prefix="ftjax-lm-eval-") if storage.is_url(output_path) else \
+      output_path
+  tracker = EvaluationTracker(output_path=local_output) if output_path else None
   results = lm_eval.simple_evaluate(
       model=lm, tasks=_TASKS.value, num_fewshot=_NUM_FEWSHOT.value, limit=_LIMIT.value,
       batch_size=_BATCH_SIZE.value, log_samples=_LOG_SAMPLES.value, evaluation_tracker=tracker,
@@ -122,7 +131,10 @@ def main(argv):
     if _LOG_SAMPLES.value:
       for task_name in results["configs"]:
         tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
-  print(f"ftjax {_WORKDIR.value} step {int(state.step)}, z_mode {lm.z_mode}, num_fewshot "
+    if local_output != output_path:
+      storage.upload_tree(local_output, output_path)
+      shutil.rmtree(local_output, ignore_errors=True)
+  print(f"ftjax {_WORKDIR.value} step {restored.step}, z_mode {lm.z_mode}, num_fewshot "
         f"{_NUM_FEWSHOT.value}, limit {_LIMIT.value}, chat template "
         f"{(_CHAT_NAME.value or 'default') if _CHAT.value else 'off'}")
   print(make_table(results))

@@ -10,7 +10,9 @@ Inputs: JSON lines (plain or .gz; the document is the `--text_key` field), Parqu
 sentencepiece `.model` file, or a Hugging Face `tokenizer.json` (or its directory). Every
 `--validation_every`-th document of each file is held out for validation (a file with fewer
 documents: the last 1/validation_every of its text). Re-running with the
-same flags skips finished shards; metadata.json is written last. Bad input exits 2 with one line.
+same flags skips finished shards; metadata.json is written last. Inputs and output may be gs://
+or s3:// URLs (the output is staged locally chunk by chunk and uploaded). Bad input exits 2 with
+one line.
 """
 
 import os
@@ -19,8 +21,9 @@ from absl import flags
 
 from launch import cli
 
-_INPUT = flags.DEFINE_string("input", None, "Glob of input files (** allowed).")
-_OUTPUT = flags.DEFINE_string("output", None, "Output directory (created).")
+_INPUT = flags.DEFINE_string("input", None, "Glob of input files (** allowed; gs:// and s3:// "
+                             "too).")
+_OUTPUT = flags.DEFINE_string("output", None, "Output directory (created; gs:// and s3:// too).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", "bytes", "bytes | sentencepiece .model file | "
                                  "Hugging Face tokenizer.json or its directory.")
 _EOS_TOKEN = flags.DEFINE_string("eos_token", "", "Hugging Face tokenizers: the end-of-document "
@@ -43,8 +46,8 @@ def main(argv):
   cli.no_extra_args(argv)
   if not _INPUT.value or not _OUTPUT.value:
     cli.fail("flag error: --input and --output are required")
-  cli.check_paths(directories=[("output", _OUTPUT.value)],
-                  others=[("input", _INPUT.value), ("tokenizer", _TOKENIZER.value)])
+  cli.check_paths(buckets_ok=[("output", _OUTPUT.value)], globs=[("input", _INPUT.value)],
+                  others=[("tokenizer", _TOKENIZER.value)])
   from ftjax.data import prepared
   try:
     settings = prepared.Settings(

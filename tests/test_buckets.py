@@ -222,3 +222,48 @@ def test_a_missing_data_bucket_is_one_data_error(bucket, tiny_cfg):
   from tests.test_prepared import _cfg
   with pytest.raises(CorpusError, match="does not exist"):
     make_source(_cfg(tiny_cfg, **{"data.path": f"{bucket.scheme}://no-such-bucket/data"}))
+
+
+# ---------------------------------------------------------------------------- Hugging Face
+
+def test_hf_import_from_and_export_to_a_bucket_equal_the_local_ones(bucket, tmp_path):
+  from ftjax import hf, run
+  from tests.test_hf import UNTIED, _tensors, config_for
+  root = bucket.url()
+  storage.upload_tree(UNTIED, storage.join(root, "hf"))
+  cfg = config_for(UNTIED)
+  workdir = storage.join(root, "run")
+  state = hf.import_run(storage.join(root, "hf"), workdir, cfg, log=lambda *_: None)
+  for name in ("hf_config.json", "config.py", "hf_tokenizer/tokenizer.json"):
+    assert storage.exists(storage.join(workdir, name)), name
+  restored = run.load_for_inference(workdir)  # verified run files and parameters
+  assert restored.step == 0
+  for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(restored.params)),
+                  jax.tree_util.tree_leaves(jax.device_get(state.params))):
+    np.testing.assert_array_equal(a, b)
+  tok = hf.run_tokenizer(workdir)  # the bucket run's HF tokenizer (sample --chat, lm_eval)
+  import tokenizers
+  want = tokenizers.Tokenizer.from_file(os.path.join(UNTIED, "tokenizer.json"))
+  assert tok.encode("hello world") == want.encode("hello world", add_special_tokens=False).ids
+  hf.import_run(UNTIED, str(tmp_path / "run"), cfg, log=lambda *_: None)
+  out, local = storage.join(root, "export"), str(tmp_path / "export")
+  hf.export(restored.params, cfg.model, out, run_dir=workdir)
+  hf.export(restored.params, cfg.model, local, run_dir=str(tmp_path / "run"))
+  assert storage.files_under(out) == storage.files_under(local)
+  for rel in storage.files_under(local):
+    assert storage.read_bytes(storage.join(out, rel)) == storage.read_bytes(
+        os.path.join(local, rel)), rel
+
+
+def test_prepare_data_launcher_reads_and_writes_a_bucket(bucket, tmp_path):
+  root = bucket.url()
+  _upload_corpus(root, tmp_path)
+  flags = [f"--input={root}/in/*", f"--output={root}/data", "--text_unit=line",
+           "--docs_per_shard=16", "--num_workers=1"]
+  result = _launch(bucket, "launch.prepare_data", *flags)
+  assert result.returncode == 0 and "train: " in result.stdout, result.stderr[-2000:]
+  assert storage.exists(storage.join(root, "data", "metadata.json"))
+  missing = _launch(bucket, "launch.prepare_data", *flags[:1],
+                    f"--output={bucket.scheme}://no-such-bucket/data")
+  lines = missing.stderr.strip().splitlines()
+  assert missing.returncode == 2 and len(lines) == 1 and "does not exist" in lines[0], lines

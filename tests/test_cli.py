@@ -165,9 +165,14 @@ BAD_FLAGS = [
      "only local paths, gs:// and s3://"),
     ("launch.sample", ["--workdir=hdfs://cluster/run"], "only local paths, gs:// and s3://"),
     ("launch.sweep", ["--config=tests/sweep_tiny.py", "--workdir=gs://bucket/sweep"], "is a URL"),
-    ("launch.prepare_data", ["--input=s3://bucket/*.jsonl", "--output={tmp}/data"], "is a URL"),
-    ("launch.lm_eval", ["--workdir={tmp}/run", "--tasks=t", "--output_path=gs://bucket/eval"],
-     "is a URL"),
+    ("launch.prepare_data", ["--input=hdfs://cluster/*.jsonl", "--output={tmp}/data"],
+     "only local paths, gs:// and s3://"),
+    ("launch.lm_eval", ["--workdir={tmp}/run", "--tasks=t", "--output_path=hdfs://cluster/eval"],
+     "only local paths, gs:// and s3://"),
+    ("launch.export_hf", ["--workdir={tmp}/run", "--out=hdfs://cluster/model"],
+     "only local paths, gs:// and s3://"),
+    ("launch.import_hf", ["--hf_dir=hdfs://cluster/model", "--workdir={tmp}/run"],
+     "only local paths, gs:// and s3://"),
 ]
 
 

@@ -20,9 +20,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from ftjax import evaluation, hf  # noqa: E402
+from ftjax import evaluation, hf, run  # noqa: E402
 from ftjax.harness import FtjaxLM  # noqa: E402
-from ftjax.trainer import load_run
 
 from .conftest import REPO  # noqa: E402
 from .test_hf import TIED, UNTIED, config_for  # noqa: E402
@@ -44,10 +43,9 @@ def runs(tmp_path_factory):
 
 
 def make_lm(runs, name, params=None, **kwargs):
-  from ftjax import checkpoint
-  run, _, run_params = runs[name]
-  trainer, _ = load_run(run)
-  return FtjaxLM(run, trainer=trainer, params=run_params if params is None else params,
+  run_dir, _, run_params = runs[name]
+  return FtjaxLM(run_dir, restored=run.load_for_inference(run_dir),
+                 params=run_params if params is None else params,
                  batch_size=4, **kwargs)
 
 
@@ -128,14 +126,13 @@ def test_loglikelihood_rolling_windows(runs):
 
 def test_a_sharded_restore_scores_and_generates_as_one_device(runs):
   """launch.lm_eval --mesh: the run restored on 4 devices gives the same numbers and text."""
-  from ftjax import checkpoint
-  run = runs["ft"][0]
-  lms = []
+  run_dir = runs["ft"][0]
+  lms, meshes = [], []
   for mesh in (None, {"fsdp": 4}):  # (one kv head: no tensor split)
-    trainer, state = load_run(run, mesh=mesh)
-    lms.append(FtjaxLM(run, trainer=trainer, params=state.params, batch_size=4, z_mode="fixed",
-                       code=7))
-  assert lms[1].trainer.mesh.devices.size == 4
+    restored = run.load_for_inference(run_dir, mesh=mesh)
+    meshes.append(restored.mesh)
+    lms.append(FtjaxLM(run_dir, restored=restored, batch_size=4, z_mode="fixed", code=7))
+  assert meshes[1].devices.size == 4
   one, sharded = (lm.loglikelihood(requests("loglikelihood", PAIRS)) for lm in lms)
   np.testing.assert_allclose([g[0] for g in sharded], [g[0] for g in one], atol=1e-4, rtol=1e-5)
   prompts = [lms[0].tok_encode(c) for c in ("one two", "the cat")]

@@ -3,17 +3,19 @@
 A step directory `checkpoints/<step>` is committed by orbax's atomic rename; just before it, in
 the save's background thread, process 0 writes `checkpoints/<step>/checksums.json`: the size and
 SHA-256 of every other file of the step (hashed by several threads; a file over 64 MiB by
-segments), so that a committed step carries integrity data for all of its bytes. Each process's
-data-stream state is a small file next to it, `checkpoints/data_state/<step>.process<i>.json`,
-with its own SHA-256 in its first line. Restoring
-verifies both (`checkpoint.verify`); a step that fails is skipped for the previous one with one
-warning line naming the step and the file; `restore_params` reads a step's parameters alone.
-Hashing and manifests are `ftjax.integrity`'s; the run directory around the checkpoints is
-`ftjax.run`'s.
+segments), so that a committed step carries integrity data for all of its bytes. Each process
+hashes the array files it wrote as soon as its own writes are complete, in parallel with the
+others, and hands the entries to process 0 through jax's key-value store; process 0 hashes the
+rest (metadata, the merged OCDBT root, the config). Each process's data-stream state is a small
+file next to it, `checkpoints/data_state/<step>.process<i>.json`, with its own SHA-256 in its
+first line. Restoring verifies both (`checkpoint.verify`); a step that fails is skipped for the
+previous one with one warning line naming the step and the file; `restore_params` reads a
+step's parameters alone. Hashing and manifests are `ftjax.integrity`'s; the run directory around
+the checkpoints is `ftjax.run`'s.
 """
 
 import fnmatch
-import glob
+import json
 import os
 import re
 import sys
@@ -134,6 +136,7 @@ class Manager:
     self._saving = None  # the step whose save is in flight
     self._failed = None  # SaveError of a failed save, raised once
     self._verified = set()  # (step, share) whose files this process checked
+    self._hashed = None  # process 0: (step directory, its entries) of the save in flight
     if not read_only:
       _quiet_orphaned_writes()
     self._manager = ocp.CheckpointManager(
@@ -146,7 +149,8 @@ class Manager:
             cleanup_tmp_directories=not read_only and not storage.is_url(self.directory),
             async_options=ocp.AsyncOptions(post_finalization_callback=self._before_commit),
             **storage.checkpoint_options(self.directory)),
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
+        item_handlers={"state": _hash_when_written(ocp.StandardCheckpointHandler(),
+                                                   self._hash_own_files),
                        "config": ocp.JsonCheckpointHandler()})
     if not read_only and storage.is_url(self.directory):
       self._remove_uncommitted()
@@ -214,18 +218,35 @@ class Manager:
 
   # Saving -------------------------------------------------------------------------------------
 
+  def _hashed_key(self, process: int) -> str:
+    return f"ftjax/checksums/{self.directory}/{self._saving}/{process}"
+
+  def _hash_own_files(self, item_dir: str) -> None:
+    """Each process, in the save's background thread once its writes to `item_dir` (the state
+    item's directory, still under its temporary name) are complete: the manifest entries of the
+    files it wrote there, for process 0's manifest."""
+    entries = {f"state/{rel}": entry for rel, entry in
+               integrity.file_entries(item_dir, _own_files(item_dir)).items()}
+    if jax.process_index() == 0:
+      self._hashed = (os.path.dirname(item_dir), entries)
+    else:
+      _kv_store().key_value_set(self._hashed_key(jax.process_index()), json.dumps(entries),
+                                allow_overwrite=True)
+
   def _before_commit(self) -> None:
-    """orbax calls this on process 0 in the save's background thread, after the step's files
-    are complete and before the temporary directory is renamed: the checksums become part of
-    the commit (a step whose checksums could not be written is never committed)."""
-    step = self._saving
-    if storage.is_url(self.directory):  # written in place, committed by its marker file next
-      write_checksums(os.path.join(self.directory, str(step)))
-      return
-    candidates = glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*"))
-    if not candidates:
-      raise FileNotFoundError(f"no temporary directory of step {step} in {self.directory}")
-    write_checksums(max(candidates, key=os.path.getmtime))
+    """orbax calls this on process 0 in the save's background thread, after every process's
+    files of the step are complete (each has hashed its own: `_hash_own_files`) and before the
+    temporary directory is renamed (on a bucket: before the marker file): the manifest, the
+    processes' entries and those of the other files, becomes part of the commit (a step whose
+    manifest could not be written is never committed)."""
+    if self._hashed is None:
+      raise RuntimeError(f"the files of step {self._saving} were not hashed")
+    step_dir, hashed = self._hashed
+    for process in range(1, jax.process_count()):  # each set its entries before the barrier
+      key, store = self._hashed_key(process), _kv_store()
+      hashed.update(json.loads(store.blocking_key_value_get(key, 60_000)))
+      store.key_value_delete(key)
+    write_checksums(step_dir, hashed)
 
   def _mark_checksums_since(self, step: int) -> None:
     path = os.path.join(self.directory, CHECKSUMS_SINCE)
@@ -292,7 +313,7 @@ class Manager:
       self._manager.wait_until_finished()  # the previous save: its failure is its own error
     except Exception as e:  # noqa: BLE001
       raise self._save_error(previous, e) from None
-    self._saving = step
+    self._saving, self._hashed = step, None
     try:
       self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state),
@@ -481,6 +502,34 @@ class Manager:
       since = self._checksums_since()
       if since is not None and step >= since:
         raise integrity.Unreadable(f"{CHECKSUMS}: missing", CHECKSUMS)
+
+
+def _own_files(item_dir: str) -> list[str]:
+  """The files of an orbax item directory (relative to it) that this process wrote: with OCDBT,
+  its database `ocdbt.process_<i>/` and its array metadata `array_metadatas/process_<i>`."""
+  i = jax.process_index()
+  db, meta = f"ocdbt.process_{i}", f"array_metadatas/process_{i}"
+  files = [f"{db}/{rel}" for rel in storage.files_under(os.path.join(item_dir, db))]
+  return files + ([meta] if storage.exists(os.path.join(item_dir, meta)) else [])
+
+
+def _hash_when_written(handler: Any, hash_files: Callable[[str], None]) -> Any:
+  """`handler` (an orbax async handler) whose saves end, on each process, with
+  `hash_files(item_dir)` once this process's writes are complete: in the save's background
+  thread, before the barrier of all processes that precedes the commit."""
+  save = handler.async_save
+
+  async def async_save(directory, *args, **kwargs):
+    futures = await save(directory, *args, **kwargs) or []
+    return [ocp.future.ChainedFuture(futures, lambda: hash_files(str(directory)))]
+
+  handler.async_save = async_save  # on the instance: orbax finds the handler's args by its class
+  return handler
+
+
+def _kv_store():
+  from jax._src import distributed as jax_distributed  # the runtime's client (no public API)
+  return jax_distributed.global_state.client
 
 
 def _with_defaults(saved: dict) -> ml_collections.ConfigDict:

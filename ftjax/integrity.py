@@ -3,12 +3,14 @@
 `write_checked` / `read_checked`: a small JSON file behind a first line holding the SHA-256 of
 its bytes (data-stream states, markers, run-file lists). `write_checksums` / `verify_files`: the
 manifest of a checkpoint step directory, `checksums.json`, with the size and SHA-256 of every
-other file of the step, hashed by several threads and by 64 MiB segments for large files. A file
-that does not match raises `Unreadable`, naming it. Files are reached through `ftjax.storage` (local
-paths and buckets alike). This module knows nothing of runs, configs or orbax.
+other file of the step, hashed by several threads and by 64 MiB segments for large files; some
+entries may come ready-made (`file_entries`, from the process that wrote those files). A file
+that does not match raises `Unreadable`, naming it. Files are reached through `ftjax.storage`
+(local paths and buckets alike). This module knows nothing of runs, configs or orbax.
 """
 
 import concurrent.futures
+import errno
 import hashlib
 import json
 import os
@@ -135,13 +137,25 @@ def _digests(step_dir: str, rels: list[str],
   return digests
 
 
-def write_checksums(step_dir: str) -> None:
-  """Writes `step_dir/checksums.json`: size and SHA-256 of every file under `step_dir`."""
-  rels = [rel for rel in storage.files_under(step_dir) if rel not in _NOT_COVERED]
+def file_entries(step_dir: str, rels: list[str]) -> dict[str, list]:
+  """The manifest entries, [size, digest], of the files `rels` of `step_dir`."""
   sizes = {rel: None if rel == _STEP_METADATA else storage.size(os.path.join(step_dir, rel))
            for rel in rels}
   digests = _digests(step_dir, rels, lambda rel: (sizes[rel] or 0) > _SEGMENT)
-  files = {rel: [sizes[rel], digests[rel]] for rel in rels}
+  return {rel: [sizes[rel], digests[rel]] for rel in rels}
+
+
+def write_checksums(step_dir: str, hashed: Optional[dict[str, list]] = None) -> None:
+  """Writes `step_dir/checksums.json`: size and SHA-256 of every file under `step_dir`.
+  `hashed`: entries (`file_entries`) already made for some of them, e.g. by the processes that
+  wrote them; the other files are hashed here. FileNotFoundError if one of those is gone."""
+  hashed = hashed or {}
+  rels = [rel for rel in storage.files_under(step_dir) if rel not in _NOT_COVERED]
+  gone = sorted(set(hashed) - set(rels))
+  if gone:
+    raise FileNotFoundError(errno.ENOENT, "hashed, then gone before the commit",
+                            os.path.join(step_dir, gone[0]))
+  files = {**file_entries(step_dir, [rel for rel in rels if rel not in hashed]), **hashed}
   write_checked(os.path.join(step_dir, CHECKSUMS), {"files": files}, sync=True)
 
 

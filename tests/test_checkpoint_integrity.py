@@ -1,11 +1,13 @@
 """Checkpoint integrity: flipped bytes in any kind of file of a step are detected, the restore
 falls back to the previous step (and training resumes bit-identically from it), launchers
-refuse a damaged step, an undamaged checkpoint restores bit-identically."""
+refuse a damaged step, an undamaged checkpoint restores bit-identically; two processes each hash
+the files they wrote into one manifest."""
 
 import glob
 import json
 import os
 import random
+import re
 import shutil
 
 import jax
@@ -190,3 +192,45 @@ def test_large_files_are_hashed_by_segments_in_threads(tmp_path, monkeypatch):
   files["d/big"][1] = hashlib.sha256(big).hexdigest()  # a manifest written before segments
   integrity.write_checked(str(step_dir / integrity.CHECKSUMS), {"files": files})
   integrity.verify_files(str(step_dir))
+
+
+def test_ready_made_entries_join_the_manifest(tmp_path):
+  """write_checksums takes the entries another process made as they are, hashes the other
+  files, and refuses an entry whose file is gone."""
+  (tmp_path / "a").write_bytes(b"a" * 10)
+  (tmp_path / "b").write_bytes(b"b" * 10)
+  entries = integrity.file_entries(str(tmp_path), ["a"])
+  integrity.write_checksums(str(tmp_path), dict(entries))
+  integrity.verify_files(str(tmp_path))
+  files = integrity.read_checked(str(tmp_path / integrity.CHECKSUMS))["files"]
+  assert files == {**entries, **integrity.file_entries(str(tmp_path), ["b"])}
+  with pytest.raises(FileNotFoundError, match="gone"):
+    integrity.write_checksums(str(tmp_path), {**entries, "c": [1, "0" * 64]})
+
+
+def test_two_processes_hash_their_own_files_into_one_manifest(tmp_path):
+  """Each of two processes hashes only the array files it wrote (process 0 also the step's other
+  files); the merged manifest covers every file and verifies; a damaged file of process 1 is
+  found and both processes restore the step before."""
+  from tests.test_multiprocess import finish, start_processes
+  finish(start_processes("tests.checkpoint_pair", "save", str(tmp_path)))
+  calls = [json.loads((tmp_path / f"hashed.process{i}.json").read_text()) for i in (0, 1)]
+  step_dir = tmp_path / "checkpoints" / "2"
+  files = integrity.read_checked(str(step_dir / integrity.CHECKSUMS))["files"]
+  hashed = [[rel for call in calls[i] for rel in call] for i in (0, 1)]
+  assert len(calls[1]) == 2 and all(  # one call per step, its OCDBT database and array metadata
+      re.fullmatch(r"ocdbt\.process_1/.+|array_metadatas/process_1", rel) for rel in hashed[1])
+  assert any(rel.startswith("ocdbt.process_0/d/") for rel in hashed[0])
+  assert not any("process_1" in rel for rel in hashed[0])  # its own and the step's other files
+  sent = {f"state/{rel}": entry for rel, entry in calls[1][-1].items()}  # step 2's
+  assert any("/d/" in rel for rel in sent) and {rel: files[rel] for rel in sent} == sent
+  integrity.verify_files(str(step_dir))  # every file on disk listed, every digest right
+  damaged = _largest(f"{step_dir}/state/ocdbt.process_1/d/*")
+  _flip(damaged)
+  with pytest.raises(integrity.Unreadable, match=os.path.basename(damaged)):
+    integrity.verify_files(str(step_dir))
+  outs = finish(start_processes("tests.checkpoint_pair", "restore", str(tmp_path)))
+  assert all("restored step 1" in out for out, _ in outs)
+  assert "step 2" in outs[0][0]
+  # the process whose share held the file names it
+  assert os.path.basename(damaged) in "".join(out + err for out, err in outs)

@@ -32,10 +32,10 @@ def test_failed_background_save_is_one_line_and_the_next_run_resumes(tiny_cfg, t
   ref = loop.train_and_evaluate(cfg, str(tmp_path / "ref"), log=lambda *_: None)
   write_checksums = checkpoint.write_checksums
 
-  def disk_full_at_step_12(step_dir):  # in the save's background thread, before the commit
+  def disk_full_at_step_12(step_dir, hashed):  # in the save's background thread, before the commit
     if os.path.basename(step_dir).startswith("12."):
       raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), step_dir)
-    write_checksums(step_dir)
+    write_checksums(step_dir, hashed)
 
   monkeypatch.setattr(checkpoint, "write_checksums", disk_full_at_step_12)
   run = str(tmp_path / "run")

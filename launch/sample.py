@@ -1,7 +1,14 @@
 """Sample from a trained run with a KV cache and any way of choosing Z.
 
   python -m launch.sample --workdir=runs/synthetic --prompt="A>" --num_samples=4 \
-      --z_mode=fixed --code=1234 [--step=N] [--output=samples.jsonl]
+      [--z_seed=1,2,3] [--step=N] [--output=samples.jsonl]
+
+--z_seed=K holds one draw of Z from the prior (a code drawn uniformly per position, the way
+generation draws it) fixed across the samples, while the sampling noise (--seed) still varies
+from sample to sample: what the samples of one draw have in common, and samples of other draws
+do not, is what Z encodes. Several seeds give one group of --num_samples samples per draw and
+prompt. (--z_mode=fixed --code=N puts one constant code at every position instead, which
+training never sees.)
 
 Restores the parameters onto the devices at hand (one by default, whatever mesh trained the run),
 and the config and tokenizer saved with the run (for a run made by launch.import_hf: the
@@ -37,6 +44,9 @@ _Z_MODE = flags.DEFINE_enum("z_mode", "uniform", ["uniform", "fixed", "encoder"]
 _NEW_Z = flags.DEFINE_enum("new_z", "uniform", ["uniform", "fixed"],
                            "With --z_mode=encoder: Z of the generated tokens.")
 _CODE = flags.DEFINE_integer("code", None, "With fixed Z: the code (default: random per sample).")
+_Z_SEEDS = flags.DEFINE_list("z_seed", [], "Hold one draw of Z from the prior (a uniform code per "
+                             "position) fixed across the samples, the sampling noise still "
+                             "varying; several seeds: one group of samples per draw.")
 _ENCODER_ARGMAX = flags.DEFINE_bool("encoder_argmax", False, "With --z_mode=encoder: the most "
                                     "likely code instead of a sample.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "0: greedy.", lower_bound=0.0)
@@ -75,6 +85,26 @@ def _check_z_flags():
     cli.fail("flag error: --code needs --z_mode=fixed (or --z_mode=encoder --new_z=fixed)")
   if not encoder and (_NEW_Z.value != "uniform" or _ENCODER_ARGMAX.value):
     cli.fail("flag error: --new_z and --encoder_argmax need --z_mode=encoder")
+  if _Z_SEEDS.value and (_Z_MODE.value != "uniform" or _CODE.value is not None):
+    cli.fail("flag error: --z_seed draws Z from the prior itself: leave out --z_mode and --code")
+  if not all(s.lstrip("-").isdigit() for s in _Z_SEEDS.value):
+    cli.fail(f"flag error: --z_seed takes integers, got {','.join(_Z_SEEDS.value)}")
+
+
+def _prior_draws(seeds, lat, start_B, length):
+  """(B, length) codes: row i holds the draw of seeds[i] (one uniform code per position, from
+  jax.random.key(seed)), aligned to the row's first real token, so that left-padded prompts of
+  different lengths see the same code at the same token position."""
+  import jax
+  import numpy as np
+
+  from ftjax import latent as latent_lib
+  draws = {s: np.asarray(latent_lib.uniform_codes(jax.random.key(s), (length,), lat.num_bits))
+           for s in set(seeds)}
+  codes_BT = np.zeros((len(seeds), length), np.int32)
+  for i, (s, start) in enumerate(zip(seeds, start_B)):
+    codes_BT[i, start:] = draws[s][:length - start]
+  return codes_BT
 
 
 def _data_prompts(cfg, n):
@@ -100,8 +130,10 @@ def main(argv):
   from ftjax.model import make_model
   from ftjax import hf
   cfg, text = restored.cfg, restored.text
-  if not cfg.model.latent.enabled and (_Z_MODE.value != "uniform" or _CODE.value is not None):
-    cli.fail(f"flag error: --z_mode={_Z_MODE.value}: {_WORKDIR.value} is a baseline run (no Z)")
+  if not cfg.model.latent.enabled and (_Z_MODE.value != "uniform" or _CODE.value is not None
+                                       or _Z_SEEDS.value):
+    flag = "--z_seed" if _Z_SEEDS.value else f"--z_mode={_Z_MODE.value}"
+    cli.fail(f"flag error: {flag}: {_WORKDIR.value} is a baseline run (no Z)")
   hf_tokenizer = hf.run_tokenizer(_WORKDIR.value)  # an imported checkpoint's own tokenizer
   encode = (lambda string, start: hf_tokenizer.encode(string)) if hf_tokenizer else text.encode
   decode = hf_tokenizer.decode if hf_tokenizer else text.decode
@@ -119,8 +151,10 @@ def main(argv):
               list(_data_prompts(cfg, max(_NUM_SAMPLES.value, 1))))
   except ValueError as e:
     cli.fail(f"flag error: a prompt has characters outside the run's vocabulary ({e})")
-  if prompts:
-    tokens = [t for t in tokens for _ in range(_NUM_SAMPLES.value)]
+  z_seeds = [int(s) for s in _Z_SEEDS.value] or [None]
+  repeat = _NUM_SAMPLES.value if prompts else 1  # data prompts: already one per sample
+  tokens, seeds = ([t for t in tokens for _ in z_seeds for _ in range(repeat)],
+                   [s for _ in tokens for s in z_seeds for _ in range(repeat)])
   prompt_BP, start_B = sampling.left_pad(tokens)
   max_new = _MAX_NEW.value or max(cfg.model.seq_len + 1 - prompt_BP.shape[1], 1)
   if not _MAX_NEW.value and prompt_BP.shape[1] >= cfg.model.seq_len:
@@ -131,10 +165,15 @@ def main(argv):
     if not 0 <= _CODE.value < 2**cfg.model.latent.num_bits:
       cli.fail(f"flag error: --code must be in 0..{2**cfg.model.latent.num_bits - 1}")
     codes_B = jnp.full((len(tokens),), _CODE.value, jnp.int32)
+  z_mode, fixed_codes_BT = _Z_MODE.value, None
+  if _Z_SEEDS.value:
+    z_mode = "fixed"
+    fixed_codes_BT = jnp.asarray(_prior_draws(seeds, cfg.model.latent, start_B,
+                                              prompt_BP.shape[1] + max_new))
   out = sampling.generate(
       make_model(cfg.model, decode=True), restored.params, jnp.asarray(prompt_BP),
       jnp.asarray(start_B), jax.random.key(_SEED.value), max_new_tokens=max_new,
-      z_mode=_Z_MODE.value, new_z=_NEW_Z.value, codes_B=codes_B,
+      z_mode=z_mode, new_z=_NEW_Z.value, codes_B=codes_B, fixed_codes_BT=fixed_codes_BT,
       encoder_argmax=_ENCODER_ARGMAX.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
       top_p=_TOP_P.value, eos_id=eos_id)
   rows = []
@@ -142,10 +181,14 @@ def main(argv):
     p = prompt_BP.shape[1]
     record = {"prompt": decode(row[start_B[i]:p]), "sample": decode(row[p:]),
               "z_mode": _Z_MODE.value, "seed": _SEED.value}
+    if seeds[i] is not None:
+      record.update(z_mode="prior_draw", z_seed=seeds[i])
+      if i == 0 or seeds[i] != seeds[i - 1]:
+        print(f"Z draw {seeds[i]}:")
     if "codes" in out:
       record["codes"] = np.asarray(out["codes"][i, start_B[i]:]).tolist()
     rows.append(record)
-    print(f"{record['prompt']!r} -> {record['sample']!r}")
+    print(("  " if seeds[i] is not None else "") + f"{record['prompt']!r} -> {record['sample']!r}")
   if _OUTPUT.value:
     with open(_OUTPUT.value, "w", encoding="utf-8") as f:
       for r in rows:

@@ -49,6 +49,29 @@ def test_sample_cli_restores_onto_one_device(run_on_8_devices, tmp_path):
   assert again.stdout.splitlines()[:2] == result.stdout.splitlines()[:2]  # deterministic
 
 
+def test_sample_cli_holds_a_prior_draw_of_z_across_samples(run_on_8_devices, tmp_path):
+  """--z_seed: one draw of Z from the prior per seed, shared by that group's samples (codes
+  aligned to each prompt's first token), the sampling noise still varying."""
+  out = tmp_path / "samples.jsonl"
+  result = _run("launch.sample", f"--workdir={run_on_8_devices}", "--prompt=A>", "--prompt=QQQ",
+                "--num_samples=3", "--z_seed=1,2", "--seed=3", f"--output={out}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = [json.loads(line) for line in open(out)]
+  assert [(r["prompt"], r["z_seed"]) for r in rows] == [
+      (p, s) for p in ("A>", "QQQ") for s in (1, 2) for _ in range(3)]
+  assert all(r["z_mode"] == "prior_draw" for r in rows)
+  draws = {}
+  for r in rows:  # the same codes at the same token positions for every sample of a seed
+    n = min(len(r["codes"]), len(draws.get(r["z_seed"], r["codes"])))
+    assert draws.setdefault(r["z_seed"], r["codes"])[:n] == r["codes"][:n]
+  assert draws[1] != draws[2] and len(set(draws[1])) > 1  # a code per position, not a constant
+  assert len({r["sample"] for r in rows}) > 2  # the sampling noise still varies
+  assert result.stdout.count("Z draw 1:") == 2 and result.stdout.count("Z draw 2:") == 2
+  bad = _run("launch.sample", f"--workdir={run_on_8_devices}", "--z_seed=1", "--code=3",
+             "--z_mode=fixed")
+  assert bad.returncode == 2 and "--z_seed draws Z from the prior" in bad.stderr, bad.stderr
+
+
 def test_sample_and_evaluate_on_a_mesh_match_one_device(run_on_8_devices, tmp_path):
   flags = [f"--workdir={run_on_8_devices}", "--prompt=A>", "--prompt=QQ", "--num_samples=2",
            "--z_mode=fixed", "--code=5", "--seed=3"]

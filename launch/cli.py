@@ -38,9 +38,38 @@ def run(main, exit_at_once=()):
   app.run(one_line_errors, flags_parser=parse_flags)
 
 
+def script():
+  """The installed commands (`[project.scripts]` in pyproject.toml: ftjax-train, ftjax-sample,
+  ftjax-prepare-data, ...): runs the launcher the command is named after, as `python -m
+  launch.<name>` does."""
+  import runpy
+  name = os.path.basename(sys.argv[0]).removeprefix("ftjax-").replace("-", "_")
+  runpy.run_module(f"launch.{name}", run_name="__main__", alter_sys=True)
+
+
+def config_path(path):
+  """`path` when it is a file; else the experiment config it names in the installed
+  `experiments` package ("experiments/synthetic_z.py", "synthetic_z.py" or "synthetic_z"), so
+  that a launcher run outside the repository finds the shipped configs; else `path` unchanged
+  (the loader then reports it)."""
+  file, sep, suffix = str(path).partition(":")  # config_flags: "file.py:argument"
+  if os.path.isfile(file):
+    return path
+  import importlib.util
+  spec = importlib.util.find_spec("experiments")
+  name = os.path.basename(file).removesuffix(".py") + ".py"
+  for folder in (spec.submodule_search_locations or []) if spec else []:
+    if os.path.isfile(os.path.join(folder, name)):
+      return os.path.join(folder, name) + sep + suffix
+  return path
+
+
 def parse_flags(argv):
   """absl flag parser for `app.run(..., flags_parser=parse_flags)`: a bad flag or config
-  override exits 2 with one line instead of absl's usage dump."""
+  override exits 2 with one line instead of absl's usage dump. `--config=` names an experiment
+  file or a shipped config (`config_path`)."""
+  argv = [f"--config={config_path(a[len('--config='):])}" if a.startswith("--config=") else a
+          for a in argv]
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:

@@ -31,7 +31,7 @@ from ml_collections import config_flags
 from ftjax.configs import resolve
 from launch import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/hf_llama.py",
+_CONFIG = config_flags.DEFINE_config_file("config", cli.config_path("experiments/hf_llama.py"),
                                           "Experiment config (the model's architecture is "
                                           "replaced by the checkpoint's).", lock_config=True)
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face model directory (gs:// and s3:// "

@@ -2,6 +2,7 @@
 with the shipped experiment configs."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -9,9 +10,13 @@ from tests.conftest import REPO
 
 
 def test_installed_commands_run_outside_the_repository(tmp_path):
-  target = tmp_path / "site"
+  source, target = tmp_path / "source", tmp_path / "site"  # a copy: the build writes next to it
+  shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+      ".git", "runs", "results", "tests", "build", "*.egg-info", "__pycache__", ".jax_cache",
+      "workdir*", "benchmarks", "docs"))
   install = subprocess.run(
-      [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), REPO],
+      [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+       str(source)],
       capture_output=True, text=True, timeout=600)
   assert install.returncode == 0, install.stderr[-3000:]
   for name in ("ftjax-train", "ftjax-sample", "ftjax-prepare-data", "ftjax-lm-eval"):

@@ -126,15 +126,15 @@ def run_in_process(module, root, selected, extra):
     try:
       cfg = configs.resolve(configs.with_overrides(base, {**overrides, **extra}))
     except ConfigError as e:
-      print(f"[{name}] config error: {e}", flush=True)
+      print(f"[{name}] {e}", flush=True)  # "config error: ..."
       failed.append(name)
       continue
     if compile_key(cfg) != key:
       trainer, key = Trainer.create(cfg, run_dir=workdir), compile_key(cfg)
-      print(f"[{name}] {'resuming' if os.path.isdir(workdir) else 'starting'} (compiling)",
+      print(f"[{name}] {'resuming' if _exists(workdir) else 'starting'} (compiling)",
             flush=True)
     else:
-      print(f"[{name}] {'resuming' if os.path.isdir(workdir) else 'starting'} (compiled steps "
+      print(f"[{name}] {'resuming' if _exists(workdir) else 'starting'} (compiled steps "
             "reused)", flush=True)
     state = loop.train_and_evaluate(cfg, workdir, log=lambda line, n=name: print(
         f"[{n}] {line}", flush=True), trainer=trainer)
@@ -186,10 +186,14 @@ def markdown(rows, keys):
 
 def _replace(path, text):
   """Writes `text` to `path` at once (array tasks that finish together may write the summary)."""
-  tmp = f"{path}.{os.getpid()}.tmp"
-  with open(tmp, "w", newline="", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  from ftjax import storage
+  storage.write_bytes(path, text.encode())
+
+
+def _exists(workdir):
+  """Whether the point's run directory exists (a bucket prefix: whether it holds files)."""
+  from ftjax import storage
+  return storage.isdir(workdir)
 
 
 def write_summary(root, rows):
@@ -219,7 +223,7 @@ def point_state(workdir, record, queued):
     return "finished"
   if record:
     return queued.get(record["job_id"], "stopped").lower()
-  return "unfinished" if os.path.isdir(workdir) else "not started"
+  return "unfinished" if _exists(workdir) else "not started"
 
 
 def status_rows(root, selected):
@@ -244,7 +248,7 @@ def print_status(root, names, selected):
   rows = status_rows(root, selected)
   evals = [k for k in SUMMARY_KEYS if k.startswith("eval_") and any(k in r for r in rows)]
   print(markdown(rows, ["point", "state", "step", *evals, "job"]))
-  if os.path.isdir(root):
+  if _exists(root):
     summarize(root, names)
 
 
@@ -318,7 +322,11 @@ def main(argv):
   check_modes()
   sbatch_options()
   script = [("sbatch_script", _SBATCH_SCRIPT.value)] if _LAUNCHER.value == "slurm" else []
-  cli.check_paths(inputs=script, directories=[("workdir", _WORKDIR.value)])
+  cli.check_paths(inputs=script, buckets_ok=[("workdir", _WORKDIR.value)])
+  from ftjax import storage
+  if _LAUNCHER.value == "slurm" and storage.is_url(_WORKDIR.value):
+    cli.fail(f"flag error: --launcher=slurm writes the job logs into {_WORKDIR.value}/slurm_logs, "
+             "which SLURM needs on a file system: give a shared file-system --workdir")
   module = load_module(_CONFIG.value)
   points = module.get_sweep()
   extra = parse_set(_SET.value)
@@ -342,7 +350,7 @@ def main(argv):
     for cmd in commands:
       print(shlex.join(cmd))
     return
-  os.makedirs(_WORKDIR.value, exist_ok=True)
+  storage.makedirs(_WORKDIR.value)
   if _LAUNCHER.value == "slurm":
     submit_slurm(_WORKDIR.value, names, selected)
     return
@@ -355,7 +363,7 @@ def main(argv):
     if is_finished(workdir):
       print(f"[{name}] finished, skipped", flush=True)
       continue
-    print(f"[{name}] {'resuming' if os.path.isdir(workdir) else 'starting'}: {shlex.join(cmd)}",
+    print(f"[{name}] {'resuming' if _exists(workdir) else 'starting'}: {shlex.join(cmd)}",
           flush=True)
     if subprocess.run(cmd).returncode != 0:
       failed.append(name)

@@ -267,3 +267,18 @@ def test_prepare_data_launcher_reads_and_writes_a_bucket(bucket, tmp_path):
                     f"--output={bucket.scheme}://no-such-bucket/data")
   lines = missing.stderr.strip().splitlines()
   assert missing.returncode == 2 and len(lines) == 1 and "does not exist" in lines[0], lines
+
+
+def test_a_sweep_rooted_on_a_bucket_trains_skips_finished_points_and_summarizes(bucket):
+  root = storage.join(bucket.url(), "sweep")
+  flags = ["--config=tests/sweep_tiny.py", f"--workdir={root}", "--only=log_every=2,"]
+  first = _launch(bucket, "launch.sweep", *flags, "--in_process")
+  assert first.returncode == 0, first.stderr[-2000:]
+  rows = storage.read_bytes(storage.join(root, "summary.csv")).decode().splitlines()
+  assert len(rows) == 3 and rows[1].startswith("\"log_every=2,eval_batches=1\",20,"), rows
+  again = _launch(bucket, "launch.sweep", *flags)
+  assert again.returncode == 0 and again.stdout.count("finished, skipped") == 2, again.stdout
+  status = _launch(bucket, "launch.sweep", *flags, "--status")
+  assert status.returncode == 0 and status.stdout.count("| finished |") == 2, status.stdout
+  slurm = _launch(bucket, "launch.sweep", *flags, "--launcher=slurm")
+  assert slurm.returncode == 2 and "file-system --workdir" in slurm.stderr, slurm.stderr

@@ -52,18 +52,16 @@ def queue():
 
 def write_record(workdir, job_id, log):
   """Records in `workdir` (created if need be) the job submitted to run it."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, RECORD)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump({"job_id": job_id, "log": log, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
-              f)
-  os.replace(path + ".tmp", path)
+  from ftjax import storage
+  storage.makedirs(workdir)
+  record = {"job_id": job_id, "log": log, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+  storage.write_bytes(storage.join(workdir, RECORD), json.dumps(record).encode())
 
 
 def read_record(workdir):
   """The job record of `workdir` ({'job_id', 'log', 'submitted'}), or None."""
+  from ftjax import storage
   try:
-    with open(os.path.join(workdir, RECORD), encoding="utf-8") as f:
-      return json.load(f)
+    return json.loads(storage.read_bytes(storage.join(workdir, RECORD)))
   except (OSError, json.JSONDecodeError):
     return None

@@ -2,7 +2,8 @@
 
 Shape letters: B batch, T query positions, S key positions, D model width, Q query heads,
 K key/value heads, G = Q // K query heads per key/value head, E head dim, F MLP hidden; with
-query chunks, m chunks of t queries (see docs/architecture.md, "Conventions", for the project-wide legend).
+query chunks, m chunks of t queries (docs/architecture.md, "Conventions", has the project-wide
+legend).
 Every parameter carries logical axis names (`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`,
 `vocab`); `ftjax.sharding` maps them to mesh axes. Layers never mention mesh axes.
 """

@@ -4,7 +4,8 @@
 settings against the validation split, builds and decodes the sample prompts, checks that the
 trackers named and the end-of-run hook can be imported and that every output directory of the
 run can be written. A problem raises `CorpusError` or `ConfigError` (one line; the launcher exits
-2) before anything is compiled. What can only fail later, and why, is listed in docs/architecture.md ("Start-up checks").
+2) before anything is compiled. What can only fail later, and why, is listed in
+docs/architecture.md ("Start-up checks").
 """
 
 import math

@@ -14,13 +14,11 @@ import json
 import os
 from typing import Any, Optional
 
+from ftjax.errors import ChatTemplateError
+
 TEMPLATE_FILE = "chat_template.jinja"
 # Appended to the final message when it is continued, then cut (as transformers does).
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
-
-
-class ChatTemplateError(ValueError):
-  """A chat template that is missing, unknown by name, or fails to render; one line."""
 
 
 def load_templates(directory: str, config: dict) -> dict[str, str]:

@@ -35,6 +35,23 @@ class CheckpointError(FtjaxError, RuntimeError):
   status = 2
 
 
+class TokenizerError(FtjaxError, ValueError):
+  """A tokenizer that cannot be loaded or used; the message says which and why."""
+  prefix = "tokenizer error: "
+  status = 2
+
+
+class ChatTemplateError(FtjaxError, ValueError):
+  """A chat template that is missing, unknown by name, or fails to render; one line."""
+  prefix = "chat template error: "
+  status = 2
+
+
+class SlurmError(FtjaxError):
+  """A SLURM command is missing or failed (one line: the command's last message)."""
+  prefix = "sweep: "
+
+
 class HFError(FtjaxError, ValueError):
   """A checkpoint ftjax cannot import as it is; the message (one line) names what and why."""
   prefix = "import error: "

@@ -34,7 +34,7 @@ from lm_eval.api.model import TemplateLM  # resolvable once "ftjax" is in the re
 from lm_eval.api.registry import register_model
 
 from ftjax import chat_template as chat_template_lib, hf, latent as latent_lib, sampling
-from ftjax.chat_template import ChatTemplateError
+from ftjax.errors import ChatTemplateError
 from ftjax.model import make_model
 
 LENGTH_BUCKET = 64

@@ -62,13 +62,14 @@ _SYSTEM = flags.DEFINE_string("system_instruction", None, "A system instruction 
 def _check_chat_template(workdir):
   """Fails in one line when --apply_chat_template cannot work on this run."""
   from ftjax import chat_template, hf
+  from ftjax.errors import ChatTemplateError
   tokenizer = hf.run_tokenizer(workdir)
   if tokenizer is None:
     cli.fail(f"flag error: --apply_chat_template: {workdir} has no Hugging Face tokenizer "
              "(hf_tokenizer/), so no chat template")
   try:
     chat_template.pick(tokenizer.chat_templates, _CHAT_NAME.value)
-  except chat_template.ChatTemplateError as e:
+  except ChatTemplateError as e:
     cli.fail(f"flag error: --apply_chat_template: {e}")
 
 
@@ -103,12 +104,15 @@ def main(argv):
   if _CHAT.value:
     _check_chat_template(_WORKDIR.value)
   restored = cli.restored_run(argv, _WORKDIR.value, _STEP.value, _MESH.value)
+  from ftjax.errors import FtjaxError
   from ftjax.harness import FtjaxLM
   try:
     lm = FtjaxLM(_WORKDIR.value, z_mode=_Z_MODE.value, code=_CODE.value, seed=_SEED.value,
                  batch_size=_BATCH_SIZE.value, max_length=_MAX_LENGTH.value,
                  add_bos_token=_ADD_BOS.value, restored=restored)
-  except ValueError as e:
+  except FtjaxError:  # its own one line (cli.run)
+    raise
+  except ValueError as e:  # a --z_mode / --code the run cannot take
     cli.fail(f"flag error: {e}")
   from ftjax import storage
   output_path = _OUTPUT_PATH.value  # a bucket's: written to a local folder, uploaded at the end

@@ -63,7 +63,7 @@ _SYSTEM = flags.DEFINE_string("system", None, "With --chat: a system message bef
 
 def _chat_prompts(hf_tokenizer, prompts):
   """The prompts as user turns in the checkpoint's chat template, ready for the answer."""
-  from ftjax.chat_template import ChatTemplateError
+  from ftjax.errors import ChatTemplateError
   if hf_tokenizer is None:
     cli.fail(f"flag error: --chat: {_WORKDIR.value} has no Hugging Face tokenizer, so no chat "
              "template")

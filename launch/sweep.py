@@ -39,6 +39,7 @@ import sys
 
 from absl import flags
 
+from ftjax.errors import SlurmError
 from launch import cli
 from launch.slurm import jobs
 
@@ -231,7 +232,7 @@ def status_rows(root, selected):
   records = {n: jobs.read_record(os.path.join(root, n)) for n, _ in selected}
   try:
     queued = jobs.queue() if any(records.values()) else {}
-  except jobs.SlurmError as e:
+  except SlurmError as e:
     cli.fail(f"sweep: {e}", status=1)
   rows = []
   for name, _ in selected:
@@ -283,7 +284,7 @@ def submit_slurm(root, names, selected):
   try:
     job = jobs.submit_array(_SBATCH_SCRIPT.value, [names.index(n) for n in todo],
                             ["--sweep", *sweep_args()], sbatch_options(), log_dir)
-  except jobs.SlurmError as e:
+  except SlurmError as e:
     cli.fail(f"sweep: {e}")
   for name in todo:
     task = f"{job}_{names.index(name)}"

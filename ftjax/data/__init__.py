@@ -19,7 +19,7 @@ import numpy as np
 
 from ftjax.data import synthetic, text
 from ftjax.data.mixture import parse_mixture
-from ftjax.errors import ConfigError
+from ftjax.errors import ConfigError, TokenizerError
 
 
 class StepStream:
@@ -202,7 +202,7 @@ def _prepared_tokenizer(cfg, components, run_dir):
   if want != "auto":
     try:
       given = tokenizers.load(want, prepared._eos_token(ident))
-    except tokenizers.TokenizerError as e:
+    except TokenizerError as e:
       raise ConfigError("data.tokenizer", str(e)) from e
     if given.sha256 != ident["sha256"]:
       raise ConfigError("data.tokenizer", f"{want!r} is not the tokenizer {path} was prepared "

@@ -38,7 +38,7 @@ import numpy as np
 
 from ftjax import storage
 from ftjax.data import tokenizers
-from ftjax.errors import CorpusError
+from ftjax.errors import CorpusError, TokenizerError
 
 FORMAT = "ftjax.prepared/1"
 METADATA = "metadata.json"
@@ -110,7 +110,7 @@ def tokenizer_of(path, meta):
   try:
     loaded = (tokenizers.SentencePieceTokenizer(local) if tok["kind"] == "sentencepiece" else
               tokenizers.HFTokenizer(local, eos_token=_eos_token(tok)))
-  except tokenizers.TokenizerError as e:
+  except TokenizerError as e:
     raise CorpusError(str(e)) from e
   if loaded.sha256 != tok["sha256"]:
     raise CorpusError(f"{file} is not the tokenizer {METADATA} names (sha256 differs)")
@@ -392,7 +392,7 @@ def _prepare_in(settings, out, shown, num_workers, progress, progress_every, chu
   settings.check()
   try:
     tok = tokenizers.load(settings.tokenizer, settings.eos_token or None)
-  except tokenizers.TokenizerError as e:
+  except TokenizerError as e:
     raise CorpusError(str(e)) from e
   plan = {"format": FORMAT, "inputs": list(settings.inputs), "tokenizer": tokenizers.identity(tok),
           **{k: v for k, v in dataclasses.asdict(settings).items() if k not in ("inputs", "tokenizer")}}

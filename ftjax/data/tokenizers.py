@@ -32,6 +32,7 @@ from typing import Any, Iterable, Optional
 import numpy as np
 
 from ftjax.data import text
+from ftjax.errors import TokenizerError
 
 RUN_FILE = "tokenizer.model"  # a run's copy of its sentencepiece model
 HF_FILE = "tokenizer.json"  # a run's (or a prepared directory's) copy of a Hugging Face tokenizer
@@ -40,10 +41,6 @@ RUN_FILES = {"sentencepiece": RUN_FILE, "hf": HF_FILE}
 HF_EOS_CANDIDATES = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "<|eos|>", "[EOS]",
                      "<|im_end|>")
 _BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
-
-
-class TokenizerError(ValueError):
-  """A tokenizer that cannot be loaded or used; the message says which and why."""
 
 
 def _file_sha256(path):

@@ -7,13 +7,11 @@ import shutil
 import subprocess
 import time
 
+from ftjax.errors import SlurmError
+
 RECORD = "slurm.json"
 # The batch script of `launch.sweep --launcher=slurm` (its --sweep form; see its header).
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_gpu.sbatch")
-
-
-class SlurmError(Exception):
-  """A SLURM command is missing or failed (one line: the command's last message)."""
 
 
 def _require(command):

@@ -135,10 +135,15 @@ class Manager:
     self.verify = c.verify if c is not None and "verify" in c else True
     self._saving = None  # the step whose save is in flight
     self._failed = None  # SaveError of a failed save, raised once
+    self._save_failed = False  # a SaveError was made: close() touches the storage no more
     self._verified = set()  # (step, share) whose files this process checked
     self._hashed = None  # process 0: (step directory, its entries) of the save in flight
     if not read_only:
       _quiet_orphaned_writes()
+    if not read_only and storage.is_url(self.directory):
+      # Before orbax lists the steps: its client caches the listing, and a step it saw would
+      # later be "removed" again before its next save (gcsfs: FileNotFoundError, a failed save).
+      self._remove_uncommitted()
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -152,8 +157,6 @@ class Manager:
         item_handlers={"state": _hash_when_written(ocp.StandardCheckpointHandler(),
                                                    self._hash_own_files),
                        "config": ocp.JsonCheckpointHandler()})
-    if not read_only and storage.is_url(self.directory):
-      self._remove_uncommitted()
 
   def _remove_uncommitted(self) -> None:
     """Deletes the step directories on a bucket that lack orbax's commit marker (saves a killed
@@ -264,13 +267,21 @@ class Manager:
 
   def _save_error(self, step: Optional[int], e: BaseException,
                   what: str = "the checkpoint") -> SaveError:
-    newest = [s for s in committed_steps(self.directory) if s != step]
+    self._save_failed = True
+    # On a bucket the store may be what failed (listing it would wait out the client's retries
+    # and fail too): the steps this manager knows to be complete (orbax drops a failed one).
+    if storage.is_url(self.directory):
+      in_flight = self._saving if self._manager.is_saving_in_progress() else None
+      newest = [s for s in self.all_steps() if s not in (step, in_flight)]
+    else:
+      newest = [s for s in committed_steps(self.directory) if s != step]
     return SaveError(
         f"cannot save {what} of step {step} in {self.directory}: {_cause(e)}. "
         + (f"The newest complete checkpoint is step {newest[-1]}. " if newest else
            "No checkpoint has been completed. ")
-        + "Free space (or lower checkpoint.keep) or fix the directory's permissions, then run "
-          "the same command to resume.")
+        + ("Check that the bucket can be reached and written to" if storage.is_url(self.directory)
+           else "Free space (or lower checkpoint.keep) or fix the directory's permissions")
+        + ", then run the same command to resume.")
 
   def check(self) -> None:
     """Raises SaveError if the save in flight has failed (cheap: no waiting)."""
@@ -312,6 +323,7 @@ class Manager:
     try:
       self._manager.wait_until_finished()  # the previous save: its failure is its own error
     except Exception as e:  # noqa: BLE001
+      self._saving = None  # reported here (orbax raises it once)
       raise self._save_error(previous, e) from None
     self._saving, self._hashed = step, None
     try:
@@ -337,7 +349,9 @@ class Manager:
     try:
       saving = self._saving
       self.wait()
-      if saving is not None:  # files of the steps the last save's keep policy deleted
+      # Files of the steps the last save's keep policy deleted; not after a failed save (the
+      # storage may be what failed: on a bucket each request would wait out the retries).
+      if saving is not None and not self._save_failed:
         try:
           self._remove_old_data_states(saving + 1)
         except OSError:

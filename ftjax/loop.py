@@ -17,7 +17,7 @@ import numpy as np
 from ftjax import (configs, distributed, metrics as metrics_lib, preflight, sampling, sharding,
                    storage, trackers, train)
 from ftjax.configs import config_changes, profile_steps, tracker_names
-from ftjax.errors import NonFiniteError, SaveError
+from ftjax.errors import NonFiniteError, SaveError, WriteError
 from ftjax.model import make_model
 from ftjax.trainer import Trainer
 
@@ -423,11 +423,12 @@ def _save_after_error(error, manager, state, stream, finished, start, cfg):
   trusted) before `error` ends the run, and adds a note to `error` saying what was kept.
 
   Not tried with several processes (a save is collective: the others may still be training), for
-  a failed save or a full disk (the storage is the problem), without a consistent stream
-  position, or after non-finite steps under train.on_nonfinite=stop."""
+  a failed save, a full disk or a failed upload to the run's bucket (the storage is the problem),
+  without a consistent stream position, or after non-finite steps under train.on_nonfinite=stop."""
   full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
-  if (finished is None or finished <= start or jax.process_count() > 1 or full or
-      isinstance(error, (SaveError, NonFiniteError))):
+  bucket_failed = isinstance(error, WriteError) and storage.is_url(manager.directory)
+  if (finished is None or finished <= start or jax.process_count() > 1 or full or bucket_failed
+      or isinstance(error, (SaveError, NonFiniteError))):
     return
   try:
     if cfg.train.on_nonfinite == "stop" and int(jax.device_get(state.nonfinite_steps)):

@@ -50,9 +50,43 @@ def absolute(p: PathLike) -> str:
 
 def _fs(p: PathLike):
   """(fsspec file system, path within it) of a URL; one client per store, without a listings
-  cache (orbax writes through another client: a cached listing would go stale)."""
+  cache (orbax writes through another client: a cached listing would go stale). Its calls raise
+  OSError for a store that cannot be reached or refuses a request (`_OSErrors`)."""
   import fsspec
-  return fsspec.core.url_to_fs(str(p), use_listings_cache=False)
+  fs, key = fsspec.core.url_to_fs(str(p), use_listings_cache=False)
+  return _OSErrors(fs), key
+
+
+class _OSErrors:
+  """An fsspec file system whose method calls raise the clients' own errors that are not
+  OSErrors (botocore's, e.g. EndpointConnectionError when the store is gone; gcsfs's HttpError;
+  aiohttp's) as OSError: callers handle one kind of error for local paths and buckets."""
+
+  def __init__(self, fs):
+    self._fs = fs
+
+  def __getattr__(self, name):
+    attr = getattr(self._fs, name)
+    if not callable(attr):
+      return attr
+
+    def call(*args, **kwargs):
+      try:
+        return attr(*args, **kwargs)
+      except OSError:
+        raise
+      except _client_errors() as e:
+        raise OSError(_first_line(e)) from e
+    return call
+
+
+def _client_errors() -> tuple:
+  """The error types of the bucket clients loaded in this process that are not OSErrors."""
+  import sys
+  found = [getattr(sys.modules.get(module), name, None) for module, name in (
+      ("botocore.exceptions", "BotoCoreError"), ("botocore.exceptions", "ClientError"),
+      ("gcsfs.retry", "HttpError"), ("aiohttp", "ClientError"))]
+  return tuple(kind for kind in found if isinstance(kind, type))
 
 
 def write_bytes(p: PathLike, data: bytes, sync: bool = False) -> None:
@@ -296,8 +330,13 @@ class LocalMirror:
   def __exit__(self, kind, error, traceback) -> None:
     if self.path == self.remote:
       return
+    from ftjax.errors import WriteError
     try:
-      self.sync()
+      # Not after a failed write (SaveError included): the store may be what failed, and the
+      # upload would wait out the client's retries to fail as well. The rows a resumed run keeps
+      # were uploaded when they were logged, before its checkpoint was saved.
+      if not isinstance(error, WriteError):
+        self.sync()
     except Exception:  # noqa: BLE001 (the error in flight, if any, is the one to report)
       if error is None:
         raise
@@ -327,6 +366,8 @@ def use_bucket(p: PathLike) -> None:
   bucket = parse.urlparse(str(p)).netloc
   if scheme(p) == "s3":
     _route_s3_through_tensorstore()
+  _limit_tensorstore_retries()
+  _quiet_client_logs()
   try:
     found = exists(f"{scheme(p)}://{bucket}")
   except Exception as e:  # noqa: BLE001 (each client raises its own kinds)
@@ -354,6 +395,52 @@ def checkpoint_options(directory: PathLike) -> dict:
     return {}
   from orbax.checkpoint._src.path import atomicity
   return {"temporary_path_class": atomicity.CommitFileTemporaryPath}
+
+
+# TensorStore's gcs and s3 drivers try a failed request 32 times, waiting up to 32 s between
+# tries: a store that goes away would hold a checkpoint save (and the run) for about a quarter of
+# an hour before it fails. Its requests get gcsfs's budget instead (6 tries, waits doubling from
+# 1 s: about 30 s), the one of ftjax's other requests to the bucket; then the save fails and the
+# run ends with one line (SaveError).
+TENSORSTORE_RETRIES = {"max_retries": 6, "initial_delay": "1s", "max_delay": "16s"}
+
+
+def _limit_tensorstore_retries() -> None:
+  """Gives the TensorStore contexts orbax builds from here on `TENSORSTORE_RETRIES`, and, when
+  the AWS keys are in the environment, s3 credentials from there alone (the default chain also
+  reads ~/.aws/config and ~/.aws/credentials, and logs five error lines per checkpoint save where
+  those files do not exist)."""
+  from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+  for context in (ts_utils._BASE_TS_CONTEXT, ts_utils._DEFAULT_OCDBT_TS_CONTEXT):
+    for resource in ("gcs_request_retries", "s3_request_retries"):
+      context.setdefault(resource, dict(TENSORSTORE_RETRIES))
+    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+      context.setdefault("aws_credentials", {"type": "environment"})
+
+
+def _quiet_client_logs() -> None:
+  """The bucket clients log each request that failed for good (gcsfs: a traceback) and aiohttp
+  the requests a dropped connection left unfinished ("Task exception was never retrieved"); the
+  failure itself reaches ftjax as an OSError and is reported there, in one line. Those records
+  are dropped (installed once)."""
+  import logging
+  gcsfs_log = logging.getLogger("gcsfs")
+  if not any(isinstance(f, _DropClientErrors) for f in gcsfs_log.filters):
+    gcsfs_log.addFilter(_DropClientErrors())
+    logging.getLogger("asyncio").addFilter(_DropClientErrors())
+
+
+class _DropClientErrors:
+  """A logging filter: drops the gcsfs logger's error records, and asyncio's records of tasks
+  that ended with a client's connection error."""
+
+  def filter(self, record) -> bool:
+    import logging
+    if record.name.startswith("gcsfs"):
+      return record.levelno < logging.ERROR
+    error = record.exc_info[1] if record.exc_info else None
+    return not ("never retrieved" in str(record.msg) and
+                isinstance(error, (OSError, *_client_errors())))
 
 
 def _route_s3_through_tensorstore() -> None:

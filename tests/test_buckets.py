@@ -1,6 +1,6 @@
 """Runs on object stores, against local emulators (tests/buckets.py): checkpoints commit by
 marker, are checksummed and verified, damaged or uncommitted steps are refused, a missing bucket
-is one line."""
+is one line; a run killed (kill -9) or whose store goes away mid-save resumes bit-identically."""
 
 import os
 
@@ -282,3 +282,143 @@ def test_a_sweep_rooted_on_a_bucket_trains_skips_finished_points_and_summarizes(
   assert status.returncode == 0 and status.stdout.count("| finished |") == 2, status.stdout
   slurm = _launch(bucket, "launch.sweep", *flags, "--launcher=slurm")
   assert slurm.returncode == 2 and "file-system --workdir" in slurm.stderr, slurm.stderr
+
+
+# --------------------------------------------------- kill -9 and a store that goes away mid-save
+
+def _interrupted_flags(workdir):
+  """The launcher flags of the interrupted runs below: the tiny run of test_fault_tolerance,
+  saved at every step (a kill or an outage lands in a save most of the time)."""
+  from tests.test_fault_tolerance import FLAGS
+  return [*FLAGS, "--config.checkpoint.every_steps=1", f"--workdir={workdir}"]
+
+
+@pytest.fixture(scope="module")
+def launched_local(tmp_path_factory):
+  """The same launcher run, uninterrupted, in a local directory: (final parameters, final step,
+  metrics rows)."""
+  import subprocess
+  import sys
+  from tests.conftest import REPO
+  from tests.test_fault_tolerance import _final_params
+  workdir = str(tmp_path_factory.mktemp("launched_local"))
+  result = subprocess.run([sys.executable, "-m", "launch.train", *_interrupted_flags(workdir)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  params, step = _final_params(workdir)
+  return params, step, _rows(workdir)
+
+
+def _start_training(emulator, workdir, logs):
+  """The launcher on `workdir`, in the background; its stdout and stderr go to files in `logs`
+  (a pipe nobody reads would block it)."""
+  import subprocess
+  import sys
+  from tests.conftest import REPO
+  logs.mkdir(parents=True, exist_ok=True)
+  with open(logs / "stdout", "w") as out, open(logs / "stderr", "w") as err:
+    return subprocess.Popen([sys.executable, "-m", "launch.train", *_interrupted_flags(workdir)],
+                            cwd=REPO, stdout=out, stderr=err, text=True,
+                            env={**os.environ, **emulator.env})
+
+
+def _steps_on(directory):
+  """(committed steps, step directories without a commit marker) of a bucket's checkpoints; the
+  listing comes first, so a step committed meanwhile counts as committed."""
+  names = storage.listdir(directory)
+  committed = checkpoint.committed_steps(directory)
+  return committed, sorted(int(n) for n in names if n.isdigit() and int(n) not in committed)
+
+
+@pytest.mark.slow  # ~2 min per emulator (three launcher starts), plus the shared local run
+def test_kill_9_on_a_bucket_then_resume_is_bit_identical(bucket, launched_local, tmp_path):
+  import random
+  import signal
+  import time
+  from tests.test_fault_tolerance import _final_params
+  params, final_step, rows = launched_local
+  workdir = bucket.url()
+  ckpts = storage.join(workdir, "checkpoints")
+  rng = random.Random(bucket.scheme)
+  half_written = []
+  for i, target in enumerate((2, 9)):  # a committed step first, then mid-run again
+    proc = _start_training(bucket, workdir, tmp_path / f"killed{i}")
+    deadline = time.monotonic() + 300
+    while (proc.poll() is None and time.monotonic() < deadline and
+           max(checkpoint.committed_steps(ckpts), default=0) < target):
+      time.sleep(0.1)
+    time.sleep(rng.random() * 0.5)  # mid-step, mid-save, mid-upload
+    assert proc.poll() is None, (tmp_path / f"killed{i}" / "stderr").read_text()[-3000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    committed, pending = _steps_on(ckpts)
+    half_written += pending
+  assert committed, "no step was committed before the kills"
+  final = _launch(bucket, "launch.train", *_interrupted_flags(workdir))
+  assert final.returncode == 0, final.stderr[-3000:]
+  assert f"resumed from step {committed[-1]}" in final.stdout.splitlines()
+  assert _rows(workdir) == rows  # every metric of every step, bit for bit
+  got, step = _final_params(workdir)
+  assert step == final_step == 20
+  jax.tree_util.tree_map(np.testing.assert_array_equal, got, params)
+  print(f"{bucket.scheme}: committed at the last kill {committed}; half-written at the kills: "
+        f"{half_written}")
+
+
+@pytest.fixture
+def gated_bucket(bucket):
+  """An emulator of the test's own, of `bucket`'s scheme, that the test stops and starts again
+  (tests/buckets.py: Gate)."""
+  from tests.buckets import gated_emulator
+  with gated_emulator(bucket.scheme) as emulator:
+    yield emulator
+
+
+@pytest.mark.slow  # ~2-3 min per emulator: two launcher starts, the clients' retries (~30 s each)
+def test_the_store_going_away_mid_save_is_one_line_and_the_run_resumes(gated_bucket,
+                                                                        launched_local, tmp_path):
+  import re
+  import subprocess
+  import time
+  store = gated_bucket
+  _, _, rows = launched_local
+  workdir = store.url()
+  ckpts = storage.join(workdir, "checkpoints")
+  proc = _start_training(store, workdir, tmp_path)
+  half, deadline = None, time.monotonic() + 300
+  while proc.poll() is None and time.monotonic() < deadline:
+    committed, pending = _steps_on(ckpts)
+    if committed and pending:  # a save under way after a complete one: the store goes away
+      store.stop()
+      half = pending[-1]
+      break
+    time.sleep(0.05)
+  assert half is not None, f"no save seen in progress; {(tmp_path / 'stderr').read_text()[-3000:]}"
+  gone = time.monotonic()
+  try:
+    proc.wait(timeout=300)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    proc.wait()
+    pytest.fail("the launcher did not end within 300 s of the store going away")
+  took = time.monotonic() - gone
+  stderr = (tmp_path / "stderr").read_text()
+  # Not the outage's: orbax's warning that saving every step waits for the save before it, and
+  # TensorStore's note that it uses the emulator's test token.
+  noise = ("Waiting for previous save to complete", "GOOGLE_AUTH_TOKEN_FOR_TESTING")
+  lines = [line for line in stderr.splitlines()
+           if line.strip() and not any(n in line for n in noise)]
+  assert proc.returncode == 1 and len(lines) == 1, stderr[-5000:]
+  assert re.match(r"error: cannot (save|write) ", lines[0]), lines[0]
+  assert "run the same command to resume" in lines[0], lines[0]
+  store.start()
+  committed, _ = _steps_on(ckpts)
+  assert committed and half not in committed and committed[-1] < half  # half-written: not a step
+  if lines[0].startswith("error: cannot save"):
+    assert f"The newest complete checkpoint is step {committed[-1]}." in lines[0], lines[0]
+  again = _launch(store, "launch.train", *_interrupted_flags(workdir))
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert f"resumed from step {committed[-1]}" in again.stdout.splitlines()
+  assert _rows(workdir) == rows
+  print(f"{store.scheme}: the store went away during the save of step {half}; the launcher ended "
+        f"{took:.0f} s later: {lines[0]}")

@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 from ftjax import distributed, integrity, storage
 from ftjax.integrity import CHECKSUMS, CHECKSUMS_SINCE, COMMIT_MARKER, verify_files, write_checksums
 from ftjax.configs import default_config, resolve
-from ftjax.errors import CheckpointError, SaveError
+from ftjax.errors import CheckpointError, SaveError, StorageError
 
 PathLike = Union[str, os.PathLike]  # a directory: a str or a pathlib.Path
 
@@ -38,7 +38,7 @@ def require_storage(path: PathLike) -> None:
   s3:// bucket (`ftjax.storage.use_bucket`)."""
   try:
     storage.use_bucket(path)
-  except storage.StorageError as e:
+  except StorageError as e:
     raise CheckpointError(str(e)) from None
 
 

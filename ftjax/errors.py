@@ -35,6 +35,12 @@ class CheckpointError(FtjaxError, RuntimeError):
   status = 2
 
 
+class StorageError(FtjaxError, RuntimeError):
+  """A bucket that cannot be reached (missing, no credentials, no such scheme); one line."""
+  prefix = "storage error: "
+  status = 2
+
+
 class TokenizerError(FtjaxError, ValueError):
   """A tokenizer that cannot be loaded or used; the message says which and why."""
   prefix = "tokenizer error: "

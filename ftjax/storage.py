@@ -21,6 +21,8 @@ import tempfile
 from typing import Any, Optional, Union
 from urllib import parse
 
+from ftjax.errors import StorageError
+
 # gcsfs's experimental client (read when gcsfs is imported) probes each bucket for hierarchical
 # namespaces with an API that emulators and plain buckets may not answer (a 60 s wait); ftjax
 # needs plain object semantics only.
@@ -29,10 +31,6 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 SCHEMES = ("gs", "s3")
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 PathLike = Union[str, os.PathLike]
-
-
-class StorageError(RuntimeError):
-  """A bucket that cannot be reached (missing, no credentials, no such scheme); one line."""
 
 
 def is_url(path: Optional[PathLike]) -> bool:

@@ -7,7 +7,7 @@ import sys
 from absl import app, flags, logging
 
 from ftjax.configs import resolve
-from ftjax.errors import FtjaxError
+from ftjax.errors import FtjaxError, StorageError
 
 
 def fail(message, status=2):
@@ -134,7 +134,7 @@ def check_paths(inputs=(), outputs=(), directories=(), others=(), runs=(), bucke
       logging.set_verbosity(logging.WARNING)  # botocore and gcsfs log each request at INFO
     try:
       storage.use_bucket(path)
-    except storage.StorageError as e:
+    except StorageError as e:
       fail(f"flag error: --{flag}={path}: {e}")
   for flag, path in inputs:
     if path and not os.path.isfile(path):

@@ -38,7 +38,7 @@ import numpy as np
 
 from ftjax import storage
 from ftjax.data import tokenizers
-from ftjax.errors import CorpusError, TokenizerError
+from ftjax.errors import CorpusError, StorageError, TokenizerError
 
 FORMAT = "ftjax.prepared/1"
 METADATA = "metadata.json"
@@ -78,7 +78,7 @@ def load_metadata(path):
   meta_path = storage.join(path, METADATA)
   try:
     storage.use_bucket(path)
-  except storage.StorageError as e:
+  except StorageError as e:
     raise CorpusError(str(e)) from None
   try:
     found = storage.exists(meta_path)

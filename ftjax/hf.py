@@ -159,10 +159,10 @@ def write_safetensors(path: str, tensors: Sequence[TensorSpec],
 # ----------------------------------------------------------------------------- config
 
 def read_config(hf_dir: str) -> dict:
-  path = os.path.join(hf_dir, CONFIG_FILE)
+  """The checkpoint's config.json (`hf_dir` may be a bucket prefix: this file alone is read)."""
+  path = storage.join(hf_dir, CONFIG_FILE)
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return json.loads(storage.read_bytes(path))
   except FileNotFoundError as e:
     raise HFError(f"{path} not found: --hf_dir must be a Hugging Face model directory") from e
   except json.JSONDecodeError as e:

@@ -23,8 +23,6 @@ tensor shards of its own devices (same flags as launch.train; SLURM and TPU VMs 
       --coordinator_address=HOST:PORT --num_processes=N --process_id=I
 """
 
-import os
-
 from absl import flags, logging
 from ml_collections import config_flags
 
@@ -54,7 +52,7 @@ def main(argv):
     base = _CONFIG.value
   except OSError as e:
     cli.fail(f"config error: cannot load the --config file: {str(e).strip().splitlines()[-1]}")
-  cfg = resolve(hf.build_config(base, hf.read_config(storage.local_tree(_HF_DIR.value)),
+  cfg = resolve(hf.build_config(base, hf.read_config(_HF_DIR.value),
                                 config_flags.get_override_values(flags.FLAGS["config"])))
   logging.set_verbosity(logging.WARNING)
   _DISTRIBUTED.start(cfg.distributed.peer_timeout_seconds)

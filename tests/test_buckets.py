@@ -231,6 +231,7 @@ def test_hf_import_from_and_export_to_a_bucket_equal_the_local_ones(bucket, tmp_
   from tests.test_hf import UNTIED, _tensors, config_for
   root = bucket.url()
   storage.upload_tree(UNTIED, storage.join(root, "hf"))
+  assert hf.read_config(storage.join(root, "hf")) == hf.read_config(UNTIED)  # that file alone
   cfg = config_for(UNTIED)
   workdir = storage.join(root, "run")
   state = hf.import_run(storage.join(root, "hf"), workdir, cfg, log=lambda *_: None)

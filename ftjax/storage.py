@@ -21,7 +21,7 @@ import tempfile
 from typing import Any, Optional, Union
 from urllib import parse
 
-from ftjax.errors import StorageError
+from ftjax.errors import StorageError, WriteError
 
 # gcsfs's experimental client (read when gcsfs is imported) probes each bucket for hierarchical
 # namespaces with an API that emulators and plain buckets may not answer (a 60 s wait); ftjax
@@ -328,7 +328,6 @@ class LocalMirror:
   def __exit__(self, kind, error, traceback) -> None:
     if self.path == self.remote:
       return
-    from ftjax.errors import WriteError
     try:
       # Not after a failed write (SaveError included): the store may be what failed, and the
       # upload would wait out the client's retries to fail as well. The rows a resumed run keeps

@@ -10,8 +10,6 @@ Hugging Face Llama loader ignores them (warning about unexpected keys) and compu
 alone, i.e. the FT with R = 0, which is neither Z uniform nor encoder Z.
 """
 
-import os
-
 from absl import flags
 
 from launch import cli

@@ -39,6 +39,7 @@ import sys
 
 from absl import flags
 
+from ftjax import storage
 from ftjax.errors import SlurmError
 from launch import cli
 from launch.slurm import jobs
@@ -132,10 +133,10 @@ def run_in_process(module, root, selected, extra):
       continue
     if compile_key(cfg) != key:
       trainer, key = Trainer.create(cfg, run_dir=workdir), compile_key(cfg)
-      print(f"[{name}] {'resuming' if _exists(workdir) else 'starting'} (compiling)",
+      print(f"[{name}] {'resuming' if storage.isdir(workdir) else 'starting'} (compiling)",
             flush=True)
     else:
-      print(f"[{name}] {'resuming' if _exists(workdir) else 'starting'} (compiled steps "
+      print(f"[{name}] {'resuming' if storage.isdir(workdir) else 'starting'} (compiled steps "
             "reused)", flush=True)
     state = loop.train_and_evaluate(cfg, workdir, log=lambda line, n=name: print(
         f"[{n}] {line}", flush=True), trainer=trainer)
@@ -185,27 +186,16 @@ def markdown(rows, keys):
   return "\n".join(lines)
 
 
-def _replace(path, text):
-  """Writes `text` to `path` at once (array tasks that finish together may write the summary)."""
-  from ftjax import storage
-  storage.write_bytes(path, text.encode())
-
-
-def _exists(workdir):
-  """Whether the point's run directory exists (a bucket prefix: whether it holds files)."""
-  from ftjax import storage
-  return storage.isdir(workdir)
-
-
 def write_summary(root, rows):
   keys = ["point"] + [k for k in SUMMARY_KEYS if any(k in r for r in rows)]
   text = io.StringIO()
   writer = csv.DictWriter(text, keys)
   writer.writeheader()
   writer.writerows(rows)
-  _replace(os.path.join(root, "summary.csv"), text.getvalue())
+  # Each written whole, at once (array tasks that finish together may write the summary).
+  storage.write_bytes(os.path.join(root, "summary.csv"), text.getvalue().encode())
   table = markdown(rows, keys)
-  _replace(os.path.join(root, "summary.md"), table + "\n")
+  storage.write_bytes(os.path.join(root, "summary.md"), (table + "\n").encode())
   return table
 
 
@@ -224,7 +214,7 @@ def point_state(workdir, record, queued):
     return "finished"
   if record:
     return queued.get(record["job_id"], "stopped").lower()
-  return "unfinished" if _exists(workdir) else "not started"
+  return "unfinished" if storage.isdir(workdir) else "not started"
 
 
 def status_rows(root, selected):
@@ -249,7 +239,7 @@ def print_status(root, names, selected):
   rows = status_rows(root, selected)
   evals = [k for k in SUMMARY_KEYS if k.startswith("eval_") and any(k in r for r in rows)]
   print(markdown(rows, ["point", "state", "step", *evals, "job"]))
-  if _exists(root):
+  if storage.isdir(root):
     summarize(root, names)
 
 
@@ -324,7 +314,6 @@ def main(argv):
   sbatch_options()
   script = [("sbatch_script", _SBATCH_SCRIPT.value)] if _LAUNCHER.value == "slurm" else []
   cli.check_paths(inputs=script, buckets_ok=[("workdir", _WORKDIR.value)])
-  from ftjax import storage
   if _LAUNCHER.value == "slurm" and storage.is_url(_WORKDIR.value):
     cli.fail(f"flag error: --launcher=slurm writes the job logs into {_WORKDIR.value}/slurm_logs, "
              "which SLURM needs on a file system: give a shared file-system --workdir")
@@ -364,7 +353,7 @@ def main(argv):
     if is_finished(workdir):
       print(f"[{name}] finished, skipped", flush=True)
       continue
-    print(f"[{name}] {'resuming' if _exists(workdir) else 'starting'}: {shlex.join(cmd)}",
+    print(f"[{name}] {'resuming' if storage.isdir(workdir) else 'starting'}: {shlex.join(cmd)}",
           flush=True)
     if subprocess.run(cmd).returncode != 0:
       failed.append(name)

@@ -13,7 +13,6 @@ import glob
 import os
 import sysconfig
 
-import numpy as np
 import tensorflow_datasets as tfds
 
 from ftjax.data import text

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import time
 
+from ftjax import storage
 from ftjax.errors import SlurmError
 
 RECORD = "slurm.json"
@@ -50,7 +51,6 @@ def queue():
 
 def write_record(workdir, job_id, log):
   """Records in `workdir` (created if need be) the job submitted to run it."""
-  from ftjax import storage
   storage.makedirs(workdir)
   record = {"job_id": job_id, "log": log, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
   storage.write_bytes(storage.join(workdir, RECORD), json.dumps(record).encode())
@@ -58,7 +58,6 @@ def write_record(workdir, job_id, log):
 
 def read_record(workdir):
   """The job record of `workdir` ({'job_id', 'log', 'submitted'}), or None."""
-  from ftjax import storage
   try:
     return json.loads(storage.read_bytes(storage.join(workdir, RECORD)))
   except (OSError, json.JSONDecodeError):

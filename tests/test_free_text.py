@@ -297,3 +297,95 @@ def test_kappa_time_studies_at_kept_steps(tmp_path, monkeypatch):
                                 kappa_time.params_at(trainer, workdir, 4))
   assert all(jax.tree_util.tree_leaves(same))
   assert not jnp.all(state.params["embed"] == kappa_time.params_at(trainer, workdir, 2)["embed"])
+
+
+# --- the training-time study's stages and rules, on fabricated run files (not results) ---
+
+def _sample(start, broken=False):
+  """A decoded 'A>body' sample with its block at `start` (broken: the block is missing)."""
+  body = ["_"] * 64
+  if not broken:
+    body[start:start + 8] = "A" * 8
+  return "A>" + "".join(body)
+
+
+def _fake_time_run(root, seed, kappa_bits, stages):
+  """A kappa_time run whose studied steps show `stages` (one per step, by the protocol's tests)."""
+  p = {"nothing": (0.5, 0.5, 0.5, 0.0), "position": (0.001, 0.2, 0.5, 0.1),
+       "noise": (0.3, 0.04, 0.001, 0.1), NO_POS: (0.5, 0.5, 0.001, 0.1),
+       "broken": (0.001, 0.001, 0.001, 0.1)}
+  workdir = os.path.join(root, f"seed={seed},kappa_bits={kappa_bits}")
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump({"seed": seed, "train": {"steps": 3000},
+               "model": {"latent": {"kappa": kappa_bits * LOG2}}}, f)
+  rows = []
+  for step, name in zip((1000, 2000, 3000), stages):
+    pos_p, dist_p, noise_p, z_use = p[name]
+    rows.append({"step": step, "eval_ce": 0.4, "eval_elbo": 0.5, "eval_kl": 0.1,
+                 "eval_z_use": z_use + 0.001 * seed})
+    texts = [_sample(i % 57, broken=(name == "broken" and i % 4)) for i in range(64)]
+    with open(os.path.join(workdir, f"zstudy_{step}.json"), "w") as f:
+      json.dump({"step": step, "uniform_texts": texts, "well_formed_uniform": 1.0}, f)
+    with open(os.path.join(workdir, f"shared_z_{step}.json"), "w") as f:
+      json.dump({"step": step, "tests": {"position": [0.2 + step / 1e5, 0.1, pos_p],
+                                         "distance": [3.0, 9.0, dist_p],
+                                         "noise": [0.1, 0.05, noise_p]}}, f)
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    f.write("".join(json.dumps(r) + "\n" for r in rows))
+
+
+NO_POS = "reads Z, no shared position"
+
+
+def test_kappa_time_stages_moves_along_and_changes(tmp_path):
+  from experiments import kappa_time_results as ktr
+  root, out = tmp_path / "kt", tmp_path / "kt_out"
+  runs = {(0, 0.25): ("nothing", "position", "noise"), (1, 0.25): ("position", "position", "noise"),
+          (2, 0.25): ("position", "position", "position"),
+          (0, 1): ("noise", "position", "broken"), (1, 1): ("position", NO_POS, "noise"),
+          (2, 1): ("nothing", "noise", "broken")}
+  for (seed, kappa), stages in runs.items():
+    _fake_time_run(root, seed, kappa, stages)
+  ktr.main([f"--root={root}", f"--out={out}", "--draws=50"])
+  steps = _csv_rows(out / "steps.csv")
+  assert [(int(r["seed"]), float(r["kappa_bits"]), r["stage"]) for r in steps] == [
+      (s, k, st) for (s, k), stages in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0][0]))
+      for st in stages]
+  assert {r["near_0.05"] for r in steps if r["stage"] == "noise"} == {"position/distance p = 0.0400"}
+  moving = {(int(r["seed"]), float(r["kappa_bits"])): r["moves_along"] for r in
+            _csv_rows(out / "runs.csv")}
+  assert moving == {(0, 0.25): "True", (1, 0.25): "True", (2, 0.25): "False",
+                    (0, 1.0): "False", (1, 1.0): "False", (2, 1.0): "True"}
+  summary = (out / "summary.md").read_text()
+  assert "κ = 0.25 bit: moves along with training time (2 of 3 seeds)" in summary
+  assert "κ = 1 bit: does not move along with training time (1 of 3 seeds)" in summary
+  change = {(float(c["kappa_bits"]), c["measure"]): c for c in _csv_rows(out / "changes.csv")}
+  z = change[(0.25, "eval_z_use")]  # 0.1, 0.0, 0.0 (+0.001 × seed, which cancels)
+  half = ktr.t_interval([0.1, 0.0, 0.0])
+  assert float(z["mean"]) == pytest.approx(0.1 / 3) and float(z["high"]) == pytest.approx(half[2])
+  assert z["inside_noise"] == "True"
+  pos = change[(1.0, "position_within_minus_across")]  # +0.02 in every run: no spread
+  assert float(pos["mean"]) == pytest.approx(0.02) and pos["inside_noise"] == "False"
+  assert float(change[(1.0, "uniform_strict_well_formed")]["mean"]) < 0
+
+
+def test_kappa_time_results_incomplete_and_check(tmp_path):
+  from experiments import kappa_time_results as ktr
+  root, out = tmp_path / "kt", tmp_path / "kt_out"
+  _fake_time_run(root, 0, 1, ("position", "noise", "noise"))
+  os.remove(root / "seed=0,kappa_bits=1" / "shared_z_3000.json")
+  earlier = tmp_path / "earlier.json"
+  earlier.write_text(json.dumps({"runs": [
+      {"run": "seed=0,post_sampler=bits,kappa_bits=1", "seed": 0, "kappa_bits": 1.0,
+       "post_sampler": "bits", "kl_control": "free_bits", "eval_step": 3000, "eval_ce": 0.39,
+       "eval_elbo": 0.5, "eval_kl_bits": 0.1 / LOG2, "eval_z_use": 0.1}]}))
+  ktr.main([f"--root={root}", f"--out={out}", "--draws=50", f"--check={earlier}"])
+  run, = _csv_rows(out / "runs.csv")
+  assert (run["stage_3000"], run["complete"], run["moves_along"]) == ("", "False", "False")
+  assert "κ = 1 bit: incomplete: 0 of 3 runs" in (out / "summary.md").read_text()
+  check, = _csv_rows(out / "check.csv")
+  assert float(check["eval_ce_diff"]) == pytest.approx(0.01)
+  assert float(check["eval_kl_bits_diff"]) == pytest.approx(0.0, abs=1e-12)
+  with pytest.raises(SystemExit):
+    ktr.main([f"--root={tmp_path / 'missing'}", f"--out={out}"])

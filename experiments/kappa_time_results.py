@@ -75,6 +75,8 @@ def read_run(run_dir, draws):
          "steps": cfg["train"]["steps"]}
   metrics = read_rows(run_dir)
   run.update(final_eval(metrics))
+  train_kl = [r["kl"] for r in metrics if "kl" in r]
+  run["train_kl_bits_first_step"] = train_kl[0] / LOG2 if train_kl else None
   evals = {r["step"]: r for r in metrics if "eval_ce" in r}
   rows = []
   for step in kappa_time.STUDY_STEPS:
@@ -149,7 +151,8 @@ def verdicts(runs):
 
 def check(runs, earlier_path):
   """The final eval rows beside an earlier results.json's per-bit free-bits runs of the same
-  seed and κ (eval CE, ELBO, KL in bits, Z use; this − earlier)."""
+  seed and κ (eval CE, ELBO, KL in bits, Z use; this − earlier), and the train KL of step 1
+  (where two runs of one config first part)."""
   earlier = {(r["seed"], round(r["kappa_bits"], 6)): r for r in read_json(earlier_path)["runs"]
              if r.get("post_sampler") == "bits" and r.get("kl_control") == "free_bits"}
   out = []
@@ -158,7 +161,9 @@ def check(runs, earlier_path):
     if e is None or run.get("final_step") is None:
       continue
     row = {"run": run["run"], "earlier_run": e["run"], "step": run["final_step"],
-           "earlier_step": e.get("eval_step")}
+           "earlier_step": e.get("eval_step"),
+           "train_kl_bits_first_step": run["train_kl_bits_first_step"],
+           "earlier_train_kl_bits_first_step": e.get("train_kl_bits_first_step")}
     for m in FINAL:
       row[m], row[f"earlier_{m}"] = run.get(f"final_{m}"), e.get(m)
       if row[m] is not None and row[f"earlier_{m}"] is not None:
@@ -209,12 +214,14 @@ def markdown(runs, steps, changed, checked, device):
                  f"| {ci} | {noise} |")
   if checked:
     lines += ["", "## Repeat check: final eval rows against the earlier runs", "",
-              "| run | step | eval CE (earlier) | ELBO (earlier) | KL bits (earlier) | Z use (earlier) |",
-              "|---" * 6 + "|"]
+              "| run | step | eval CE (earlier) | ELBO (earlier) | KL bits (earlier) | Z use (earlier) "
+              "| step-1 train KL bits (earlier) |", "|---" * 7 + "|"]
     for c in checked:
       cells = [f"{fmt(c[m])} ({fmt(c[f'earlier_{m}'])})" for m in
                FINAL]
-      lines.append(f"| {c['run']} | {c['step']} | " + " | ".join(cells) + " |")
+      first = (f"{fmt(c['train_kl_bits_first_step'], 8)} "
+               f"({fmt(c['earlier_train_kl_bits_first_step'], 8)})")
+      lines.append(f"| {c['run']} | {c['step']} | " + " | ".join(cells) + f" | {first} |")
   lines += ["", "## Verdicts", ""] + [f"- {v}" for v in verdicts(runs)]
   return "\n".join(lines) + "\n"
 

@@ -31,6 +31,7 @@ import os
 
 from experiments import kappa_time, synthetic_study
 from experiments.free_text_results import t_interval
+from experiments import kappa_results
 from experiments.kappa_results import LOG2, write_csv
 from ftjax.metrics import read_rows
 
@@ -44,6 +45,9 @@ MOVES_SEEDS = 2  # a κ moves along when at least this many of its seeds do
 MEASURES = ("eval_z_use", "position_within_minus_across", "uniform_in_block_bang",
             "uniform_strict_well_formed")
 FINAL = ("eval_ce", "eval_elbo", "eval_kl_bits", "eval_z_use")  # the repeat check's metrics
+# runs.csv's columns from kappa_results.read_run: the run, its last eval row, its step-1 KL
+RUN_KEYS = ("run", "seed", "kappa_bits", "steps", "step_reached", "eval_step", *FINAL,
+            "train_kl_bits_first_step")
 
 
 def stage(row):
@@ -69,14 +73,9 @@ def read_json(path):
 
 def read_run(run_dir, draws):
   """(the run's row of runs.csv, its rows of steps.csv: one per studied step it has files for)."""
-  cfg = read_json(os.path.join(run_dir, "config.json"))
-  run = {"run": os.path.basename(run_dir), "seed": cfg["seed"],
-         "kappa_bits": round(cfg["model"]["latent"]["kappa"] / LOG2, 6),
-         "steps": cfg["train"]["steps"]}
+  run = {k: v for k, v in kappa_results.read_run(run_dir, draws).items() if k in RUN_KEYS}
+  run["kappa_bits"] = round(run["kappa_bits"], 6)
   metrics = read_rows(run_dir)
-  run.update(final_eval(metrics))
-  train_kl = [r["kl"] for r in metrics if "kl" in r]
-  run["train_kl_bits_first_step"] = train_kl[0] / LOG2 if train_kl else None
   evals = {r["step"]: r for r in metrics if "eval_ce" in r}
   rows = []
   for step in kappa_time.STUDY_STEPS:
@@ -158,27 +157,18 @@ def check(runs, earlier_path):
   out = []
   for run in runs:
     e = earlier.get((run["seed"], run["kappa_bits"]))
-    if e is None or run.get("final_step") is None:
+    if e is None or run.get("eval_step") is None:
       continue
-    row = {"run": run["run"], "earlier_run": e["run"], "step": run["final_step"],
+    row = {"run": run["run"], "earlier_run": e["run"], "step": run["eval_step"],
            "earlier_step": e.get("eval_step"),
-           "train_kl_bits_first_step": run["train_kl_bits_first_step"],
+           "train_kl_bits_first_step": run.get("train_kl_bits_first_step"),
            "earlier_train_kl_bits_first_step": e.get("train_kl_bits_first_step")}
     for m in FINAL:
-      row[m], row[f"earlier_{m}"] = run.get(f"final_{m}"), e.get(m)
+      row[m], row[f"earlier_{m}"] = run.get(m), e.get(m)
       if row[m] is not None and row[f"earlier_{m}"] is not None:
         row[f"{m}_diff"] = row[m] - row[f"earlier_{m}"]
     out.append(row)
   return out
-
-
-def final_eval(rows):
-  """The last eval row of a run's metrics as {final_step, final_eval_ce, ...} ({} if none)."""
-  evals = [r for r in rows if "eval_ce" in r]
-  if not evals:
-    return {}
-  last = {**evals[-1], "eval_kl_bits": evals[-1]["eval_kl"] / LOG2}
-  return {"final_step": last["step"], **{f"final_{m}": last.get(m) for m in FINAL}}
 
 
 def fmt(value, digits=4, sign=""):

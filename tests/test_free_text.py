@@ -318,7 +318,8 @@ def _fake_time_run(root, seed, kappa_bits, stages):
   os.makedirs(workdir)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump({"seed": seed, "train": {"steps": 3000},
-               "model": {"latent": {"kappa": kappa_bits * LOG2}}}, f)
+               "model": {"latent": {"enabled": True, "post_sampler": "bits",
+                                    "kappa": kappa_bits * LOG2}}}, f)
   rows = []
   for step, name in zip((1000, 2000, 3000), stages):
     pos_p, dist_p, noise_p, z_use = p[name]

@@ -233,3 +233,13 @@ def test_z_onset_finds_the_first_eval_step_at_the_threshold(tmp_path, capsys):
       z_onset.main([f"--root={tmp_path}", f"--out={tmp_path}/bad", *flags])
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_code_drift_rows_compare_each_commit_with_the_first():
+  from experiments import code_drift
+  rows = code_drift.drift_rows({"a": [{"step": 1, "kl": 2.0}, {"step": 50, "kl": 1.0}],
+                                "b": [{"step": 1, "kl": 2.0}, {"step": 50, "kl": 1.5}],
+                                "c": [{"step": 1, "kl": 4.0}]}, "a")
+  got = {(r["step"], r["commit"]): r["rel_diff_to_first"] for r in rows}
+  assert got == {(1, "a"): 0.0, (1, "b"): 0.0, (1, "c"): 1.0, (50, "a"): 0.0, (50, "b"): 0.5}
+  assert {r["value"] for r in rows if r["commit"] == "c"} == {"4.0"}

@@ -7,8 +7,8 @@ for a few steps, one single-core process per commit, and writes their logged row
 
 Each commit's tree is checked out (`git worktree add --detach`) into a temporary directory and
 trains the point with its own launch.sweep and its own copy of the sweep file (`--in_process`);
-the process is killed once its metrics.jsonl has a row at --steps, so the learning-rate schedule is
-the full run's. Runs share the cores of --cpus (`taskset`, one commit per core at a time), as the
+the process is killed once its metrics.jsonl has a row past --steps (so the rows at --steps,
+eval included, are complete), and the learning-rate schedule is the full run's. Runs share the cores of --cpus (`taskset`, one commit per core at a time), as the
 sweeps being compared ran. Writes <out>/<commit>/config.json and metrics.jsonl (the rows up to
 --steps) and <out>/drift.csv: per logged step and key, each commit's value and the relative
 difference to the first commit's. A commit that fails to train is reported with its log's last
@@ -55,7 +55,7 @@ def start(tree, workdir, args, cpu):
 def reached(workdir, steps):
   run = point_dir(workdir)
   rows = metrics.read_rows(run) if run else []
-  return any(r.get("step", 0) >= steps for r in rows)
+  return any(r.get("step", 0) > steps for r in rows)
 
 
 def train_commits(commits, args, tmp):
@@ -119,7 +119,7 @@ def main(argv=None):
   parser.add_argument("commits", nargs="+", help="Commits to compare (the first is the reference).")
   parser.add_argument("--config", required=True, help="Sweep file, relative to the repository.")
   parser.add_argument("--only", required=True, help="Regular expression naming one point.")
-  parser.add_argument("--steps", type=int, default=1, help="Train until a row at this step.")
+  parser.add_argument("--steps", type=int, default=1, help="Keep the rows up to this step.")
   parser.add_argument("--cpus", default="", help="Cores to pin the runs to, e.g. 0,1.")
   parser.add_argument("--out", required=True, help="Folder for the rows and drift.csv.")
   args = parser.parse_args(argv)

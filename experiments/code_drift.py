@@ -1,18 +1,18 @@
 """Which commit changed a run's numbers? Trains one sweep point with the code of each given commit
-for a few steps, one single-core process per commit, and writes their logged rows side by side.
+for a few steps and writes their logged rows side by side. Run from the repository root:
 
   python -m experiments.code_drift --config=experiments/kappa_study.py \
       --only='^seed=0,post_sampler=bits,kappa_bits=0\\.25$' --steps=250 --cpus=0,1 \
-      --out=experiments/results/kappa_time/code_drift 5dd9c59 HEAD
+      --out=experiments/results/kappa_time/code_drift/kappa_0.25 5dd9c59 HEAD
 
 Each commit's tree is checked out (`git worktree add --detach`) into a temporary directory and
-trains the point with its own launch.sweep and its own copy of the sweep file (`--in_process`);
-the process is killed once its metrics.jsonl has a row past --steps (so the rows at --steps,
-eval included, are complete), and the learning-rate schedule is the full run's. Runs share the cores of --cpus (`taskset`, one commit per core at a time), as the
-sweeps being compared ran. Writes <out>/<commit>/config.json and metrics.jsonl (the rows up to
---steps) and <out>/drift.csv: per logged step and key, each commit's value and the relative
-difference to the first commit's. A commit that fails to train is reported with its log's last
-line and left out of the table.
+trains the point with its own launch.sweep and its own copy of the sweep file (`--in_process`).
+The process is killed at its first metrics.jsonl row past --steps, so the rows up to --steps
+(eval included) are complete and the learning-rate schedule is the full run's. With --cpus the
+runs are pinned (`taskset`), one commit per core at a time. Writes <out>/<commit>/config.json and
+metrics.jsonl (the rows up to --steps) and <out>/drift.csv: per logged step and key, each
+commit's value and the relative difference to the first commit's. A commit that fails to train
+is reported with its log's last line and left out of the table.
 """
 
 import argparse
@@ -43,13 +43,19 @@ def point_dir(workdir):
 def start(tree, workdir, args, cpu):
   """A launch.sweep process training the point with the code of `tree`, pinned to `cpu`."""
   cmd = [sys.executable, "-m", "launch.sweep", f"--config={args.config}", f"--workdir={workdir}",
-         "--in_process", f"--only={args.only}"]
+         f"--only={args.only}"]
+  env = dict(os.environ, PYTHONPATH=tree)
+  points = subprocess.run([*cmd, "--print_only"], cwd=tree, env=env, capture_output=True,
+                          text=True).stdout.splitlines()
+  cmd.append("--in_process")
+  if len(points) != 1:
+    sys.exit(f"code_drift: --only={args.only} names {len(points)} points of the sweep at "
+             f"{os.path.basename(os.path.dirname(tree))}, not one")
   if cpu is not None:
     cmd = ["taskset", "-c", str(cpu), *cmd]
-  env = dict(os.environ, PYTHONPATH=tree)
-  log = open(os.path.join(workdir, "..", "log.txt"), "w", encoding="utf-8")
-  return subprocess.Popen(cmd, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT,
-                          start_new_session=True)
+  with open(os.path.join(workdir, "..", "log.txt"), "w", encoding="utf-8") as log:
+    return subprocess.Popen(cmd, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
 
 
 def reached(workdir, steps):
@@ -123,7 +129,10 @@ def main(argv=None):
   parser.add_argument("--cpus", default="", help="Cores to pin the runs to, e.g. 0,1.")
   parser.add_argument("--out", required=True, help="Folder for the rows and drift.csv.")
   args = parser.parse_args(argv)
-  commits = [git("rev-parse", "--short", c) for c in args.commits]
+  try:
+    commits = [git("rev-parse", "--short", "--verify", c + "^{commit}") for c in args.commits]
+  except subprocess.CalledProcessError as e:
+    sys.exit(f"code_drift: not a commit of this repository: {e.stderr.strip()}")
   tmp = tempfile.mkdtemp(prefix="code_drift_")
   try:
     runs = train_commits(commits, args, tmp)

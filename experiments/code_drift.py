@@ -16,7 +16,6 @@ is reported with its log's last line and left out of the table.
 """
 
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ import sys
 import tempfile
 import time
 
+from experiments.kappa_results import write_csv
 from ftjax import metrics
 
 
@@ -40,6 +40,11 @@ def point_dir(workdir):
   return os.path.join(workdir, names[0]) if len(names) == 1 else None
 
 
+def log_path(workdir):
+  """The training process's output, beside its sweep workdir."""
+  return os.path.join(os.path.dirname(workdir), "log.txt")
+
+
 def start(tree, workdir, args, cpu):
   """A launch.sweep process training the point with the code of `tree`, pinned to `cpu`."""
   cmd = [sys.executable, "-m", "launch.sweep", f"--config={args.config}", f"--workdir={workdir}",
@@ -47,13 +52,13 @@ def start(tree, workdir, args, cpu):
   env = dict(os.environ, PYTHONPATH=tree)
   points = subprocess.run([*cmd, "--print_only"], cwd=tree, env=env, capture_output=True,
                           text=True).stdout.splitlines()
-  cmd.append("--in_process")
   if len(points) != 1:
     sys.exit(f"code_drift: --only={args.only} names {len(points)} points of the sweep at "
              f"{os.path.basename(os.path.dirname(tree))}, not one")
+  cmd.append("--in_process")
   if cpu is not None:
     cmd = ["taskset", "-c", str(cpu), *cmd]
-  with open(os.path.join(workdir, "..", "log.txt"), "w", encoding="utf-8") as log:
+  with open(log_path(workdir), "w", encoding="utf-8") as log:
     return subprocess.Popen(cmd, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
 
@@ -98,7 +103,7 @@ def poll(pending, running, runs, cpus, args, tmp):
         del running[commit]
         print(f"{commit}: step {args.steps} reached", flush=True)
       elif proc.poll() is not None:
-        with open(os.path.join(workdir, "..", "log.txt"), encoding="utf-8") as f:
+        with open(log_path(workdir), encoding="utf-8") as f:
           last = (f.read().strip().splitlines() or ["(no output)"])[-1]
         print(f"{commit}: stopped before step {args.steps}: {last}", flush=True)
         del running[commit]
@@ -155,10 +160,7 @@ def main(argv=None):
   if not rows_by_commit:
     sys.exit("code_drift: no commit trained to --steps")
   table = drift_rows(rows_by_commit, next(iter(rows_by_commit)))
-  with open(os.path.join(args.out, "drift.csv"), "w", newline="", encoding="utf-8") as f:
-    writer = csv.DictWriter(f, fieldnames=list(table[0]))
-    writer.writeheader()
-    writer.writerows(table)
+  write_csv(os.path.join(args.out, "drift.csv"), table)
   for row in table:
     if row["key"] in ("loss", "kl", "eval_kl", "eval_z_use"):
       print(f"step {row['step']:5d} {row['key']:10s} {row['commit']:>9s} {row['value']:>24s} "

@@ -29,9 +29,8 @@ import argparse
 import json
 import os
 
-from experiments import kappa_time, synthetic_study
+from experiments import kappa_results, kappa_time, synthetic_study
 from experiments.free_text_results import t_interval
-from experiments import kappa_results
 from experiments.kappa_results import LOG2, write_csv
 from ftjax.metrics import read_rows
 
